@@ -1,0 +1,125 @@
+"""What a run ran on: versions, CPU, threads, the settings that move timings, devices, commit."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Environment variables that change threading, spin-waiting or allocation, and so timings.
+TIMING_VARIABLES = (
+    "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_PLACES", "GOMP_SPINCOUNT",
+    "MKL_NUM_THREADS", "MKL_DYNAMIC", "KMP_AFFINITY", "KMP_BLOCKTIME", "OPENBLAS_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_",
+    "LD_PRELOAD",
+)
+PACKAGES = ("attnbench", "torch", "pluggy", "numpy", "pyyaml", "xformers")
+
+
+@dataclass(frozen=True)
+class Environment:
+    started_at: str  # UTC, ISO 8601
+    command: str
+    python: str
+    platform: str
+    hostname: str
+    packages: dict[str, str]
+    cpu_model: str
+    cpu_count: int | None
+    cpus_usable: int
+    torch_threads: int
+    torch_interop_threads: int
+    torch_parallel: str  # torch's own account: OpenMP/MKL versions and thread counts
+    timing_variables: dict[str, str]
+    devices: dict[str, str] = field(default_factory=dict)  # e.g. "cuda:0" -> name and capability
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def capture_environment() -> Environment:
+    # The commit of attnbench's own source when it runs from a checkout, else of the
+    # directory the run was started in.
+    commit, dirty = git_state(Path(__file__).resolve().parent)
+    if commit is None:
+        commit, dirty = git_state(Path.cwd())
+    return Environment(
+        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(sys.argv),
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        hostname=platform.node(),
+        packages=_package_versions(),
+        cpu_model=_cpu_model(),
+        cpu_count=os.cpu_count(),
+        cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
+        torch_threads=torch.get_num_threads(),
+        torch_interop_threads=torch.get_num_interop_threads(),
+        torch_parallel=torch.__config__.parallel_info(),
+        timing_variables={name: os.environ[name] for name in TIMING_VARIABLES if name in os.environ},
+        devices=_devices(),
+        git_commit=commit,
+        git_dirty=dirty,
+    )
+
+
+def git_state(directory: Path) -> tuple[str | None, bool | None]:
+    """(commit, has uncommitted changes) of the repository holding ``directory``, if any."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=directory, capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit.stdout.strip(), bool(status.stdout.strip())
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    versions["torch.version.cuda"] = str(torch.version.cuda)
+    return versions
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _devices() -> dict[str, str]:
+    devices = {}
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            properties = torch.cuda.get_device_properties(index)
+            devices[f"cuda:{index}"] = (
+                f"{properties.name}, compute capability {properties.major}.{properties.minor}, "
+                f"{properties.total_memory / 2**30:.1f} GiB"
+            )
+    if torch.backends.mps.is_available():
+        devices["mps"] = "Apple Metal Performance Shaders"
+    return devices

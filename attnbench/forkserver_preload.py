@@ -1,0 +1,11 @@
+"""Imported once by the fork server, before it forks a worker per job.
+
+Everything here is paid once per run instead of once per case: importing torch and the
+measuring code, and initialising the profiler (about a second) used for CPU memory peaks.
+Nothing here may start threads or run parallel torch ops: a forked child gets no threads.
+"""
+
+from attnbench import worker  # noqa: F401  (imports torch and the measuring code)
+from attnbench.memory import initialise_profiler
+
+initialise_profiler()

@@ -1,0 +1,199 @@
+"""What a run produces: one Row per (implementation, case), and the JSONL file that keeps them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from attnbench.case import Case
+
+Status = Literal["ok", "unsupported", "skipped", "incorrect", "oom", "timeout", "crashed", "error"]
+STATUSES: tuple[Status, ...] = ("ok", "unsupported", "skipped", "incorrect", "oom", "timeout", "crashed", "error")
+
+# IQR / median above this marks a latency as noisy (the same threshold stops adaptive repeats).
+NOISY_RELATIVE_IQR = 0.1
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Raw timing samples; each is the mean of ``calls_per_sample`` back-to-back calls."""
+
+    samples_s: tuple[float, ...]
+    calls_per_sample: int
+    first_call_s: float  # the untimed first call, lazy initialisation included
+    timer: str
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.samples_s)
+
+    @property
+    def iqr_s(self) -> float:
+        if len(self.samples_s) < 2:
+            return 0.0
+        quartiles = statistics.quantiles(self.samples_s, n=4, method="inclusive")
+        return quartiles[2] - quartiles[0]
+
+    @property
+    def noisy(self) -> bool:
+        return self.iqr_s > NOISY_RELATIVE_IQR * self.median_s
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Peak bytes above the baseline, for the measured call alone."""
+
+    allocator_peak_bytes: int | None  # torch's allocator: profiler events on CPU, peak stats on CUDA
+    rss_peak_bytes: int | None  # CPU only: process peak RSS (VmHWM) reset before the call
+    source: str
+
+    @property
+    def peak_bytes(self) -> int | None:
+        return self.allocator_peak_bytes if self.allocator_peak_bytes is not None else self.rss_peak_bytes
+
+
+@dataclass(frozen=True)
+class ErrorFigures:
+    """Error of one tensor against a float64 reference, over the checked rows."""
+
+    max_abs: float
+    rel_fro: float  # ||actual - ref||_F / ||ref||_F
+    bound: float | None  # max_abs must stay within this when judged (from the dtype's tolerance)
+
+    @property
+    def passed(self) -> bool:
+        return self.bound is None or self.max_abs <= self.bound  # NaN compares False: fails
+
+
+@dataclass(frozen=True)
+class Correctness:
+    rows_checked: int  # query rows compared; dk and dv are compared only when all rows are
+    exact: Mapping[str, ErrorFigures]  # vs full softmax attention: "out", and "dq", "dk", "dv" in training mode
+    own: Mapping[str, ErrorFigures] | None  # vs the implementation's own float64 reference
+    judged_against: Literal["exact", "own"] | None  # None: an approximation, error only reported
+    failures: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What a worker returns when the case ran to the end."""
+
+    status: Literal["ok", "incorrect"]
+    reasons: tuple[str, ...]
+    correctness: Correctness | None
+    latency: Latency | None
+    memory: Memory | None
+
+
+@dataclass(frozen=True)
+class Row:
+    run_id: str
+    implementation: str
+    case: Case
+    status: Status
+    reasons: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+    correctness: Correctness | None = None
+    latency: Latency | None = None
+    memory: Memory | None = None
+    wall_time_s: float = 0.0  # the whole point, worker start to result
+    detail: str = ""  # traceback or the worker's last output, for failures
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["case"] = self.case.to_json()
+        if self.latency is not None:  # derived, for readers of the file; never read back
+            data["latency"].update(median_s=self.latency.median_s, iqr_s=self.latency.iqr_s, noisy=self.latency.noisy)
+        return _finite_or_string(data)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Row:
+        latency = data.get("latency")
+        memory = data.get("memory")
+        correctness = data.get("correctness")
+        return cls(
+            run_id=data["run_id"],
+            implementation=data["implementation"],
+            case=Case.from_json(data["case"]),
+            status=data["status"],
+            reasons=tuple(data.get("reasons", ())),
+            options=data.get("options", {}),
+            correctness=_correctness_from_json(correctness) if correctness else None,
+            latency=Latency(
+                samples_s=tuple(latency["samples_s"]),
+                calls_per_sample=latency["calls_per_sample"],
+                first_call_s=latency["first_call_s"],
+                timer=latency["timer"],
+            )
+            if latency
+            else None,
+            memory=Memory(**memory) if memory else None,
+            wall_time_s=data.get("wall_time_s", 0.0),
+            detail=data.get("detail", ""),
+        )
+
+
+class RowWriter:
+    """Appends rows to a JSONL file as each finishes, so a killed run keeps every finished row."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, row: Row) -> None:
+        self._file.write(json.dumps(row.to_json(), sort_keys=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_rows(path: Path) -> list[Row]:
+    with path.open(encoding="utf-8") as file:
+        return [Row.from_json(json.loads(line)) for line in file if line.strip()]
+
+
+def write_rows(path: Path, rows: Iterable[Row]) -> None:
+    writer = RowWriter(path)
+    try:
+        for row in rows:
+            writer.write(row)
+    finally:
+        writer.close()
+
+
+def _correctness_from_json(data: Mapping[str, Any]) -> Correctness:
+    def figures(table: Mapping[str, Any] | None) -> dict[str, ErrorFigures] | None:
+        if table is None:
+            return None
+        return {name: ErrorFigures(**{k: _number(v) for k, v in values.items()}) for name, values in table.items()}
+
+    return Correctness(
+        rows_checked=data["rows_checked"],
+        exact=figures(data["exact"]) or {},
+        own=figures(data.get("own")),
+        judged_against=data.get("judged_against"),
+        failures=tuple(data.get("failures", ())),
+    )
+
+
+def _finite_or_string(value: Any) -> Any:
+    """JSON has no NaN or Infinity: write them as strings (an incorrect output can produce them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite_or_string(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_string(item) for item in value]
+    return value
+
+
+def _number(value: Any) -> Any:
+    return float(value) if isinstance(value, str) else value

@@ -1,0 +1,69 @@
+"""The terminal summary of a run: per group of fixed axes, implementation × seq_len."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from attnbench.grid import group_key
+from attnbench.results import Row
+from attnbench.units import format_bytes, format_seconds
+
+NOTE_CHARS = 90
+
+
+def summary_table(rows: Sequence[Row]) -> str:
+    groups: dict[object, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(group_key(row.case), []).append(row)
+    sections = []
+    for group_rows in groups.values():
+        case = group_rows[0].case
+        heading = case.describe().replace(f"N={case.seq_len} ", "")
+        ordered = sorted(group_rows, key=lambda row: (row.implementation, row.case.seq_len))
+        sections.append(heading + "\n" + format_table(HEADERS, [_cells(row) for row in ordered]))
+    return "\n\n".join(sections)
+
+
+HEADERS = ("implementation", "N", "status", "median", "IQR", "peak mem", "peak RSS", "max abs err", "rel err", "note")
+
+
+def _cells(row: Row) -> list[str]:
+    latency, memory, correctness = row.latency, row.memory, row.correctness
+    out_error = correctness.exact.get("out") if correctness else None
+    note = "; ".join(row.reasons)
+    if latency is not None and latency.noisy and row.status == "ok":
+        note = "noisy: IQR > 10% of median" + (f"; {note}" if note else "")
+    return [
+        row.implementation,
+        str(row.case.seq_len),
+        row.status,
+        format_seconds(latency.median_s) if latency else "",
+        f"{100 * latency.iqr_s / latency.median_s:.0f}%" if latency else "",
+        _bytes(memory.allocator_peak_bytes) if memory else "",
+        _bytes(memory.rss_peak_bytes) if memory else "",
+        f"{out_error.max_abs:.2e}" if out_error else "",
+        f"{out_error.rel_fro:.2e}" if out_error else "",
+        note if len(note) <= NOTE_CHARS else note[: NOTE_CHARS - 1] + "…",
+    ]
+
+
+def _bytes(value: int | None) -> str:
+    return format_bytes(value) if value is not None else ""
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain columns; text left-aligned, figures right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    numeric = [all(_looks_numeric(row[i]) for row in rows) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.rjust(width) if is_numeric else cell.ljust(width)
+            for cell, width, is_numeric in zip(cells, widths, numeric)
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * width for width in widths]), *(line(row) for row in rows)])
+
+
+def _looks_numeric(cell: str) -> bool:
+    return cell == "" or cell[0].isdigit()
