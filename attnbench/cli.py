@@ -121,8 +121,9 @@ def _support_on(implementation: Implementation, device: str) -> str:
             refusals.append(f"{name}: {'; '.join(reasons)}")
         else:
             runs.append(name)
-    parts = ([f"runs ({', '.join(runs)})"] if runs else []) + refusals
-    return "; ".join(parts) if runs else "does not run: " + "; ".join(refusals)
+    if not runs:
+        return "does not run: " + "; ".join(refusals)
+    return "; ".join([f"runs ({', '.join(runs)})", *refusals])
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class Tolerance:
 # Measured against float64, for inputs ~ N(0, 1); a few ulps of the output dtype, with room
 # for accumulation over long sequences.
 DEFAULT_TOLERANCES: Mapping[torch.dtype, Tolerance] = {
-    torch.float32: Tolerance(atol=1e-5, rtol=1e-4),
+    torch.float32: Tolerance(atol=1e-6, rtol=1e-5),
     torch.float16: Tolerance(atol=1e-3, rtol=4e-3),
     torch.bfloat16: Tolerance(atol=8e-3, rtol=3e-2),
 }

@@ -255,7 +255,7 @@ def _read_yaml(path: Path) -> Any:
     except yaml.YAMLError as error:
         raise UserError(f"{path}: {_describe_yaml_error(error)}") from None
     if document is None:
-        raise UserError(f"{path}: the file is empty (a suite is a YAML mapping with at least a sweep)")
+        raise UserError(f"{path}: the file is empty (a suite is a YAML mapping of fields: name, sweep, ...)")
     return document
 
 

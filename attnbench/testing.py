@@ -1,0 +1,67 @@
+"""A testing kit for plugin authors: check an implementation on small cases, in-process.
+
+    from attnbench.testing import check_implementation
+
+    def test_my_attention():
+        check_implementation(MyAttention())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from attnbench.case import Case
+from attnbench.implementation import Implementation, contract_violations, effective_options
+from attnbench.measure import measure_case
+from attnbench.results import Measurement
+from attnbench.suite import CorrectnessSettings, Measure
+
+CORRECTNESS_ONLY = Measure(correctness=CorrectnessSettings(), latency=None, memory=False)
+
+
+def small_case(**overrides: Any) -> Case:
+    """A case small enough for a unit test; override any field."""
+    fields = dict(batch=2, heads=4, kv_heads=4, seq_len=128, head_dim=32, dtype=torch.float32,
+                  device="cpu", causal=False, mode="forward")
+    fields.update(overrides)
+    if "heads" in overrides and "kv_heads" not in overrides:
+        fields["kv_heads"] = fields["heads"]
+    return Case(**fields)
+
+
+def small_cases() -> list[Case]:
+    """Forward and training, causal or not, with and without grouped-query heads."""
+    base = small_case()
+    return [
+        dataclasses.replace(base, causal=causal, mode=mode, kv_heads=kv_heads)
+        for causal, mode, kv_heads in itertools.product((False, True), ("forward", "forward_backward"), (4, 2))
+    ]
+
+
+def check_implementation(
+    implementation: Implementation,
+    cases: Iterable[Case] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> dict[Case, Measurement]:
+    """Assert the contract holds and each supported case measures ``ok``; returns the measurements.
+
+    Unsupported cases are left out of the result (their reasons must be non-empty strings).
+    """
+    violations = contract_violations(implementation)
+    assert not violations, f"{implementation!r} breaks the contract: {violations}"
+    resolved = effective_options(implementation, options or {})
+    measurements = {}
+    for case in cases if cases is not None else small_cases():
+        reasons = implementation.not_supported_reasons(case)
+        assert all(isinstance(reason, str) and reason for reason in reasons), reasons
+        if reasons:
+            continue
+        measurement = measure_case(implementation, case, resolved, CORRECTNESS_ONLY)
+        assert measurement.status == "ok", f"{implementation.name} on {case.describe()}: {measurement.reasons}"
+        measurements[case] = measurement
+    return measurements

@@ -1,0 +1,58 @@
+"""The command line as a user meets it: list, a real run of suites/quick.yaml, bad flags."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from attnbench.results import read_rows
+
+from conftest import REPO
+
+
+def _attnbench(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "attnbench", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_list_shows_each_implementation_and_where_it_runs():
+    listing = _attnbench("list")
+    assert listing.returncode == 0, listing.stderr
+    assert "naive  (exact; time n^2, memory n^2; plugin naive)" in listing.stdout
+    assert "flash  (exact; time n^2, memory n; plugin flash)" in listing.stdout
+    assert listing.stdout.count("cpu: runs (float32, float16, bfloat16)") == 2
+
+
+def test_quick_suite_end_to_end(tmp_path):
+    run = _attnbench("run", "suites/quick.yaml", "--output", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    rows_path = next(tmp_path.glob("quick/*/rows.jsonl"))
+    assert run.stdout.rstrip().endswith(f"results: {rows_path}")
+    rows = read_rows(rows_path)
+    assert len(rows) == 2 * 8  # naive and flash × the quick grid
+    assert {row.status for row in rows} == {"ok"}, [(row.implementation, row.reasons) for row in rows]
+    for row in rows:
+        assert row.latency.median_s > 0 and row.memory.allocator_peak_bytes > 0
+        assert row.correctness.exact["out"].passed
+    for heading in ("B=1 H=4 D=64 float32 cpu forward", "B=1 H=4 D=64 float32 cpu causal forward_backward"):
+        assert heading in run.stdout
+    assert "Traceback" not in run.stderr
+
+
+def test_flags_override_the_suite(tmp_path):
+    run = _attnbench("run", "suites/quick.yaml", "--output", str(tmp_path), "--implementations", "flash")
+    assert run.returncode == 0, run.stderr
+    rows = read_rows(next(tmp_path.glob("quick/*/rows.jsonl")))
+    assert {row.implementation for row in rows} == {"flash"}
+
+
+def test_bad_flags_are_one_line_and_exit_2():
+    for flags, words in [
+        (["--implementations", "flsh"], "--implementations: unknown implementation 'flsh'"),
+        (["--device", "tpu"], "--device: unknown device 'tpu' (allowed: cpu, cuda, cuda:N, mps)"),
+    ]:
+        run = _attnbench("run", "suites/quick.yaml", *flags)
+        assert run.returncode == 2
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("attnbench: error: ")
+        assert words in run.stderr and "Traceback" not in run.stderr

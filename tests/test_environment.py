@@ -1,0 +1,19 @@
+"""Every run records what it ran on, including the settings that move timings."""
+
+from __future__ import annotations
+
+import torch
+
+from attnbench.environment import capture_environment
+
+
+def test_environment_records_versions_threads_and_timing_settings(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    environment = capture_environment()
+    assert environment.packages["torch"].startswith(torch.__version__.split("+")[0])
+    assert environment.torch_threads == torch.get_num_threads()
+    assert environment.timing_variables["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OpenMP" in environment.torch_parallel or "threads" in environment.torch_parallel
+    assert environment.cpu_model and environment.cpus_usable >= 1
+    assert environment.git_commit is None or len(environment.git_commit) == 40
+    assert set(environment.to_json()) >= {"python", "packages", "cpu_model", "timing_variables", "git_commit"}

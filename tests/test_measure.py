@@ -1,0 +1,104 @@
+"""Measuring one case in-process: what is judged, what is only reported, and why a row fails."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import toys
+from attnbench import Implementation
+from attnbench.measure import measure_case
+from attnbench.suite import CorrectnessSettings, LatencySettings, Measure
+from attnbench.testing import CORRECTNESS_ONLY, small_case
+
+TRAINING = small_case(mode="forward_backward", kv_heads=2)  # the toys are not causal
+
+
+@pytest.mark.parametrize(
+    "behaviour, words",
+    [
+        (toys.returns_query, "out vs float64 softmax attention: max abs error"),
+        (toys.returns_nan, "output contains NaN or Inf"),
+        (toys.wrong_shape, "output shape (2, 4, 127, 32) (expected (2, 4, 128, 32))"),
+    ],
+)
+def test_wrong_outputs_are_incorrect_with_the_reason(behaviour, words):
+    measurement = measure_case(toys.Toy("toy", behaviour), small_case(), {}, CORRECTNESS_ONLY)
+    assert measurement.status == "incorrect"
+    assert any(words in reason for reason in measurement.reasons), measurement.reasons
+
+
+def test_a_backward_bug_is_caught_in_training_mode():
+    toy = toys.Toy("toy", toys.wrong_backward)
+    assert measure_case(toy, small_case(), {}, CORRECTNESS_ONLY).status == "ok"  # forward is right
+    measurement = measure_case(toy, TRAINING, {}, CORRECTNESS_ONLY)
+    assert measurement.status == "incorrect"
+    assert [reason.split(" vs ")[0] for reason in measurement.reasons] == ["dq"]
+    assert measurement.correctness.exact["dk"].passed and measurement.correctness.exact["dv"].passed
+
+
+def test_an_exact_implementation_reports_every_error_figure_in_training_mode():
+    measurement = measure_case(toys.Toy("toy", toys.exact_attention), TRAINING, {}, CORRECTNESS_ONLY)
+    correctness = measurement.correctness
+    assert measurement.status == "ok" and correctness.judged_against == "exact"
+    assert set(correctness.exact) == {"out", "dq", "dk", "dv"}
+    for figures in correctness.exact.values():
+        assert 0 < figures.max_abs < 1e-5 and figures.bound is not None
+
+
+class FirstHalfOfKeys(Implementation):
+    """An approximation: attends only to the first half of the keys, and says so in its reference."""
+
+    name = "first_half"
+    exact = False
+    time_complexity = "n^2"
+    memory_complexity = "n^2"
+
+    def __init__(self, computes_what_it_claims: bool = True) -> None:
+        self.computes_what_it_claims = computes_what_it_claims
+
+    def prepare(self, case, options):
+        def attention(q, k, v):
+            keep = k.shape[-2] // 2 if self.computes_what_it_claims else k.shape[-2] // 4
+            return torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :keep], v[:, :, :keep])
+
+        return attention
+
+    def reference(self, q, k, v, case, options, rows):
+        keep = k.shape[-2] // 2
+        return torch.nn.functional.scaled_dot_product_attention(q[:, :, rows], k[:, :, :keep], v[:, :, :keep])
+
+
+def test_an_approximation_is_judged_against_its_own_reference_and_reports_its_real_error():
+    measurement = measure_case(FirstHalfOfKeys(), TRAINING_FULL_HEADS, {}, CORRECTNESS_ONLY)
+    correctness = measurement.correctness
+    assert measurement.status == "ok" and correctness.judged_against == "own"
+    assert correctness.own["out"].max_abs < 1e-5 and correctness.own["dq"].max_abs < 1e-5
+    assert correctness.exact["out"].rel_fro > 0.1  # the approximation's real error, reported
+    assert correctness.exact["out"].bound is None  # ...and not judged
+
+
+def test_an_approximation_that_departs_from_its_own_reference_is_incorrect():
+    measurement = measure_case(FirstHalfOfKeys(computes_what_it_claims=False), small_case(), {}, CORRECTNESS_ONLY)
+    assert measurement.status == "incorrect"
+    assert measurement.reasons[0].startswith("out vs its own float64 reference")
+
+
+TRAINING_FULL_HEADS = small_case(mode="forward_backward")
+
+
+def test_large_sequences_are_checked_on_sampled_rows():
+    settings = dataclasses.replace(CORRECTNESS_ONLY, correctness=CorrectnessSettings(rows=16))
+    measurement = measure_case(toys.Toy("toy", toys.exact_attention), TRAINING_FULL_HEADS, {}, settings)
+    assert measurement.correctness.rows_checked == 16
+    assert set(measurement.correctness.exact) == {"out", "dq"}  # dk, dv need every row
+
+
+def test_latency_and_memory_are_measured_when_asked():
+    measure = Measure(correctness=None, latency=LatencySettings(0.01, 0.05, 3), memory=True)
+    measurement = measure_case(toys.Toy("toy", toys.exact_attention), small_case(), {}, measure)
+    assert measurement.correctness is None
+    assert len(measurement.latency.samples_s) >= 3 and measurement.latency.median_s > 0
+    assert measurement.memory.allocator_peak_bytes >= 2 * 4 * 128 * 32 * 4  # at least the output

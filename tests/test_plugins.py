@@ -1,0 +1,56 @@
+"""The built-in implementations: correct on small cases, honest about where they run, and
+their peak memory where the arithmetic says it must be."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnbench.isolation import run_isolated
+from attnbench.suite import Measure
+from attnbench.testing import check_implementation, small_case
+from attnbench.worker import Job
+
+
+@pytest.mark.parametrize("name", ["naive", "flash"])
+def test_exact_on_every_small_case(registry, name):
+    measurements = check_implementation(registry.get(name))
+    assert len(measurements) == 8  # forward/training × causal or not × grouped-query or not
+    for measurement in measurements.values():
+        assert measurement.correctness.judged_against == "exact"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["naive", "flash"])
+def test_within_tolerance_in_half_precision(registry, name, dtype):
+    import torch
+
+    cases = [small_case(dtype=getattr(torch, dtype), causal=True, mode="forward_backward")]
+    check_implementation(registry.get(name), cases)
+
+
+def test_flash_names_the_devices_it_supports(registry):
+    reasons = registry.get("flash").not_supported_reasons(small_case(device="mps"))
+    assert reasons == ["device=mps (supported: cpu, cuda)"]
+
+
+def _peak_memory(implementation, case):
+    job = Job(implementation, case, {}, Measure(correctness=None, latency=None, memory=True), 0, None)
+    outcome = run_isolated(job, timeout_s=120).outcome
+    assert outcome.status == "ok", outcome
+    return outcome.memory
+
+
+def test_peak_memory_matches_the_arithmetic(registry):
+    """naive holds the scores and the probabilities at once; flash only its output and tiles."""
+    case = small_case(batch=1, heads=8, seq_len=2048, head_dim=64)
+    scores_bytes = case.batch * case.heads * case.seq_len**2 * 4  # one N×N float32 matrix per head
+    output_bytes = case.batch * case.heads * case.seq_len * case.head_dim * 4
+
+    naive = _peak_memory(registry.get("naive"), case)
+    expected = 2 * scores_bytes  # 256 MiB; the output and q·scale add 2 % on top
+    assert expected <= naive.allocator_peak_bytes <= 1.05 * expected
+    assert 0.9 * expected <= naive.rss_peak_bytes <= 1.2 * expected
+
+    flash = _peak_memory(registry.get("flash"), case)
+    assert output_bytes <= flash.allocator_peak_bytes <= 2 * output_bytes
+    assert flash.rss_peak_bytes <= 4 * output_bytes

@@ -1,0 +1,98 @@
+"""A sweep: one row per (implementation, case), written as it finishes; limits predicted, not hit."""
+
+from __future__ import annotations
+
+import json
+
+import toys
+from attnbench.registry import Registry
+from attnbench.results import Row, read_rows
+from attnbench.runner import ENVIRONMENT_FILE, SUITE_COPY, run_suite
+from attnbench.suite import load_suite
+
+FAST = "measure: {correctness: {rows: 64}, latency: {min_run_time_s: 0.01, max_run_time_s: 0.05}}\n"
+
+
+def _registry(*implementations) -> Registry:
+    registry = Registry()
+    for implementation in implementations:
+        registry.add(implementation)
+    return registry
+
+
+def test_failing_points_never_lose_other_rows(tmp_path, write_suite, registry):
+    toy_registry = _registry(
+        registry.get("naive"),
+        toys.Toy("crashes", toys.segfaults),
+        toys.Toy("raises", toys.raises),
+        toys.Toy("wrong", toys.returns_query),
+    )
+    suite = load_suite(write_suite("name: failures\nsweep: {seq_len: [32, 64], heads: 2}\n" + FAST), toy_registry)
+    result = run_suite(suite, toy_registry, output=tmp_path / "out")
+
+    statuses = {(row.implementation, row.case.seq_len): row.status for row in result.rows}
+    assert statuses == {
+        ("naive", 32): "ok", ("naive", 64): "ok",
+        ("crashes", 32): "crashed", ("crashes", 64): "crashed",
+        ("raises", 32): "error", ("raises", 64): "error",
+        ("wrong", 32): "incorrect", ("wrong", 64): "incorrect",
+    }
+    assert read_rows(result.rows_path) == list(result.rows)  # every row on disk, and it reads back
+    assert result.run_dir.parent == tmp_path / "out" / "failures"
+    environment = json.loads((result.run_dir / ENVIRONMENT_FILE).read_text())
+    assert environment["torch_threads"] >= 1 and environment["cpu_model"]
+    assert (result.run_dir / SUITE_COPY).read_text() == suite.path.read_text()
+
+
+def test_a_point_predicted_over_the_memory_cap_is_skipped_not_run(tmp_path, write_suite, registry):
+    # naive at H=8 holds 2 × 8·N²·4 bytes: 16 MiB at N=512, so 64 MiB at N=1024 > a 51 MiB cap
+    # (which leaves room for the inputs and the reference at N=512).
+    suite = load_suite(
+        write_suite("implementations: [naive, flash]\nsweep: {seq_len: [128, 256, 512, 1024], heads: 8}\n"
+                    "limits: {memory_gb: 0.05}\n" + FAST),
+        registry,
+    )
+    rows = run_suite(suite, registry, output=tmp_path).rows
+    naive = {row.case.seq_len: row for row in rows if row.implementation == "naive"}
+    assert [naive[n].status for n in (128, 256, 512)] == ["ok", "ok", "ok"], [(r.reasons, r.detail) for r in naive.values()]
+    assert naive[1024].status == "skipped"
+    assert "predicted peak memory 64.0 MiB > memory cap 51.2 MiB" in naive[1024].reasons[0]
+    assert naive[1024].wall_time_s == 0  # never started
+    assert all(row.status == "ok" for row in rows if row.implementation == "flash")
+
+
+def test_the_time_budget_skips_the_rest_of_an_implementation(tmp_path, write_suite, registry):
+    suite = load_suite(
+        write_suite("implementations: [flash]\nsweep: {seq_len: [64, 128, 256]}\nlimits: {budget_s: 0.001}\n" + FAST),
+        registry,
+    )
+    rows = run_suite(suite, registry, output=tmp_path).rows
+    assert [row.status for row in rows] == ["ok", "skipped", "skipped"]
+    assert rows[1].reasons[0].startswith("time budget of 0.001 s for flash is spent")
+
+
+def test_a_device_this_machine_lacks_is_unsupported_with_the_reason(tmp_path, write_suite, registry):
+    import torch
+
+    if torch.cuda.is_available():
+        return  # nothing to show on a machine that has one
+    suite = load_suite(write_suite("sweep: {seq_len: 64, device: [cpu, cuda]}\n" + FAST), registry)
+    rows = run_suite(suite, registry, output=tmp_path).rows
+    assert {row.case.device: row.status for row in rows} == {"cpu": "ok", "cuda": "unsupported"}
+    cuda = [row for row in rows if row.case.device == "cuda"][0]
+    assert "device=cuda is not available on this machine" in cuda.reasons[0]
+
+
+def test_rows_survive_a_round_trip_through_json_even_with_nan(tmp_path):
+    from attnbench.results import Correctness, ErrorFigures
+    from attnbench.testing import small_case
+
+    row = Row(run_id="r", implementation="x", case=small_case(), status="incorrect",
+              correctness=Correctness(4, {"out": ErrorFigures(float("nan"), float("inf"), 1e-3)}, None, "exact"))
+    path = tmp_path / "rows.jsonl"
+    from attnbench.results import write_rows
+
+    write_rows(path, [row])
+    (back,) = read_rows(path)
+    assert back.case == row.case and back.status == "incorrect"
+    assert back.correctness.exact["out"].rel_fro == float("inf") and not back.correctness.exact["out"].passed

@@ -1,0 +1,33 @@
+"""Latency keeps its raw samples; statistics are derived from them."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from attnbench.results import Latency
+from attnbench.suite import LatencySettings
+from attnbench.timing import measure_latency
+
+
+def test_raw_samples_are_kept():
+    x = torch.randn(64, 64)
+    latency = measure_latency(lambda: x @ x, torch.device("cpu"), LatencySettings(0.05, 0.2, 3), first_call_s=0.0)
+    assert len(latency.samples_s) >= 3 and latency.calls_per_sample >= 1
+    assert all(sample > 0 for sample in latency.samples_s)
+    assert latency.timer.startswith("torch.utils.benchmark")
+
+
+def test_slow_calls_still_give_the_minimum_number_of_samples():
+    latency = measure_latency(lambda: time.sleep(0.03), torch.device("cpu"), LatencySettings(0.01, 0.02, 4), 0.0)
+    assert len(latency.samples_s) >= 4 and latency.calls_per_sample == 1
+    assert all(sample >= 0.03 for sample in latency.samples_s)
+
+
+def test_statistics_are_derived_from_the_samples():
+    latency = Latency(samples_s=(1.0, 2.0, 3.0, 4.0, 100.0), calls_per_sample=1, first_call_s=0, timer="t")
+    assert latency.median_s == 3.0
+    assert latency.iqr_s == 2.0  # quartiles 2 and 4
+    assert latency.noisy
+    assert not Latency((1.0, 1.01, 1.02), 1, 0, "t").noisy

@@ -1,0 +1,79 @@
+"""Small implementations that misbehave on purpose, importable by worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+
+import attnbench
+
+
+class Toy(attnbench.Implementation):
+    exact = True
+    time_complexity = "n^2"
+    memory_complexity = "n"
+
+    def __init__(self, name: str, behaviour) -> None:
+        self.name = name
+        self.behaviour = behaviour
+
+    def prepare(self, case, options):
+        return self.behaviour
+
+
+def exact_attention(q, k, v):
+    groups = q.shape[1] // k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    )
+
+
+def returns_query(q, k, v):
+    return q.clone()
+
+
+def returns_nan(q, k, v):
+    return torch.full_like(q, float("nan"))
+
+
+def wrong_shape(q, k, v):
+    return q[:, :, :-1]
+
+
+def segfaults(q, k, v):
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def hangs(q, k, v):
+    time.sleep(3600)
+
+
+def raises(q, k, v):
+    raise ValueError("this implementation is broken on purpose")
+
+
+def allocates_too_much(q, k, v):
+    return torch.empty(64 * 2**30, dtype=torch.uint8)  # 64 GiB
+
+
+class _WrongBackward(torch.autograd.Function):
+    """Exact forward, but the gradient for q is scaled by 2: a backward bug."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return exact_attention(q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+            dq, dk, dv = torch.autograd.grad(exact_attention(q, k, v), (q, k, v), grad_out)
+        return 2 * dq, dk, dv
+
+
+def wrong_backward(q, k, v):
+    return _WrongBackward.apply(q, k, v)
