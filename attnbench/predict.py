@@ -32,5 +32,5 @@ def extrapolate(points: Sequence[tuple[int, float]], seq_len: int, declared_expo
         (n0, v0), (n1, v1) = smaller[-2:]
         measured = math.log(v1 / v0) / math.log(n1 / n0)
         slope = min(3.0, max(measured, declared_exponent - 0.5))
-        basis = f"extrapolated from N={n0}, {n1} with slope {slope:.2f}"
+        basis = f"from N={n0}, {n1} at slope {slope:.2f}"
     return Prediction(v1 * (seq_len / n1) ** slope, basis)

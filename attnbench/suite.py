@@ -186,7 +186,10 @@ def _measure(check: _Checker, node: Any) -> Measure:
         value = fields.get(name, True)
         if isinstance(value, bool):
             return default if value else None
-        given = check.mapping(value, f"measure.{name}", tuple(type(default).__dataclass_fields__))
+        allowed = tuple(type(default).__dataclass_fields__)
+        if not isinstance(value, dict):
+            check.fail(f"measure.{name}", f"expected true, false or a mapping of settings ({', '.join(allowed)}), got {_show(value)}")
+        given = check.mapping(value, f"measure.{name}", allowed)
         parsed = {
             key: check.integer(value, f"measure.{name}.{key}", minimum=1)
             if isinstance(getattr(default, key), int)
@@ -207,8 +210,19 @@ def _measure(check: _Checker, node: Any) -> Measure:
 
 def _limits(check: _Checker, node: Any) -> Limits:
     fields = check.mapping(node, "limits", LIMIT_FIELDS)
-    number = lambda key: check.number(fields[key], f"limits.{key}") if key in fields else getattr(Limits(), key)  # noqa: E731
-    return Limits(timeout_s=number("timeout_s"), memory_gb=number("memory_gb"), budget_s=number("budget_s"))
+    defaults = Limits()
+
+    def limit(key: str, nullable: bool) -> float | None:
+        value = fields.get(key, getattr(defaults, key))
+        if value is None and nullable:
+            return None
+        return check.number(value, f"limits.{key}")
+
+    return Limits(
+        timeout_s=limit("timeout_s", nullable=False),
+        memory_gb=limit("memory_gb", nullable=True),
+        budget_s=limit("budget_s", nullable=True),
+    )
 
 
 def _unknown_implementation(name: str, registry: Registry) -> str:
@@ -290,8 +304,8 @@ class _Checker:
         unknown: Callable[[str], str] | None = None,
     ) -> dict[str, Any]:
         if not isinstance(node, dict):
-            what = "the top level" if not path else "this field"
-            self.fail(path, f"expected a mapping of fields at {what}, got {_show(node)}")
+            what = "a mapping" if path else "a mapping of fields at the top level"
+            self.fail(path, f"expected {what}, got {_show(node)}")
         for key in node:
             key_path = f"{path}.{key}" if path else str(key)
             if not isinstance(key, str):

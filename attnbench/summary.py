@@ -8,7 +8,7 @@ from attnbench.grid import group_key
 from attnbench.results import Row
 from attnbench.units import format_bytes, format_seconds
 
-NOTE_CHARS = 90
+NOTE_CHARS = 120
 
 
 def summary_table(rows: Sequence[Row]) -> str:
@@ -20,20 +20,25 @@ def summary_table(rows: Sequence[Row]) -> str:
         case = group_rows[0].case
         heading = case.describe().replace(f"N={case.seq_len} ", "")
         ordered = sorted(group_rows, key=lambda row: (row.implementation, row.case.seq_len))
-        sections.append(heading + "\n" + format_table(HEADERS, [_cells(row) for row in ordered]))
+        headers = HEADERS if not case.backward else (*HEADERS[:-1], "grad err", HEADERS[-1])
+        table = [_cells(row, with_grads=case.backward) for row in ordered]
+        sections.append(heading + "\n" + format_table(headers, table))
     return "\n\n".join(sections)
 
 
+# Errors are against float64 softmax attention: max abs and relative Frobenius of the output;
+# in training mode also the largest max abs error of dq, dk, dv.
 HEADERS = ("implementation", "N", "status", "median", "IQR", "peak mem", "peak RSS", "max abs err", "rel err", "note")
 
 
-def _cells(row: Row) -> list[str]:
+def _cells(row: Row, with_grads: bool) -> list[str]:
     latency, memory, correctness = row.latency, row.memory, row.correctness
     out_error = correctness.exact.get("out") if correctness else None
+    grad_errors = [f.max_abs for name, f in correctness.exact.items() if name != "out"] if correctness else []
     note = "; ".join(row.reasons)
     if latency is not None and latency.noisy and row.status == "ok":
         note = "noisy: IQR > 10% of median" + (f"; {note}" if note else "")
-    return [
+    cells = [
         row.implementation,
         str(row.case.seq_len),
         row.status,
@@ -43,8 +48,10 @@ def _cells(row: Row) -> list[str]:
         _bytes(memory.rss_peak_bytes) if memory else "",
         f"{out_error.max_abs:.2e}" if out_error else "",
         f"{out_error.rel_fro:.2e}" if out_error else "",
-        note if len(note) <= NOTE_CHARS else note[: NOTE_CHARS - 1] + "…",
     ]
+    if with_grads:
+        cells.append(f"{max(grad_errors):.2e}" if grad_errors else "")
+    return [*cells, note if len(note) <= NOTE_CHARS else note[: NOTE_CHARS - 1] + "…"]
 
 
 def _bytes(value: int | None) -> str:

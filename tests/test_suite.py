@@ -63,6 +63,11 @@ limits: {timeout_s: 30, memory_gb: 1.5, budget_s: 100}
     assert len(expand(suite.sweep)) == 2 * 2 * 2 * 2 * 2 * 2
 
 
+def test_limits_may_be_null_where_the_default_is_none(registry, write_suite):
+    suite = load_suite(write_suite("limits: {memory_gb: null, budget_s: null}\n"), registry)
+    assert suite.limits.memory_gb is None and suite.limits.budget_s is None
+
+
 def test_measure_short_form_lists_what_to_measure(registry, write_suite):
     suite = load_suite(write_suite("measure: [latency]\n"), registry)
     assert suite.measure.correctness is None and suite.measure.latency is not None and not suite.measure.memory
@@ -104,6 +109,10 @@ BAD_SUITES = [
     ("empty axis", "sweep: {seq_len: []}", ["sweep.seq_len: the list is empty"]),
     ("repeated value", "sweep: {seq_len: [64, 64]}", ["sweep.seq_len[1]: 64 is listed twice"]),
     ("negative limit", "limits: {timeout_s: -1}", ["limits.timeout_s: must be a positive finite number, got -1"]),
+    ("null timeout", "limits: {timeout_s: null}", ["limits.timeout_s: expected a positive number, got null"]),
+    ("measure setting not a mapping", "measure: {latency: fast}",
+     ["measure.latency: expected true, false or a mapping of settings (min_run_time_s, max_run_time_s, min_samples)"]),
+    ("options not a mapping", "options: {naive: 3}", ["options.naive: expected a mapping, got 3"]),
     ("unknown measurement", "measure: [latency, speed]", ["measure[1]: unknown measurement 'speed'"]),
     ("bad boolean", "sweep: {causal: maybe}", ["sweep.causal: expected true or false, got 'maybe'"]),
     ("name unusable as a folder", "name: ../escape", ["name: '../escape' is not a usable folder name"]),
