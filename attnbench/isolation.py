@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import signal
 import tempfile
 import time
@@ -31,13 +32,18 @@ class IsolatedResult:
 def run_isolated(job: Job, timeout_s: float) -> IsolatedResult:
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
-    log = tempfile.NamedTemporaryFile(prefix="attnbench-worker-", suffix=".log", delete=False)
-    log.close()
+    log_path = _new_log_file()
+    process = context.Process(target=worker.child_main, args=(sender, job, str(log_path)), daemon=True)
     started = time.perf_counter()
-    process = context.Process(target=worker.child_main, args=(sender, job, log.name), daemon=True)
     try:
-        process.start()
+        process.start()  # pickles the job: the implementation object travels to the worker
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
         sender.close()
+        receiver.close()
+        log_path.unlink()
+        return IsolatedResult(_unpicklable(error), 0.0, "")
+    sender.close()  # the worker holds the other end: its exit closes the pipe
+    try:
         outcome = _wait(process, receiver, timeout_s)
     finally:
         if process.is_alive():
@@ -47,9 +53,15 @@ def run_isolated(job: Job, timeout_s: float) -> IsolatedResult:
     wall_time_s = time.perf_counter() - started
     if outcome is None:
         outcome = _death(process.exitcode)
-    log_tail = _read_tail(Path(log.name))
-    os.unlink(log.name)
+    log_tail = _read_tail(log_path)
+    log_path.unlink()
     return IsolatedResult(outcome, wall_time_s, log_tail)
+
+
+def _new_log_file() -> Path:
+    descriptor, name = tempfile.mkstemp(prefix="attnbench-worker-", suffix=".log")
+    os.close(descriptor)
+    return Path(name)
 
 
 def _wait(process: multiprocessing.process.BaseProcess, receiver, timeout_s: float) -> Outcome | None:
@@ -61,6 +73,14 @@ def _wait(process: multiprocessing.process.BaseProcess, receiver, timeout_s: flo
         return receiver.recv()
     except (EOFError, OSError):  # the pipe closed: the worker is gone
         return None
+
+
+def _unpicklable(error: Exception) -> Failure:
+    return Failure(
+        "error",
+        (f"the implementation cannot be sent to a worker process ({type(error).__name__}: {error}); "
+         "define its class and what prepare() needs at module level",),
+    )
 
 
 def _death(exitcode: int | None) -> Failure:

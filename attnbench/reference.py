@@ -47,7 +47,7 @@ def softmax_attention(
     running_max = torch.full(shape, float("-inf"), dtype=torch.float64, device=q.device)
     normaliser = torch.zeros(shape, dtype=torch.float64, device=q.device)
     accumulator = torch.zeros_like(q_rows)
-    for start, keys, values, allowed in _key_blocks(k, v, row_positions, causal):
+    for _, keys, values, allowed in _key_blocks(k, v, row_positions, causal):
         scores = q_rows @ keys.transpose(-1, -2)  # (B, KV, G·S, block)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))

@@ -135,7 +135,8 @@ def _implementations(check: _Checker, node: Any, registry: Registry) -> tuple[st
 
 
 def _options(check: _Checker, node: Any, registry: Registry) -> dict[str, dict[str, Any]]:
-    options = check.mapping(node, "options", registry.names(), unknown=lambda key: _unknown_implementation(key, registry))
+    unknown = lambda key: _unknown_implementation(key, registry)  # noqa: E731
+    options = check.mapping(node, "options", registry.names(), unknown=unknown)
     result: dict[str, dict[str, Any]] = {}
     for name, given in options.items():
         given = check.mapping(given, f"options.{name}", None)
@@ -188,7 +189,8 @@ def _measure(check: _Checker, node: Any) -> Measure:
             return default if value else None
         allowed = tuple(type(default).__dataclass_fields__)
         if not isinstance(value, dict):
-            check.fail(f"measure.{name}", f"expected true, false or a mapping of settings ({', '.join(allowed)}), got {_show(value)}")
+            expected = f"expected true, false or a mapping of settings ({', '.join(allowed)})"
+            check.fail(f"measure.{name}", f"{expected}, got {_show(value)}")
         given = check.mapping(value, f"measure.{name}", allowed)
         parsed = {
             key: check.integer(value, f"measure.{name}.{key}", minimum=1)
@@ -200,7 +202,10 @@ def _measure(check: _Checker, node: Any) -> Measure:
 
     latency = settings("latency", LatencySettings())
     if latency is not None and latency.max_run_time_s < latency.min_run_time_s:
-        check.fail("measure.latency.max_run_time_s", f"{latency.max_run_time_s} is below min_run_time_s={latency.min_run_time_s}")
+        check.fail(
+            "measure.latency.max_run_time_s",
+            f"{latency.max_run_time_s} is below min_run_time_s={latency.min_run_time_s}",
+        )
     return Measure(
         correctness=settings("correctness", CorrectnessSettings()),
         latency=latency,
@@ -311,7 +316,9 @@ class _Checker:
             if not isinstance(key, str):
                 self.fail(key_path, f"field names must be strings, got {_show(key)}")
             if allowed is not None and key not in allowed:
-                self.fail(key_path, unknown(key) if unknown else f"unknown field (allowed: {', '.join(allowed)}){did_you_mean(key, allowed)}")
+                if unknown is not None:
+                    self.fail(key_path, unknown(key))
+                self.fail(key_path, f"unknown field (allowed: {', '.join(allowed)}){did_you_mean(key, allowed)}")
         return node
 
     def axis(self, node: Any, path: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
@@ -353,7 +360,8 @@ class _Checker:
     def choice(self, node: Any, path: str, choices: Iterable[str], what: str) -> str:
         choices = tuple(choices)
         if not isinstance(node, str) or node not in choices:
-            self.fail(path, f"unknown {what} {_show(node)} (allowed: {', '.join(choices)}){did_you_mean(node, choices)}")
+            allowed = ", ".join(choices)
+            self.fail(path, f"unknown {what} {_show(node)} (allowed: {allowed}){did_you_mean(node, choices)}")
         return node
 
     def device(self, node: Any, path: str) -> str:

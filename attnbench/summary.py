@@ -60,13 +60,13 @@ def _bytes(value: int | None) -> str:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Plain columns; text left-aligned, figures right-aligned."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
     numeric = [all(_looks_numeric(row[i]) for row in rows) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
             cell.rjust(width) if is_numeric else cell.ljust(width)
-            for cell, width, is_numeric in zip(cells, widths, numeric)
+            for cell, width, is_numeric in zip(cells, widths, numeric, strict=True)
         ).rstrip()
 
     return "\n".join([line(headers), line(["-" * width for width in widths]), *(line(row) for row in rows)])

@@ -51,7 +51,7 @@ class FlashAttention(attnbench.Implementation):
         return attention
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backend_refusals(
     device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, causal: bool, backward: bool
 ) -> tuple[str, ...]:

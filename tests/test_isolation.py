@@ -48,3 +48,9 @@ def test_a_hang_is_killed_at_the_timeout():
     assert result.outcome.status == "timeout"
     assert "no result within the case timeout of 3 s" in result.outcome.reasons[0]
     assert result.wall_time_s < 30
+
+
+def test_an_implementation_that_cannot_reach_a_worker_is_an_error_row():
+    result = _run(lambda q, k, v: q)  # a lambda cannot be pickled
+    assert result.outcome.status == "error"
+    assert "cannot be sent to a worker process" in result.outcome.reasons[0]
