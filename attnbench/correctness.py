@@ -106,7 +106,9 @@ def _own_reference(
     all_rows: bool,
 ) -> dict[str, torch.Tensor] | None:
     """The implementation's own float64 reference, with gradients by autograd in training mode."""
-    leaves = [tensor.clone().requires_grad_(grad_out is not None) for tensor in (q, k, v)]
+    if type(implementation).reference is Implementation.reference:
+        return None
+    leaves = [tensor.detach().requires_grad_(grad_out is not None) for tensor in (q, k, v)]
     with torch.set_grad_enabled(grad_out is not None):
         out = implementation.reference(*leaves, case, options, rows)
     if out is None:
