@@ -36,9 +36,9 @@ class Tolerance:
         return self.atol + self.rtol * reference_max_abs
 
 
-# For inputs ~ N(0, 1). naive and flash on the CPU (N from 128 to 32768, forward and
-# gradients) use at most a quarter of these bounds; a real bug (a wrong scale, mask or
-# gradient) misses them by orders of magnitude.
+# For inputs ~ N(0, 1). naive and flash on the CPU (outputs up to N=32768, gradients up to
+# N=2048) use at most a quarter of these bounds; a real bug (a wrong scale, mask or gradient)
+# misses them by orders of magnitude.
 DEFAULT_TOLERANCES: Mapping[torch.dtype, Tolerance] = {
     torch.float32: Tolerance(atol=1e-6, rtol=1e-5),
     torch.float16: Tolerance(atol=1e-3, rtol=4e-3),
