@@ -86,7 +86,8 @@ def _list(args: argparse.Namespace) -> int:
     for implementation in registry.implementations():
         print(_describe(implementation, registry))
         for device in devices:
-            print(f"    {device}: {_support_on(implementation, device)}")
+            for line in _support_on(implementation, device):
+                print(f"    {line}")
     if not len(registry):
         print("no implementations registered")
     if registry.problems:
@@ -109,7 +110,8 @@ def _describe(implementation: Implementation, registry: Registry) -> str:
     return "\n".join(lines)
 
 
-def _support_on(implementation: Implementation, device: str) -> str:
+def _support_on(implementation: Implementation, device: str) -> list[str]:
+    """"cpu: runs (float32, ...)" and, indented below, each dtype it refuses with the reasons."""
     runs, refusals = [], []
     for name, dtype in DTYPES.items():
         case = Case(dtype=dtype, device=device, **LIST_PROBE)
@@ -121,9 +123,10 @@ def _support_on(implementation: Implementation, device: str) -> str:
             refusals.append(f"{name}: {'; '.join(reasons)}")
         else:
             runs.append(name)
-    if not runs:
-        return "does not run: " + "; ".join(refusals)
-    return "; ".join([f"runs ({', '.join(runs)})", *refusals])
+    if not refusals:
+        return [f"{device}: runs ({', '.join(runs)})"]
+    head = f"{device}: runs ({', '.join(runs)}), not:" if runs else f"{device}: does not run:"
+    return [head, *(f"    {refusal}" for refusal in refusals)]
 
 
 if __name__ == "__main__":

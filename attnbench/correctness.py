@@ -105,20 +105,23 @@ def _own_reference(
     rows: torch.Tensor,
     all_rows: bool,
 ) -> dict[str, torch.Tensor] | None:
-    """The implementation's own float64 reference, with gradients by autograd in training mode."""
+    """The implementation's own float64 reference; in training mode, with its gradients by autograd.
+
+    Gradients only when every row is checked: an approximation may mix query rows (Nyström's
+    landmarks average them), so its dq at one row depends on the upstream gradient of all rows.
+    """
     if type(implementation).reference is Implementation.reference:
         return None
-    leaves = [tensor.detach().requires_grad_(grad_out is not None) for tensor in (q, k, v)]
-    with torch.set_grad_enabled(grad_out is not None):
+    with_grads = grad_out is not None and all_rows
+    leaves = [tensor.detach().requires_grad_(with_grads) for tensor in (q, k, v)]
+    with torch.set_grad_enabled(with_grads):
         out = implementation.reference(*leaves, case, options, rows)
     if out is None:
         return None
     own = {"out": out.detach()}
-    if grad_out is not None:
-        dq, dk, dv = torch.autograd.grad(out, leaves, grad_out[:, :, rows], allow_unused=True)
-        own["dq"] = dq[:, :, rows]
-        if all_rows:
-            own.update(dk=dk, dv=dv)
+    if with_grads:
+        dq, dk, dv = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+        own.update(dq=dq, dk=dk, dv=dv)
     return own
 
 

@@ -77,6 +77,13 @@ class Implementation:
         """Empty when the case can run; else each reason names the value and what is allowed."""
         return []
 
+    def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
+        """Option name -> what is wrong with its value and what is allowed; empty when all are valid.
+
+        Called with the defaults and the suite's options merged; types are already checked.
+        """
+        return {}
+
     def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
         raise NotImplementedError(f"{type(self).__name__} does not implement prepare()")
 
@@ -163,4 +170,7 @@ def effective_options(implementation: Implementation, given: Mapping[str, Any]) 
         problem = option_problem(implementation, key, value)
         if problem:
             raise UserError(f"options.{implementation.name}.{key}: {problem}")
-    return {**implementation.default_options, **given}
+    options = {**implementation.default_options, **given}
+    for key, problem in implementation.invalid_options(options).items():
+        raise UserError(f"options.{implementation.name}.{key}: {problem}")
+    return options

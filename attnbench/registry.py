@@ -17,6 +17,9 @@ from attnbench.implementation import Implementation, contract_violations
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "attnbench_plugins.naive",
     "attnbench_plugins.flash",
+    "attnbench_plugins.performer",
+    "attnbench_plugins.nystrom",
+    "attnbench_plugins.xformers_attention",
 )
 
 

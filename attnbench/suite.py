@@ -140,10 +140,13 @@ def _options(check: _Checker, node: Any, registry: Registry) -> dict[str, dict[s
     result: dict[str, dict[str, Any]] = {}
     for name, given in options.items():
         given = check.mapping(given, f"options.{name}", None)
+        implementation = registry.get(name)
         for key, value in given.items():
-            problem = option_problem(registry.get(name), key, value)
+            problem = option_problem(implementation, key, value)
             if problem:
                 check.fail(f"options.{name}.{key}", problem)
+        for key, problem in implementation.invalid_options({**implementation.default_options, **given}).items():
+            check.fail(f"options.{name}.{key}", problem)
         result[name] = dict(given)
     return result
 

@@ -102,3 +102,28 @@ def test_latency_and_memory_are_measured_when_asked():
     assert measurement.correctness is None
     assert len(measurement.latency.samples_s) >= 3 and measurement.latency.median_s > 0
     assert measurement.memory.allocator_peak_bytes >= 2 * 4 * 128 * 32 * 4  # at least the output
+
+
+class MeanQuery(Implementation):
+    """An approximation that mixes query rows: every row attends with the mean query."""
+
+    name = "mean_query"
+    exact = False
+    time_complexity = "n"
+    memory_complexity = "n"
+
+    def prepare(self, case, options):
+        return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q.mean(-2, keepdim=True).expand_as(q), k, v)
+
+    def reference(self, q, k, v, case, options, rows):
+        return self.prepare(case, options)(q, k, v)[:, :, rows]
+
+
+def test_row_mixing_approximations_are_not_misjudged_on_sampled_rows():
+    """dq at a sampled row depends on every row's upstream gradient here, so the own reference's
+    gradients are only compared when all rows are checked."""
+    settings = dataclasses.replace(CORRECTNESS_ONLY, correctness=CorrectnessSettings(rows=16))
+    sampled = measure_case(MeanQuery(), TRAINING_FULL_HEADS, {}, settings)
+    assert sampled.status == "ok" and set(sampled.correctness.own) == {"out"}
+    every_row = measure_case(MeanQuery(), TRAINING_FULL_HEADS, {}, CORRECTNESS_ONLY)
+    assert every_row.status == "ok" and set(every_row.correctness.own) == {"out", "dq", "dk", "dv"}

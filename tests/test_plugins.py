@@ -54,3 +54,25 @@ def test_peak_memory_matches_the_arithmetic(registry):
     flash = _peak_memory(registry.get("flash"), case)
     assert output_bytes <= flash.allocator_peak_bytes <= 2 * output_bytes
     assert flash.rss_peak_bytes <= 4 * output_bytes
+
+
+@pytest.mark.parametrize("name", ["naive", "flash", "performer"])
+def test_causal_outputs_never_depend_on_later_tokens(registry, name):
+    """Changing keys and values from position 70 on leaves outputs before 70 as they were."""
+    import torch
+
+    from attnbench.inputs import make_inputs
+
+    case = small_case(seq_len=128, causal=True, dtype=torch.float64)
+    implementation = registry.get(name)
+    if implementation.not_supported_reasons(case):
+        pytest.skip(f"{name} does not run float64 here")
+    options = {"chunk_size": 32} if name == "performer" else {}
+    attention = implementation.prepare(case, {**implementation.default_options, **options})
+    inputs = make_inputs(case, 0)
+    later_k, later_v = inputs.k.clone(), inputs.v.clone()
+    later_k[:, :, 70:] *= 3
+    later_v[:, :, 70:] += 1
+    before = attention(inputs.q, inputs.k, inputs.v)[:, :, :70]
+    after = attention(inputs.q, later_k, later_v)[:, :, :70]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-12)

@@ -1,0 +1,135 @@
+"""nystrom: Nyströmformer (Xiong et al., "Nyströmformer: A Nyström-Based Algorithm for
+Approximating Self-Attention", AAAI 2021).
+
+The softmax matrix is approximated through m landmarks (eq. 14-15):
+
+    softmax(Q Kᵀ/√d) V ≈ softmax(Q K̃ᵀ/√d) · pinv(softmax(Q̃ K̃ᵀ/√d)) · softmax(Q̃ Kᵀ/√d) V,
+
+where Q̃, K̃ are the means of m contiguous segments of Q and K (section 3.2; when m does not
+divide N the segments differ in length by one, nothing is padded) and pinv is the paper's
+iterative Moore–Penrose approximation (eq. 16, from Razavi et al., 2014).
+
+The two (N × m) softmax products are attention calls in their own right: m landmark queries
+over N keys, and N queries over m landmark keys whose values are pinv · (the first result).
+Both go through torch's fused scaled_dot_product_attention, so neither (N × m) matrix is ever
+stored, and the (m × m) products are ordered so that nothing costs N·m² (the last product is
+applied to the (m × d) values first). Low-precision inputs are computed in float32: the
+pseudo-inverse iteration is not stable in float16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import attnbench
+from attnbench import AttentionFn, Case
+
+
+class NystromAttention(attnbench.Implementation):
+    name = "nystrom"
+    description = "Nyströmformer: segment-mean landmarks and an iterative pseudo-inverse, linear in N"
+    exact = False
+    time_complexity = "n"
+    memory_complexity = "n"
+    default_options = {"landmarks": 256, "pinv_iterations": 6}
+    # Judged against its own float64 formula, whose pseudo-inverse amplifies float32 rounding by
+    # the landmark kernel's condition number: ~1e-6 of max |out| at the defaults, up to ~3e-4
+    # with a landmark per token and a converged inverse. A bug is off by orders more.
+    tolerances = {**attnbench.Implementation.tolerances, torch.float32: attnbench.Tolerance(atol=1e-5, rtol=1e-3)}
+
+    def not_supported_reasons(self, case: Case) -> list[str]:
+        if case.causal:
+            return ["causal=True (landmarks average over future tokens; supported: causal=False)"]
+        return []
+
+    def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
+        return {
+            key: f"must be at least 1, got {options[key]}"
+            for key in ("landmarks", "pinv_iterations")
+            if options[key] < 1
+        }
+
+    def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
+        landmarks = min(options["landmarks"], case.seq_len)
+        iterations = options["pinv_iterations"]
+        segment_of = segment_index(case.seq_len, landmarks, case.device)
+        segment_sizes = torch.bincount(segment_of, minlength=landmarks).unsqueeze(-1)  # (m, 1)
+        groups = case.heads // case.kv_heads
+
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            dtype = q.dtype
+            compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            q, k, v = q.to(compute), k.to(compute), v.to(compute)
+            batch, heads, seq_len, head_dim = q.shape
+            q_landmarks = segment_means(q, segment_of, segment_sizes)  # (B, H, m, D)
+            k_landmarks = segment_means(k, segment_of, segment_sizes)  # (B, KV, m, D)
+            k_landmarks = k_landmarks.repeat_interleave(groups, dim=1)  # (B, H, m, D): small
+            kernel = torch.softmax(q_landmarks @ k_landmarks.transpose(-1, -2) * head_dim**-0.5, dim=-1)
+            # softmax(Q̃ Kᵀ/√d) V: landmark queries attend to every key (grouped-query aware).
+            landmark_values = F.scaled_dot_product_attention(q_landmarks, k, v, enable_gqa=groups > 1)
+            mixed = iterative_pinv(kernel, iterations) @ landmark_values  # (B, H, m, D)
+            # softmax(Q K̃ᵀ/√d) · mixed: every query attends to the landmarks.
+            out = F.scaled_dot_product_attention(q, k_landmarks, mixed)
+            return out.to(dtype)
+
+        return attention
+
+    def reference(self, q, k, v, case, options, rows):
+        """The same formula in float64 with the (N × m) softmax matrices written out."""
+        landmarks = min(options["landmarks"], case.seq_len)
+        groups = case.heads // case.kv_heads
+        segment_of = segment_index(case.seq_len, landmarks, q.device)
+        sizes = torch.bincount(segment_of, minlength=landmarks).unsqueeze(-1)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scale = case.head_dim**-0.5
+        q_landmarks, k_landmarks = segment_means(q, segment_of, sizes), segment_means(k, segment_of, sizes)
+        queries_to_landmarks = torch.softmax(q[:, :, rows] @ k_landmarks.transpose(-1, -2) * scale, dim=-1)
+        kernel = torch.softmax(q_landmarks @ k_landmarks.transpose(-1, -2) * scale, dim=-1)
+        landmarks_to_keys = torch.softmax(q_landmarks @ k.transpose(-1, -2) * scale, dim=-1)
+        pinv = iterative_pinv(kernel, options["pinv_iterations"])
+        return queries_to_landmarks @ (pinv @ (landmarks_to_keys @ v))
+
+
+def segment_index(seq_len: int, landmarks: int, device: torch.device | str) -> torch.Tensor:
+    """The landmark each position belongs to: m contiguous segments, lengths differing by at most one."""
+    return torch.arange(seq_len, device=device) * landmarks // seq_len
+
+
+def segment_means(x: torch.Tensor, segment_of: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """(…, N, D) -> (…, m, D): the mean of each segment."""
+    shape = (*x.shape[:-2], sizes.shape[0], x.shape[-1])
+    sums = torch.zeros(shape, dtype=x.dtype, device=x.device).index_add(-2, segment_of, x)
+    return sums / sizes.to(x.dtype)
+
+
+def iterative_pinv(matrix: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Moore–Penrose pseudo-inverse by eq. 16: Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ))).
+
+    Starts from Z₀ = Aᵀ / (‖A‖₁ ‖A‖∞), per matrix, which makes the iteration converge.
+    """
+    absolute = matrix.abs()
+    norms = absolute.sum(dim=-2).amax(dim=-1) * absolute.sum(dim=-1).amax(dim=-1)
+    z = matrix.transpose(-1, -2) / norms[..., None, None]
+    for _ in range(iterations):
+        az = matrix @ z
+        t = _times_identity_minus(az, 7, az)
+        t = _times_identity_minus(az, 15, t)
+        t = _times_identity_minus(z, 13, t)
+        z = 0.25 * t
+    return z
+
+
+def _times_identity_minus(left: torch.Tensor, c: float, inner: torch.Tensor) -> torch.Tensor:
+    """left @ (c·I − inner), with c·I added on the diagonal instead of built as a matrix."""
+    difference = -inner
+    difference.diagonal(dim1=-2, dim2=-1).add_(c)
+    return left @ difference
+
+
+@attnbench.hookimpl
+def attnbench_register_implementations(registry: attnbench.Registry) -> None:
+    registry.add(NystromAttention())

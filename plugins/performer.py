@@ -1,0 +1,244 @@
+"""performer: FAVOR+ (Choromanski et al., "Rethinking Attention with Performers", ICLR 2021).
+
+The softmax kernel exp(q·k/√d) is estimated with positive random features (Lemma 1),
+
+    φ(x) = exp(ω·x̃ − |x̃|²/2),  x̃ = x / d^¼,  ω₁…ωₘ ~ N(0, I_d),
+
+drawn as orthogonal blocks (section 2.4), so that attention becomes linear in N (eq. 4):
+
+    out = φ(Q) (φ(K)ᵀ [V, 1])   (the last column is the denominator).
+
+As in the authors' reference code, each exponential is stabilised by subtracting a maximum
+of ω·x̃ (per query row; for keys, one per batch and head) and a small ``epsilon`` is added to
+every feature. The epsilon floors the denominator; where the estimator's variance is large
+(large |q|·|k|) it also pulls the output towards the mean of v. Because of the epsilon, the
+key stabiliser is not a pure no-op, so it is defined with care: for causal attention, query
+i's features are those stabilised by the maximum over keys j <= i only, so no output depends
+on a later key (one maximum over all keys, as in the reference code, leaks the future).
+
+The sums over keys run chunk by chunk (``chunk_size`` rows), with the key maximum kept as a
+running maximum and earlier sums rescaled when it grows, as FlashAttention does for softmax:
+the (N × m) feature matrices are never materialised, memory is O(N·d + chunk·m), and each
+chunk's work stays in cache. Causal attention adds, per chunk, the masked (chunk × chunk)
+products inside the chunk to the prefix state of the earlier chunks; nothing loops over
+positions. Features are computed in float32 for float16 and bfloat16 inputs, whose range the
+exponentials would otherwise overflow or underflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import attnbench
+from attnbench import AttentionFn, Case
+
+
+class PerformerAttention(attnbench.Implementation):
+    name = "performer"
+    description = "FAVOR+ positive orthogonal random features: softmax attention in linear time"
+    exact = False
+    time_complexity = "n"
+    memory_complexity = "n"
+    default_options = {"features": 256, "seed": 0, "orthogonal": True, "epsilon": 1e-4, "chunk_size": 128}
+
+    def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
+        problems = {}
+        for key in ("features", "chunk_size"):
+            if options[key] < 1:
+                problems[key] = f"must be at least 1, got {options[key]}"
+        if options["epsilon"] < 0:
+            problems["epsilon"] = f"must be at least 0, got {options['epsilon']}"
+        return problems
+
+    def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
+        projection = _scaled_projection(case, options).to(case.device)  # (D, m)
+        favor = FavorPlus(projection, 0.5 * case.head_dim**-0.5, options["epsilon"], options["chunk_size"])
+        causal = case.causal
+        groups = case.heads // case.kv_heads
+
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            batch, heads, seq_len, head_dim = q.shape
+            dtype = q.dtype
+            compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            # Grouped-query: (B, KV, G, N, D), so each kv head's sums serve its G query heads.
+            q = q.to(compute).view(batch, heads // groups, groups, seq_len, head_dim)
+            k, v = k.to(compute).unsqueeze(2), v.to(compute).unsqueeze(2)  # (B, KV, 1, N, D)
+            out = favor.attention(q, k, v, causal)
+            return out.reshape(batch, heads, seq_len, head_dim).to(dtype)
+
+        return attention
+
+    def reference(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case, options: Mapping[str, Any],
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """The same estimator written out densely in float64: the (rows × N) weight matrix
+        φ(qᵢ)·φ(kⱼ) with φ = e + ε, each query's keys stabilised by the maximum up to it.
+        The maxima are constants here too (detached), so the gradients are comparable."""
+        projection = _scaled_projection(case, options).to(q.dtype)
+        eps, half_norm_scale = options["epsilon"], 0.5 * case.head_dim**-0.5
+        groups = case.heads // case.kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        q_logits, k_logits = q[:, :, rows] @ projection, k @ projection  # (B, H, S, m), (B, H, N, m)
+        eq = torch.exp(q_logits - q_logits.detach().amax(dim=-1, keepdim=True)
+                       - q[:, :, rows].square().sum(dim=-1, keepdim=True) * half_norm_scale)
+        key_max = k_logits.detach().amax(dim=-1)  # (B, H, N)
+        top = key_max.amax(dim=-1, keepdim=True)
+        ek = torch.exp(k_logits - k.square().sum(dim=-1, keepdim=True) * half_norm_scale - top.unsqueeze(-1))
+        own = key_max.cummax(dim=-1).values[:, :, rows] if case.causal else top  # each query's stabiliser
+        rescale = torch.exp(top - own).unsqueeze(-1)  # from the global maximum to the query's own
+        weights = (eq @ ek.transpose(-1, -2) + eps * ek.sum(dim=-1).unsqueeze(-2)) * rescale
+        weights = weights + eps * eq.sum(dim=-1, keepdim=True) + eq.shape[-1] * eps * eps
+        if case.causal:
+            weights = weights.masked_fill(torch.arange(case.seq_len) > rows.unsqueeze(-1), 0.0)
+        return (weights @ v) / weights.sum(dim=-1, keepdim=True)
+
+
+def _scaled_projection(case: Case, options: Mapping[str, Any]) -> torch.Tensor:
+    """(D, m) random projection with x̃ = x / d^¼ folded in: one (m × d) scaling, not (N × d) per call."""
+    generator = torch.Generator().manual_seed(options["seed"])
+    omega = random_projection(options["features"], case.head_dim, options["orthogonal"], generator)
+    return (omega * case.head_dim**-0.25).T.contiguous()
+
+
+class FavorPlus:
+    """FAVOR+ with a fixed projection. Shapes: q (B, KV, G, N, D); k and v (B, KV, 1, N, D)."""
+
+    def __init__(self, projection: torch.Tensor, half_norm_scale: float, epsilon: float, chunk: int) -> None:
+        self.projection = projection  # (D, m), already scaled by d^-¼
+        self.half_norm_scale = half_norm_scale  # |x̃|²/2 = |x|² · half_norm_scale
+        self.epsilon = epsilon
+        self.chunk = chunk
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [v, 1]: numerator and denominator at once
+        return self._causal(q, k, v1) if causal else self._non_causal(q, k, v1)
+
+    def _non_causal(self, q: torch.Tensor, k: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+        keys = KeySums.empty(v1, self.projection.shape[1])
+        for start in range(0, k.shape[-2], self.chunk):
+            logits, half_norm = self._logits(k[..., start : start + self.chunk, :])
+            keys = keys.rescaled_to(torch.maximum(keys.stabiliser, logits.detach().amax(dim=(-2, -1), keepdim=True)))
+            keys = keys.plus(self._key_features(logits, half_norm, keys.stabiliser), v1[..., start : start + self.chunk, :])
+        outputs = []
+        for start in range(0, q.shape[-2], self.chunk):
+            eq = self._query_features(q[..., start : start + self.chunk, :])  # (B, KV, G, C, m)
+            outputs.append(self._normalised(eq @ keys.products, eq, keys.weighted, keys.values, 1.0))
+        return torch.cat(outputs, dim=-2)
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+        earlier = KeySums.empty(v1, self.projection.shape[1])
+        outputs = []
+        for start in range(0, k.shape[-2], self.chunk):
+            stop = start + self.chunk
+            logits, half_norm = self._logits(k[..., start:stop, :])
+            # The maximum over keys up to each position (B, KV, 1, C, 1): query i's own stabiliser.
+            upto = torch.cummax(logits.detach().amax(dim=-1, keepdim=True), dim=-2).values
+            upto = torch.maximum(upto, earlier.stabiliser)
+            earlier = earlier.rescaled_to(upto[..., -1:, :])
+            ek = self._key_features(logits, half_norm, earlier.stabiliser)  # (B, KV, 1, C, m)
+            eq = self._query_features(q[..., start:stop, :])  # (B, KV, G, C, m)
+            chunk_v1 = v1[..., start:stop, :]
+            products = eq @ earlier.products + (eq @ ek.transpose(-1, -2)).tril_() @ chunk_v1
+            weighted = earlier.weighted + (ek.sum(dim=-1, keepdim=True) * chunk_v1).cumsum(dim=-2)
+            values = earlier.values + chunk_v1.cumsum(dim=-2)
+            own_scale = torch.exp(upto - earlier.stabiliser)  # exp(M_i − M_chunk) <= 1
+            outputs.append(self._normalised(products, eq, weighted, values, own_scale))
+            earlier = earlier.plus(ek, chunk_v1)
+        return torch.cat(outputs, dim=-2)
+
+    def _normalised(
+        self,
+        products: torch.Tensor,
+        eq: torch.Tensor,
+        weighted: torch.Tensor,
+        values: torch.Tensor,
+        own_scale: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """Σⱼ φ(qᵢ)·φ(kⱼ) [vⱼ, 1] with φ = e + ε, assembled from its parts; then num / den.
+
+        (e_q + ε)·(e_k + ε) = e_q·e_k + ε Σ e_k + (ε Σ e_q + m ε²). ``products`` is the sum of
+        the first term, ``weighted`` = Σⱼ (Σ e_k(j)) [vⱼ, 1], ``values`` = Σⱼ [vⱼ, 1]. The sums
+        that hold e_k are relative to the chunk's stabiliser; ``own_scale`` brings the last term
+        to query i's own stabiliser, which multiplies numerator and denominator alike.
+        """
+        eps = self.epsilon
+        if eps:
+            features = eq.shape[-1]
+            free = (eps * eq.sum(dim=-1, keepdim=True) + features * eps * eps) * values
+            products = products + eps * weighted + own_scale * free
+        return products[..., :-1] / products[..., -1:]
+
+    def _logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̃·ω (…, C, m), |x̃|²/2 (…, C, 1))."""
+        half_norm = x.square().sum(dim=-1, keepdim=True).mul_(self.half_norm_scale)
+        return x @ self.projection.to(x.dtype), half_norm
+
+    def _query_features(self, q: torch.Tensor) -> torch.Tensor:
+        logits, half_norm = self._logits(q)
+        # Stabilisers are constants of the estimate: they take no gradient, and computing them
+        # on a detached view lets the exponential work in place.
+        row_max = logits.detach().amax(dim=-1, keepdim=True)
+        return logits.sub_(half_norm).sub_(row_max).exp_()
+
+    @staticmethod
+    def _key_features(logits: torch.Tensor, half_norm: torch.Tensor, stabiliser: torch.Tensor) -> torch.Tensor:
+        return logits.sub_(half_norm).sub_(stabiliser).exp_()
+
+
+@dataclass(frozen=True)
+class KeySums:
+    """Sums over the keys seen so far; those holding e_k are relative to exp(stabiliser)."""
+
+    stabiliser: torch.Tensor  # (B, KV, 1, 1, 1): running maximum of ω·k̃
+    products: torch.Tensor  # Σⱼ e_k(j)ᵀ [vⱼ, 1]  (B, KV, 1, m, D+1)
+    weighted: torch.Tensor  # Σⱼ (Σ e_k(j)) [vⱼ, 1]  (B, KV, 1, 1, D+1)
+    values: torch.Tensor  # Σⱼ [vⱼ, 1]  (B, KV, 1, 1, D+1), untouched by the stabiliser
+
+    @classmethod
+    def empty(cls, v1: torch.Tensor, features: int) -> KeySums:
+        batch_shape, width = v1.shape[:-2], v1.shape[-1]
+        options = dict(dtype=v1.dtype, device=v1.device)
+        return cls(
+            stabiliser=torch.full((*batch_shape, 1, 1), float("-inf"), **options),
+            products=torch.zeros(*batch_shape, features, width, **options),
+            weighted=torch.zeros(*batch_shape, 1, width, **options),
+            values=torch.zeros(*batch_shape, 1, width, **options),
+        )
+
+    def rescaled_to(self, stabiliser: torch.Tensor) -> KeySums:
+        scale = torch.exp(self.stabiliser - stabiliser)  # <= 1; 0 while the sums are empty
+        return KeySums(stabiliser, self.products * scale, self.weighted * scale, self.values)
+
+    def plus(self, ek: torch.Tensor, v1: torch.Tensor) -> KeySums:
+        return KeySums(
+            self.stabiliser,
+            self.products + ek.transpose(-1, -2) @ v1,
+            self.weighted + (ek.sum(dim=-1, keepdim=True) * v1).sum(dim=-2, keepdim=True),
+            self.values + v1.sum(dim=-2, keepdim=True),
+        )
+
+
+def random_projection(features: int, dim: int, orthogonal: bool, generator: torch.Generator) -> torch.Tensor:
+    """(features × dim) rows ωᵢ ~ N(0, I); orthogonal within each block of ``dim`` rows (section 2.4)."""
+    gaussian = torch.randn(features, dim, generator=generator)
+    if not orthogonal:
+        return gaussian
+    blocks = []
+    for _ in range(math.ceil(features / dim)):
+        orthonormal, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
+        blocks.append(orthonormal.T)
+    directions = torch.cat(blocks)[:features]
+    # Row lengths from the norms of Gaussian vectors (chi with d degrees of freedom): each row
+    # is still marginally N(0, I), while rows within a block stay orthogonal.
+    return directions * gaussian.norm(dim=1, keepdim=True)
+
+
+@attnbench.hookimpl
+def attnbench_register_implementations(registry: attnbench.Registry) -> None:
+    registry.add(PerformerAttention())
