@@ -75,7 +75,8 @@ class ErrorFigures:
 class Correctness:
     rows_checked: int  # query rows compared; dk and dv are compared only when all rows are
     exact: Mapping[str, ErrorFigures]  # vs full softmax attention: "out", and "dq", "dk", "dv" in training mode
-    own: Mapping[str, ErrorFigures] | None  # vs the implementation's own float64 reference (gradients only when all rows are)
+    # vs the implementation's own float64 reference; its gradients only when every row is checked
+    own: Mapping[str, ErrorFigures] | None
     judged_against: Literal["exact", "own"] | None  # None: an approximation, error only reported
     failures: tuple[str, ...] = ()
 

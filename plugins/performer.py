@@ -124,7 +124,8 @@ class FavorPlus:
         for start in range(0, k.shape[-2], self.chunk):
             logits, half_norm = self._logits(k[..., start : start + self.chunk, :])
             keys = keys.rescaled_to(torch.maximum(keys.stabiliser, logits.detach().amax(dim=(-2, -1), keepdim=True)))
-            keys = keys.plus(self._key_features(logits, half_norm, keys.stabiliser), v1[..., start : start + self.chunk, :])
+            ek = self._key_features(logits, half_norm, keys.stabiliser)
+            keys = keys.plus(ek, v1[..., start : start + self.chunk, :])
         outputs = []
         for start in range(0, q.shape[-2], self.chunk):
             eq = self._query_features(q[..., start : start + self.chunk, :])  # (B, KV, G, C, m)

@@ -113,7 +113,10 @@ class MeanQuery(Implementation):
     memory_complexity = "n"
 
     def prepare(self, case, options):
-        return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q.mean(-2, keepdim=True).expand_as(q), k, v)
+        def attention(q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q.mean(-2, keepdim=True).expand_as(q), k, v)
+
+        return attention
 
     def reference(self, q, k, v, case, options, rows):
         return self.prepare(case, options)(q, k, v)[:, :, rows]

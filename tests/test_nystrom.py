@@ -44,5 +44,6 @@ def test_a_converged_pseudo_inverse_in_float32_is_not_called_a_bug(registry):
     from attnbench.testing import CORRECTNESS_ONLY
 
     case = small_case(seq_len=256, head_dim=64)
-    measurement = measure_case(registry.get("nystrom"), case, {"landmarks": 256, "pinv_iterations": 30}, CORRECTNESS_ONLY)
+    options = {"landmarks": 256, "pinv_iterations": 30}
+    measurement = measure_case(registry.get("nystrom"), case, options, CORRECTNESS_ONLY)
     assert measurement.status == "ok", measurement.reasons

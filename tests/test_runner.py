@@ -76,7 +76,8 @@ def test_a_device_this_machine_lacks_is_unsupported_with_the_reason(tmp_path, wr
 
     if torch.cuda.is_available():
         return  # nothing to show on a machine that has one
-    suite = load_suite(write_suite("implementations: [flash]\nsweep: {seq_len: 64, device: [cpu, cuda]}\n" + FAST), registry)
+    text = "implementations: [flash]\nsweep: {seq_len: 64, device: [cpu, cuda]}\n"
+    suite = load_suite(write_suite(text + FAST), registry)
     rows = run_suite(suite, registry, output=tmp_path).rows
     assert {row.case.device: row.status for row in rows} == {"cpu": "ok", "cuda": "unsupported"}
     cuda = [row for row in rows if row.case.device == "cuda"][0]

@@ -10,7 +10,6 @@ import sys
 import types
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 import attnbench_plugins.xformers_attention as plugin
