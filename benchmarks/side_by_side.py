@@ -1,0 +1,100 @@
+"""Side-by-side figures from attnbench runs: our implementations against their peers, and
+where each approximation becomes faster than flash.
+
+    python benchmarks/side_by_side.py results/peers/<run-id> [results/long_seq/<run-id> ...]
+
+For every run: per (mode, causal, N), each pair's median latencies, their ratio (ours/theirs)
+and relative errors against exact attention. For runs with flash: the crossover length,
+interpolated on the log-log latency curve, from which each implementation is faster.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from attnbench.results import Row, read_rows
+from attnbench.summary import format_table
+from attnbench.units import format_bytes, format_seconds
+
+PAIRS = (("performer", "lucidrains_performer"), ("nystrom", "lucidrains_nystrom"), ("sparse", "lucidrains_local"))
+BASELINE = "flash"
+
+
+def main(run_dirs: list[str]) -> int:
+    for run_dir in run_dirs:
+        rows = [row for row in read_rows(Path(run_dir) / "rows.jsonl") if row.status in ("ok", "incorrect")]
+        print(f"== {run_dir}")
+        print(pairs_table(rows))
+        print()
+        print(crossover_table(rows))
+        print()
+    return 0
+
+
+def pairs_table(rows: list[Row]) -> str:
+    by_point = {(row.implementation, _curve(row), row.case.seq_len): row for row in rows}
+    points = sorted({(curve, seq_len) for _, curve, seq_len in by_point})
+    lines = []
+    for ours, theirs in PAIRS:
+        for curve, seq_len in points:
+            mine, other = by_point.get((ours, curve, seq_len)), by_point.get((theirs, curve, seq_len))
+            if mine is None or other is None:
+                continue
+            lines.append([
+                ours, theirs, curve, str(seq_len),
+                format_seconds(mine.latency.median_s), format_seconds(other.latency.median_s),
+                f"{mine.latency.median_s / other.latency.median_s:.2f}",
+                _error(mine), _error(other), _memory(mine), _memory(other),
+            ])
+    headers = ("ours", "theirs", "case", "N", "ours median", "theirs median", "ours/theirs",
+               "ours rel err", "theirs rel err", "ours peak", "theirs peak")
+    return format_table(headers, lines) if lines else "(no pairs measured in this run)"
+
+
+def crossover_table(rows: list[Row]) -> str:
+    curves: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        curves[(row.implementation, _curve(row))][row.case.seq_len] = row.latency.median_s
+    lines = []
+    for (name, curve), points in sorted(curves.items()):
+        baseline = curves.get((BASELINE, curve))
+        if name == BASELINE or not baseline:
+            continue
+        lines.append([name, curve, _crossover(points, baseline)])
+    return format_table(("implementation", "case", f"faster than {BASELINE} from"), lines) if lines else ""
+
+
+def _crossover(points: dict[int, float], baseline: dict[int, float]) -> str:
+    """The N where latency equals the baseline's, interpolated in log-log between measured N."""
+    common = sorted(set(points) & set(baseline))
+    if not common:
+        return "no common N"
+    ratios = [(n, math.log(points[n] / baseline[n])) for n in common]
+    if ratios[0][1] < 0:
+        return f"<= {ratios[0][0]} (faster at every measured N)"
+    for (n0, r0), (n1, r1) in zip(ratios, ratios[1:]):
+        if r0 >= 0 > r1:
+            log_n = math.log(n0) + (math.log(n1) - math.log(n0)) * r0 / (r0 - r1)
+            return f"~{math.exp(log_n):.0f} (between {n0} and {n1})"
+    return f"not within the measured range (up to {common[-1]})"
+
+
+def _curve(row: Row) -> str:
+    case = row.case
+    return f"{case.mode}{' causal' if case.causal else ''}"
+
+
+def _error(row: Row) -> str:
+    figures = row.correctness.exact.get("out") if row.correctness else None
+    return f"{figures.rel_fro:.3f}" if figures else ""
+
+
+def _memory(row: Row) -> str:
+    return format_bytes(row.memory.peak_bytes) if row.memory and row.memory.peak_bytes is not None else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
