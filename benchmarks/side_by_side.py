@@ -4,8 +4,9 @@ where each approximation becomes faster than flash.
     python benchmarks/side_by_side.py results/peers/<run-id> [results/long_seq/<run-id> ...]
 
 For every run: per (mode, causal, N), each pair's median latencies, their ratio (ours/theirs)
-and relative errors against exact attention. For runs with flash: the crossover length,
-interpolated on the log-log latency curve, from which each implementation is faster.
+and relative errors against exact attention; for runs with flash, the crossover length,
+interpolated on the log-log latency curve, from which each implementation is faster; and the
+log-log slopes of latency and peak memory against N from N=4096 up (least squares).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(run_dirs: list[str]) -> int:
         print(pairs_table(rows))
         print()
         print(crossover_table(rows))
+        print()
+        print(slope_table(rows))
         print()
     return 0
 
@@ -67,6 +70,31 @@ def crossover_table(rows: list[Row]) -> str:
     return format_table(("implementation", "case", f"faster than {BASELINE} from"), lines) if lines else ""
 
 
+def slope_table(rows: list[Row], from_seq_len: int = 4096) -> str:
+    curves: dict[tuple[str, str], list[Row]] = defaultdict(list)
+    for row in rows:
+        if row.case.seq_len >= from_seq_len:
+            curves[(row.implementation, _curve(row))].append(row)
+    lines = []
+    for (name, curve), points in sorted(curves.items()):
+        if len(points) < 2:
+            continue
+        sizes = [row.case.seq_len for row in points]
+        latency = _slope(sizes, [row.latency.median_s for row in points])
+        peaks = [row.memory.peak_bytes for row in points if row.memory and row.memory.peak_bytes]
+        memory = _slope(sizes, peaks) if len(peaks) == len(points) else float("nan")
+        lines.append([name, curve, f"{min(sizes)}-{max(sizes)}", f"{latency:.2f}", f"{memory:.2f}"])
+    headers = ("implementation", "case", "N range", "latency slope", "memory slope")
+    return format_table(headers, lines) if lines else f"(fewer than two points from N={from_seq_len})"
+
+
+def _slope(sizes: list[int], values: list[float]) -> float:
+    """Least-squares slope of log(value) against log(N)."""
+    xs, ys = [math.log(n) for n in sizes], [math.log(v) for v in values]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+
+
 def _crossover(points: dict[int, float], baseline: dict[int, float]) -> str:
     """The N where latency equals the baseline's, interpolated in log-log between measured N."""
     common = sorted(set(points) & set(baseline))
@@ -75,7 +103,7 @@ def _crossover(points: dict[int, float], baseline: dict[int, float]) -> str:
     ratios = [(n, math.log(points[n] / baseline[n])) for n in common]
     if ratios[0][1] < 0:
         return f"<= {ratios[0][0]} (faster at every measured N)"
-    for (n0, r0), (n1, r1) in zip(ratios, ratios[1:]):
+    for (n0, r0), (n1, r1) in zip(ratios, ratios[1:], strict=False):
         if r0 >= 0 > r1:
             log_n = math.log(n0) + (math.log(n1) - math.log(n0)) * r0 / (r0 - r1)
             return f"~{math.exp(log_n):.0f} (between {n0} and {n1})"

@@ -119,32 +119,33 @@ class FavorPlus:
         v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [v, 1]: numerator and denominator at once
         return self._causal(q, k, v1) if causal else self._non_causal(q, k, v1)
 
+    # Chunks come from split(), never from slicing in the loop: the backward of a slice fills a
+    # gradient as large as the whole input, which made training quadratic in the chunk count.
+
     def _non_causal(self, q: torch.Tensor, k: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         keys = KeySums.empty(v1, self.projection.shape[1])
-        for start in range(0, k.shape[-2], self.chunk):
-            logits, half_norm = self._logits(k[..., start : start + self.chunk, :])
+        for chunk_k, chunk_v1 in zip(k.split(self.chunk, dim=-2), v1.split(self.chunk, dim=-2), strict=True):
+            logits, half_norm = self._logits(chunk_k)
             keys = keys.rescaled_to(torch.maximum(keys.stabiliser, logits.detach().amax(dim=(-2, -1), keepdim=True)))
-            ek = self._key_features(logits, half_norm, keys.stabiliser)
-            keys = keys.plus(ek, v1[..., start : start + self.chunk, :])
+            keys = keys.plus(self._key_features(logits, half_norm, keys.stabiliser), chunk_v1)
         outputs = []
-        for start in range(0, q.shape[-2], self.chunk):
-            eq = self._query_features(q[..., start : start + self.chunk, :])  # (B, KV, G, C, m)
+        for chunk_q in q.split(self.chunk, dim=-2):
+            eq = self._query_features(chunk_q)  # (B, KV, G, C, m)
             outputs.append(self._normalised(eq @ keys.products, eq, keys.weighted, keys.values, 1.0))
         return torch.cat(outputs, dim=-2)
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         earlier = KeySums.empty(v1, self.projection.shape[1])
         outputs = []
-        for start in range(0, k.shape[-2], self.chunk):
-            stop = start + self.chunk
-            logits, half_norm = self._logits(k[..., start:stop, :])
+        chunks = zip(*(t.split(self.chunk, dim=-2) for t in (q, k, v1)), strict=True)
+        for chunk_q, chunk_k, chunk_v1 in chunks:
+            logits, half_norm = self._logits(chunk_k)
             # The maximum over keys up to each position (B, KV, 1, C, 1): query i's own stabiliser.
             upto = torch.cummax(logits.detach().amax(dim=-1, keepdim=True), dim=-2).values
             upto = torch.maximum(upto, earlier.stabiliser)
             earlier = earlier.rescaled_to(upto[..., -1:, :])
             ek = self._key_features(logits, half_norm, earlier.stabiliser)  # (B, KV, 1, C, m)
-            eq = self._query_features(q[..., start:stop, :])  # (B, KV, G, C, m)
-            chunk_v1 = v1[..., start:stop, :]
+            eq = self._query_features(chunk_q)  # (B, KV, G, C, m)
             products = eq @ earlier.products + (eq @ ek.transpose(-1, -2)).tril_() @ chunk_v1
             weighted = earlier.weighted + (ek.sum(dim=-1, keepdim=True) * chunk_v1).cumsum(dim=-2)
             values = earlier.values + chunk_v1.cumsum(dim=-2)
