@@ -71,7 +71,7 @@ class NystromAttention(attnbench.Implementation):
             kernel = torch.softmax(q_landmarks @ k_landmarks.transpose(-1, -2) * head_dim**-0.5, dim=-1)
             # softmax(Q̃ Kᵀ/√d) V: landmark queries attend to every key (grouped-query aware).
             landmark_values = F.scaled_dot_product_attention(q_landmarks, k, v, enable_gqa=groups > 1)
-            mixed = iterative_pinv(kernel, iterations) @ landmark_values  # (B, H, m, D)
+            mixed = pinv_times(kernel, landmark_values, iterations)  # pinv(kernel) @ ..., (B, H, m, D)
             # softmax(Q K̃ᵀ/√d) · mixed: every query attends to the landmarks.
             out = F.scaled_dot_product_attention(q, k_landmarks, mixed)
             return out.to(dtype)
@@ -107,20 +107,37 @@ def segment_means(x: torch.Tensor, segment_of: torch.Tensor, sizes: torch.Tensor
 
 
 def iterative_pinv(matrix: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Moore–Penrose pseudo-inverse by eq. 16: Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ))).
+    """Moore–Penrose pseudo-inverse by eq. 16: Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ))),
+    from Z₀ = Aᵀ / (‖A‖₁ ‖A‖∞), per matrix, which makes the iteration converge."""
+    z = _initial_inverse(matrix)
+    for _ in range(iterations):
+        z = _pinv_step(matrix, z)
+    return z
 
-    Starts from Z₀ = Aᵀ / (‖A‖₁ ‖A‖∞), per matrix, which makes the iteration converge.
-    """
+
+def pinv_times(matrix: torch.Tensor, values: torch.Tensor, iterations: int) -> torch.Tensor:
+    """iterative_pinv(matrix, iterations) @ values, the last step applied to the (m × d) values
+    instead of formed as an (m × m) matrix: 21 (m × m) products instead of 24 for 6 steps."""
+    z = _initial_inverse(matrix)
+    for _ in range(iterations - 1):
+        z = _pinv_step(matrix, z)
+    az = matrix @ z
+    inner = 7 * values - az @ values
+    inner = 15 * values - az @ inner
+    return 0.25 * (z @ (13 * values - az @ inner))
+
+
+def _initial_inverse(matrix: torch.Tensor) -> torch.Tensor:
     absolute = matrix.abs()
     norms = absolute.sum(dim=-2).amax(dim=-1) * absolute.sum(dim=-1).amax(dim=-1)
-    z = matrix.transpose(-1, -2) / norms[..., None, None]
-    for _ in range(iterations):
-        az = matrix @ z
-        t = _times_identity_minus(az, 7, az)
-        t = _times_identity_minus(az, 15, t)
-        t = _times_identity_minus(z, 13, t)
-        z = 0.25 * t
-    return z
+    return matrix.transpose(-1, -2) / norms[..., None, None]
+
+
+def _pinv_step(matrix: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    az = matrix @ z
+    t = _times_identity_minus(az, 7, az)
+    t = _times_identity_minus(az, 15, t)
+    return 0.25 * _times_identity_minus(z, 13, t)
 
 
 def _times_identity_minus(left: torch.Tensor, c: float, inner: torch.Tensor) -> torch.Tensor:
