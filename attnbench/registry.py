@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ import pluggy
 
 from attnbench import hookspecs
 from attnbench.implementation import Implementation, contract_violations
+
+# Set to any value to load only the built-ins (as pytest's PYTEST_DISABLE_PLUGIN_AUTOLOAD does).
+DISABLE_AUTOLOAD_VARIABLE = "ATTNBENCH_DISABLE_PLUGIN_AUTOLOAD"
 
 # The one place the core names implementations: the built-in plugin modules (plugins/).
 BUILTIN_PLUGINS: tuple[str, ...] = (
@@ -92,9 +96,15 @@ class Registry:
 
 
 def load_registry(
-    builtins: tuple[str, ...] = BUILTIN_PLUGINS, *, entry_points: bool = True
+    builtins: tuple[str, ...] = BUILTIN_PLUGINS, *, entry_points: bool | None = None
 ) -> Registry:
-    """Register built-ins, then third-party entry points; a broken plugin never stops the rest."""
+    """Register built-ins, then third-party entry points; a broken plugin never stops the rest.
+
+    Entry points are loaded unless ``entry_points`` is False or, when it is None, the
+    environment variable ATTNBENCH_DISABLE_PLUGIN_AUTOLOAD is set.
+    """
+    if entry_points is None:
+        entry_points = not os.environ.get(DISABLE_AUTOLOAD_VARIABLE)
     registry = Registry()
     manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     manager.add_hookspecs(hookspecs)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
+from attnbench.registry import DISABLE_AUTOLOAD_VARIABLE
 from attnbench.results import read_rows
 
 from conftest import REPO
 
 
 def _attnbench(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "attnbench", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    # The built-ins only: what else this environment has installed is not under test here.
+    env = {**os.environ, DISABLE_AUTOLOAD_VARIABLE: "1"}
+    return subprocess.run([sys.executable, "-m", "attnbench", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_list_shows_each_implementation_and_where_it_runs():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import attnbench
-from attnbench.registry import BUILTIN_PLUGINS, Registry, load_registry
+from attnbench.registry import BUILTIN_PLUGINS, DISABLE_AUTOLOAD_VARIABLE, Registry, load_registry
 
 from conftest import REPO
 
@@ -123,6 +123,7 @@ def third_party(tmp_path: Path) -> Path:
 
 def _attnbench(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+    env.pop(DISABLE_AUTOLOAD_VARIABLE, None)
     return subprocess.run([sys.executable, "-m", "attnbench", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -143,3 +144,12 @@ def test_third_party_plugin_installed_through_an_entry_point_is_listed_and_measu
     rows = list((tmp_path / "out" / "third").glob("*/rows.jsonl"))[0].read_text().splitlines()
     assert len(rows) == 2 * 2 * 2
     assert all('"status": "ok"' in row for row in rows), rows
+
+
+def test_autoload_can_be_turned_off_for_built_ins_only(third_party, tmp_path):
+    env_off = {DISABLE_AUTOLOAD_VARIABLE: "1"}
+    listing = subprocess.run(
+        [sys.executable, "-m", "attnbench", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(third_party), str(REPO)]), **env_off},
+    )
+    assert listing.returncode == 0 and "naive" in listing.stdout and "thirdparty" not in listing.stdout
