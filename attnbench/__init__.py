@@ -14,11 +14,11 @@ The public plugin API:
 """
 
 from attnbench.case import Case
-from attnbench.errors import UserError
+from attnbench.errors import NotSupported, UserError
 from attnbench.hookspecs import hookimpl
 from attnbench.implementation import AttentionFn, Implementation, Tolerance
 from attnbench.registry import Registry
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionFn", "Case", "Implementation", "Registry", "Tolerance", "UserError", "hookimpl"]
+__all__ = ["AttentionFn", "Case", "Implementation", "NotSupported", "Registry", "Tolerance", "UserError", "hookimpl"]

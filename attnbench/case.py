@@ -18,6 +18,9 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.ite
 Mode = Literal["forward", "forward_backward"]
 MODES: tuple[Mode, ...] = ("forward", "forward_backward")
 
+# Input distributions (attnbench.inputs): i.i.d. normal, or attention with local and global structure.
+INPUTS: tuple[str, ...] = ("gaussian", "structured")
+
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 DEVICES_ALLOWED = "cpu, cuda, cuda:N, mps"
 
@@ -35,6 +38,7 @@ class Case:
     device: str
     causal: bool
     mode: Mode
+    inputs: str = "gaussian"
 
     @property
     def dtype_name(self) -> str:
@@ -51,9 +55,10 @@ class Case:
     def describe(self) -> str:
         kv = f" kv_heads={self.kv_heads}" if self.kv_heads != self.heads else ""
         causal = " causal" if self.causal else ""
+        inputs = f" inputs={self.inputs}" if self.inputs != "gaussian" else ""
         return (
             f"B={self.batch} H={self.heads}{kv} N={self.seq_len} D={self.head_dim} "
-            f"{self.dtype_name} {self.device}{causal} {self.mode}"
+            f"{self.dtype_name} {self.device}{causal} {self.mode}{inputs}"
         )
 
     def to_json(self) -> dict[str, Any]:

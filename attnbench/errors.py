@@ -13,6 +13,12 @@ class UserError(Exception):
     """
 
 
+class NotSupported(Exception):
+    """Raised by an implementation's ``prepare`` when it cannot take a case with these options
+    (what ``not_supported_reasons``, which sees no options, cannot tell): the point is then
+    ``unsupported`` with this message as its reason."""
+
+
 def did_you_mean(word: Any, choices: Iterable[str]) -> str:
     """A "; did you mean 'x'?" suffix when ``word`` is close to one of ``choices``, else ""."""
     if not isinstance(word, str):

@@ -16,8 +16,8 @@ def expand(sweep: Sweep) -> list[Case]:
     smaller points just measured, whether a larger one would exceed the limits.
     """
     cases = []
-    for device, dtype, mode, causal, batch, heads, head_dim in itertools.product(
-        sweep.device, sweep.dtype, sweep.mode, sweep.causal, sweep.batch, sweep.heads, sweep.head_dim
+    for device, dtype, mode, inputs, causal, batch, heads, head_dim in itertools.product(
+        sweep.device, sweep.dtype, sweep.mode, sweep.inputs, sweep.causal, sweep.batch, sweep.heads, sweep.head_dim
     ):
         for kv_heads in sweep.kv_heads or (heads,):
             for seq_len in sorted(sweep.seq_len):
@@ -32,6 +32,7 @@ def expand(sweep: Sweep) -> list[Case]:
                         device=device,
                         causal=causal,
                         mode=mode,
+                        inputs=inputs,
                     )
                 )
     return cases

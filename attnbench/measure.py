@@ -6,7 +6,9 @@ may call it directly.
 
 from __future__ import annotations
 
+import inspect
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,13 +37,15 @@ def measure_case(
     """
     device = torch.device(case.device)
     inputs = make_inputs(case, seed)
-    attention = implementation.prepare(case, options)
-    call = _training_step(attention, inputs) if case.backward else _forward(attention, inputs)
-
-    started = time.perf_counter()
-    result = call()
-    synchronize(device)
-    first_call_s = time.perf_counter() - started
+    with warnings.catch_warnings(record=True) as caught:  # the implementation's notes for the row
+        warnings.simplefilter("always")
+        attention = implementation.prepare(case, options)
+        call = _training_step(attention, inputs) if case.backward else _forward(attention, inputs)
+        started = time.perf_counter()
+        result = call()
+        synchronize(device)
+        first_call_s = time.perf_counter() - started
+    notes = _own_warnings(caught, implementation)
 
     out, grads = result if case.backward else (result, None)
     problems = output_problems(out, grads, case)
@@ -61,7 +65,15 @@ def measure_case(
         correctness=correctness,
         latency=latency,
         memory=memory,
+        notes=notes,
     )
+
+
+def _own_warnings(caught: list[warnings.WarningMessage], implementation: Implementation) -> tuple[str, ...]:
+    """The warnings the implementation's own module gave (which path it took, a fallback), not
+    those from deep inside torch."""
+    module_file = inspect.getsourcefile(type(implementation))
+    return tuple(dict.fromkeys(str(w.message) for w in caught if w.filename == module_file))
 
 
 def _forward(attention: AttentionFn, inputs: Inputs) -> Callable[[], torch.Tensor]:

@@ -8,11 +8,16 @@ so checking N=32768 costs rows × N × D work, not N² × D.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 KEY_BLOCK = 1024
+
+# (query positions (S, 1), key positions (1, K)) -> bool (S, K): True where a query may attend
+# to a key, as FlexAttention's mask_mod. Structured implementations describe their pattern so.
+MaskMod = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,16 +43,17 @@ def sample_rows(seq_len: int, max_rows: int, seed: int) -> torch.Tensor:
 
 
 def softmax_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, causal: bool, mask: MaskMod | None = None
 ) -> ReferenceOutput:
-    """softmax(q kᵀ / √D) v at query ``rows``; k and v may have fewer heads (grouped-query)."""
+    """softmax(q kᵀ / √D) v at query ``rows``, over the keys ``mask`` allows (all by default;
+    only earlier ones when causal); k and v may have fewer heads (grouped-query)."""
     batch, heads, _, head_dim = q.shape
     q_rows, row_positions = _grouped_rows(q, k, rows, head_dim)
     shape = q_rows.shape[:-1]  # (B, KV, G·S)
     running_max = torch.full(shape, float("-inf"), dtype=torch.float64, device=q.device)
     normaliser = torch.zeros(shape, dtype=torch.float64, device=q.device)
     accumulator = torch.zeros_like(q_rows)
-    for _, keys, values, allowed in _key_blocks(k, v, row_positions, causal):
+    for _, keys, values, allowed in _key_blocks(k, v, row_positions, causal, mask):
         scores = q_rows @ keys.transpose(-1, -2)  # (B, KV, G·S, block)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
@@ -75,6 +81,7 @@ def softmax_attention_grads(
     rows: torch.Tensor,
     causal: bool,
     forward: ReferenceOutput,
+    mask: MaskMod | None = None,
 ) -> ReferenceGrads:
     """Gradients of sum(out * grad_out): dq at ``rows``; dk and dv when ``rows`` is every row.
 
@@ -92,7 +99,7 @@ def softmax_attention_grads(
     dq = torch.zeros_like(q_rows)
     dk = torch.zeros_like(k) if all_rows else None
     dv = torch.zeros_like(v) if all_rows else None
-    for start, keys, values, allowed in _key_blocks(k, v, row_positions, causal):
+    for start, keys, values, allowed in _key_blocks(k, v, row_positions, causal, mask):
         scores = q_rows @ keys.transpose(-1, -2)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
@@ -126,7 +133,9 @@ def _group(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return tensor.reshape(batch, kv_heads, (heads // kv_heads) * sampled, head_dim)
 
 
-def _key_blocks(k: torch.Tensor, v: torch.Tensor, row_positions: torch.Tensor, causal: bool):
+def _key_blocks(
+    k: torch.Tensor, v: torch.Tensor, row_positions: torch.Tensor, causal: bool, mask: MaskMod | None
+):
     """(start, keys, values, allowed mask or None) per key block; causal stops past the last row."""
     seq_len = k.shape[-2]
     last_row = int(row_positions.max())
@@ -134,8 +143,12 @@ def _key_blocks(k: torch.Tensor, v: torch.Tensor, row_positions: torch.Tensor, c
         if causal and start > last_row:
             break
         stop = min(start + KEY_BLOCK, seq_len)
+        query_positions = row_positions.unsqueeze(1)  # (G·S, 1)
+        key_positions = torch.arange(start, stop, device=k.device).unsqueeze(0)  # (1, block)
         allowed = None
         if causal:
-            key_positions = torch.arange(start, stop, device=k.device)
-            allowed = key_positions.unsqueeze(0) <= row_positions.unsqueeze(1)  # (G·S, block)
+            allowed = key_positions <= query_positions
+        if mask is not None:
+            pattern = mask(query_positions, key_positions)
+            allowed = pattern if allowed is None else allowed & pattern
         yield start, k[:, :, start:stop], v[:, :, start:stop], allowed

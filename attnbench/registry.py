@@ -24,6 +24,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "attnbench_plugins.performer",
     "attnbench_plugins.nystrom",
     "attnbench_plugins.xformers_attention",
+    "attnbench_plugins.sparse",
 )
 
 

@@ -90,6 +90,7 @@ class Measurement:
     correctness: Correctness | None
     latency: Latency | None
     memory: Memory | None
+    notes: tuple[str, ...] = ()  # warnings the implementation gave while preparing or running
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class Row:
     memory: Memory | None = None
     wall_time_s: float = 0.0  # the whole point, worker start to result
     detail: str = ""  # traceback or the worker's last output, for failures
+    notes: tuple[str, ...] = ()  # warnings from the implementation, e.g. which path it took
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -137,6 +139,7 @@ class Row:
             memory=Memory(**memory) if memory else None,
             wall_time_s=data.get("wall_time_s", 0.0),
             detail=data.get("detail", ""),
+            notes=tuple(data.get("notes", ())),
         )
 
 

@@ -129,7 +129,7 @@ def _run_point(
     outcome = result.outcome
     if isinstance(outcome, Measurement):
         return row(outcome.status, outcome.reasons, correctness=outcome.correctness, latency=outcome.latency,
-                   memory=outcome.memory, wall_time_s=result.wall_time_s)
+                   memory=outcome.memory, wall_time_s=result.wall_time_s, notes=outcome.notes)
     detail = outcome.detail or result.log_tail
     return row(outcome.status, outcome.reasons, wall_time_s=result.wall_time_s, detail=detail)
 

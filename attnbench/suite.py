@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 
-from attnbench.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, MODES, Mode
+from attnbench.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, INPUTS, MODES, Mode
 from attnbench.errors import UserError, did_you_mean
 from attnbench.implementation import option_problem
 from attnbench.registry import Registry
@@ -36,6 +36,7 @@ class Sweep:
     device: tuple[str, ...] = ("cpu",)
     causal: tuple[bool, ...] = (False,)
     mode: tuple[Mode, ...] = ("forward",)
+    inputs: tuple[str, ...] = ("gaussian",)
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ def _sweep(check: _Checker, node: Any) -> Sweep:
         device=axis("device", check.device),
         causal=axis("causal", check.boolean),
         mode=axis("mode", lambda value, path: check.choice(value, path, MODES, "mode")),
+        inputs=axis("inputs", lambda value, path: check.choice(value, path, INPUTS, "input distribution")),
     )
 
 

@@ -35,7 +35,7 @@ def _cells(row: Row, with_grads: bool) -> list[str]:
     latency, memory, correctness = row.latency, row.memory, row.correctness
     out_error = correctness.exact.get("out") if correctness else None
     grad_errors = [f.max_abs for name, f in correctness.exact.items() if name != "out"] if correctness else []
-    note = "; ".join(row.reasons)
+    note = "; ".join((*row.reasons, *row.notes))
     if latency is not None and latency.noisy and row.status == "ok":
         note = "noisy: IQR > 10% of median" + (f"; {note}" if note else "")
     cells = [

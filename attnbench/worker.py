@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from attnbench.case import Case
+from attnbench.errors import NotSupported
 from attnbench.implementation import Implementation
 from attnbench.measure import measure_case
 from attnbench.results import Measurement
@@ -38,7 +39,7 @@ class Job:
 class Failure:
     """A job that did not run to the end."""
 
-    status: Literal["oom", "error", "timeout", "crashed"]
+    status: Literal["unsupported", "oom", "error", "timeout", "crashed"]
     reasons: tuple[str, ...]
     detail: str = ""
 
@@ -59,6 +60,8 @@ def child_main(connection: Connection, job: Job, log_path: str) -> None:
 
 
 def failure_from_exception(error: BaseException) -> Failure:
+    if isinstance(error, NotSupported):
+        return Failure("unsupported", (str(error),))
     detail = "".join(traceback.format_exception(error))
     summary = f"{type(error).__name__}: {_first_line(error)}"
     if is_out_of_memory(error):

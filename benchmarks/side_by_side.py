@@ -20,7 +20,7 @@ from attnbench.results import Row, read_rows
 from attnbench.summary import format_table
 from attnbench.units import format_bytes, format_seconds
 
-PAIRS = (("performer", "lucidrains_performer"), ("nystrom", "lucidrains_nystrom"))
+PAIRS = (("performer", "lucidrains_performer"), ("nystrom", "lucidrains_nystrom"), ("sparse", "lucidrains_local"))
 BASELINE = "flash"
 
 

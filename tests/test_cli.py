@@ -27,7 +27,8 @@ def test_list_shows_each_implementation_and_where_it_runs():
     assert "performer  (approximate; time n, memory n; plugin performer)" in listing.stdout
     assert "nystrom  (approximate; time n, memory n; plugin nystrom)" in listing.stdout
     assert "xformers  (exact; time n^2, memory n; plugin xformers_attention)" in listing.stdout
-    assert listing.stdout.count("cpu: runs (float32, float16, bfloat16)") == 4
+    assert "sparse  (approximate; time n, memory n; plugin sparse)" in listing.stdout
+    assert listing.stdout.count("cpu: runs (float32, float16, bfloat16)") == 5
 
 
 def test_quick_suite_end_to_end(tmp_path):
@@ -36,8 +37,9 @@ def test_quick_suite_end_to_end(tmp_path):
     rows_path = next(tmp_path.glob("quick/*/rows.jsonl"))
     assert run.stdout.rstrip().endswith(f"results: {rows_path}")
     rows = read_rows(rows_path)
-    assert len(rows) == 5 * 8  # every built-in × the quick grid
-    expected = {"naive": "ok", "flash": "ok", "performer": "ok", "nystrom": "ok", "xformers": "unsupported"}
+    assert len(rows) == 6 * 8  # every built-in × the quick grid
+    expected = {"naive": "ok", "flash": "ok", "performer": "ok", "nystrom": "ok", "xformers": "unsupported",
+                "sparse": "ok"}
     for row in rows:
         status = "unsupported" if row.implementation == "nystrom" and row.case.causal else expected[row.implementation]
         assert row.status == status, (row.implementation, row.case.describe(), row.reasons)

@@ -49,6 +49,7 @@ sweep:
   device: [cpu, cuda:1]
   causal: [true, false]
   mode: [forward_backward]
+  inputs: [gaussian, structured]
 measure: {correctness: {rows: 64}, latency: false, memory: true}
 limits: {timeout_s: 30, memory_gb: 1.5, budget_s: 100}
 """
@@ -60,7 +61,8 @@ limits: {timeout_s: 30, memory_gb: 1.5, budget_s: 100}
     assert suite.sweep.kv_heads == (2, 8) and suite.sweep.device == ("cpu", "cuda:1")
     assert suite.measure.correctness.rows == 64 and suite.measure.latency is None
     assert suite.limits.memory_gb == 1.5 and suite.limits.budget_s == 100
-    assert len(expand(suite.sweep)) == 2 * 2 * 2 * 2 * 2 * 2
+    assert len(expand(suite.sweep)) == 2 * 2 * 2 * 2 * 2 * 2 * 2
+    assert {case.inputs for case in expand(suite.sweep)} == {"gaussian", "structured"}
 
 
 def test_limits_may_be_null_where_the_default_is_none(registry, write_suite):
@@ -98,6 +100,8 @@ BAD_SUITES = [
     ("unknown device", "sweep: {device: [cpu, tpu]}",
      ["sweep.device[1]: unknown device 'tpu'", "allowed: cpu, cuda, cuda:N, mps"]),
     ("unknown mode", "sweep: {mode: backward}", ["sweep.mode: unknown mode 'backward'", "forward_backward"]),
+    ("unknown inputs", "sweep: {inputs: [gaussian, spiky]}",
+     ["sweep.inputs[1]: unknown input distribution 'spiky' (allowed: gaussian, structured)"]),
     ("options for a missing implementation", "options: {sparse9: {window: 4}}",
      ["options.sparse9: unknown implementation 'sparse9'", "registered:"]),
     ("unknown option", "options: {naive: {window: 4}}", ["options.naive.window: unknown option for naive"]),

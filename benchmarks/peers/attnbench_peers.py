@@ -87,7 +87,31 @@ class LucidrainsNystrom(attnbench.Implementation):
         return attention
 
 
+class LucidrainsLocal(attnbench.Implementation):
+    name = "lucidrains_local"
+    description = "local-attention's LocalAttention: ±window exactly, no rotary embedding"
+    exact = False
+    time_complexity = "n"
+    memory_complexity = "n"
+    default_options = {"window": 256}
+
+    def not_supported_reasons(self, case: Case) -> list[str]:
+        return _missing("local_attention", "einops") + _same_heads(case)
+
+    def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
+        from local_attention import LocalAttention
+
+        # Buckets of `window` keys, each query bucket looking one bucket back (and forward unless
+        # causal), masked to exactly ±window: the pattern of our `sparse` without global tokens.
+        module = LocalAttention(
+            window_size=options["window"], causal=case.causal, look_backward=1,
+            look_forward=0 if case.causal else 1, exact_windowsize=True, autopad=True, use_rotary_pos_emb=False,
+        )
+        return module.to(case.device)  # takes and returns (B, H, N, D)
+
+
 @attnbench.hookimpl
 def attnbench_register_implementations(registry: attnbench.Registry) -> None:
     registry.add(LucidrainsPerformer())
     registry.add(LucidrainsNystrom())
+    registry.add(LucidrainsLocal())

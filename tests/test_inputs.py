@@ -1,0 +1,33 @@
+"""Input distributions: seeded, and the structured one has the structure it promises."""
+
+from __future__ import annotations
+
+import torch
+
+from attnbench.inputs import make_inputs
+from attnbench.testing import small_case
+
+
+def test_inputs_are_seeded_and_shaped_for_grouped_heads():
+    for inputs in ("gaussian", "structured"):
+        case = small_case(heads=4, kv_heads=2, inputs=inputs, mode="forward_backward")
+        first, again, other = make_inputs(case, 1), make_inputs(case, 1), make_inputs(case, 2)
+        assert first.q.shape == (2, 4, 128, 32) and first.k.shape == (2, 2, 128, 32)
+        assert torch.equal(first.q, again.q) and torch.equal(first.v, again.v)
+        assert not torch.equal(first.q, other.q)
+        assert first.grad_out is not None and first.q.requires_grad
+
+
+def test_structured_attention_has_local_and_global_mass():
+    seq_len, window = 4096, 256
+    inputs = make_inputs(small_case(batch=1, heads=2, seq_len=seq_len, head_dim=64, inputs="structured"), 0)
+    rows = torch.arange(0, seq_len, 16)
+    weights = ((inputs.q[:, :, rows] @ inputs.k.transpose(-1, -2)) / 8).softmax(dim=-1)
+    distance = (rows[:, None] - torch.arange(seq_len)[None]).abs()
+    hubs = torch.arange(seq_len) % (seq_len // 16) == 0
+    local = float((weights * (distance <= window)).sum(-1).mean())
+    far_hubs = float((weights * (hubs & (distance > window))).sum(-1).mean())
+    assert 0.6 < local < 0.85 and 0.15 < far_hubs < 0.35, (local, far_hubs)
+    gaussian = make_inputs(small_case(batch=1, heads=2, seq_len=seq_len, head_dim=64), 0)
+    spread = ((gaussian.q[:, :, rows] @ gaussian.k.transpose(-1, -2)) / 8).softmax(dim=-1)
+    assert float((spread * (distance <= window)).sum(-1).mean()) < 0.15  # no locality there
