@@ -25,6 +25,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "attnbench_plugins.nystrom",
     "attnbench_plugins.xformers_attention",
     "attnbench_plugins.sparse",
+    "attnbench_plugins.axial",
+    "attnbench_plugins.hybrid",
 )
 
 

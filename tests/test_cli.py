@@ -28,7 +28,9 @@ def test_list_shows_each_implementation_and_where_it_runs():
     assert "nystrom  (approximate; time n, memory n; plugin nystrom)" in listing.stdout
     assert "xformers  (exact; time n^2, memory n; plugin xformers_attention)" in listing.stdout
     assert "sparse  (approximate; time n, memory n; plugin sparse)" in listing.stdout
-    assert listing.stdout.count("cpu: runs (float32, float16, bfloat16)") == 5
+    assert "axial  (approximate; time n^1.5, memory n; plugin axial)" in listing.stdout
+    assert "hybrid  (approximate; time n, memory n; plugin hybrid)" in listing.stdout
+    assert listing.stdout.count("cpu: runs (float32, float16, bfloat16)") == 7
 
 
 def test_quick_suite_end_to_end(tmp_path):
@@ -37,9 +39,9 @@ def test_quick_suite_end_to_end(tmp_path):
     rows_path = next(tmp_path.glob("quick/*/rows.jsonl"))
     assert run.stdout.rstrip().endswith(f"results: {rows_path}")
     rows = read_rows(rows_path)
-    assert len(rows) == 6 * 8  # every built-in × the quick grid
+    assert len(rows) == 8 * 8  # every built-in × the quick grid
     expected = {"naive": "ok", "flash": "ok", "performer": "ok", "nystrom": "ok", "xformers": "unsupported",
-                "sparse": "ok"}
+                "sparse": "ok", "axial": "ok", "hybrid": "ok"}
     for row in rows:
         status = "unsupported" if row.implementation == "nystrom" and row.case.causal else expected[row.implementation]
         assert row.status == status, (row.implementation, row.case.describe(), row.reasons)

@@ -56,7 +56,7 @@ def test_peak_memory_matches_the_arithmetic(registry):
     assert flash.rss_peak_bytes <= 4 * output_bytes
 
 
-@pytest.mark.parametrize("name", ["naive", "flash", "performer"])
+@pytest.mark.parametrize("name", ["naive", "flash", "performer", "sparse", "axial", "hybrid"])
 def test_causal_outputs_never_depend_on_later_tokens(registry, name):
     """Changing keys and values from position 70 on leaves outputs before 70 as they were."""
     import torch
@@ -67,7 +67,12 @@ def test_causal_outputs_never_depend_on_later_tokens(registry, name):
     implementation = registry.get(name)
     if implementation.not_supported_reasons(case):
         pytest.skip(f"{name} does not run float64 here")
-    options = {"chunk_size": 32} if name == "performer" else {}
+    options = {
+        "performer": {"chunk_size": 32},
+        "sparse": {"window": 16, "global_tokens": 2, "backend": "blocked"},
+        "hybrid": {"window": 16, "block_size": 16, "features": 32},
+    }
+    options = options.get(name, {})
     attention = implementation.prepare(case, {**implementation.default_options, **options})
     inputs = make_inputs(case, 0)
     later_k, later_v = inputs.k.clone(), inputs.v.clone()

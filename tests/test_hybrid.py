@@ -1,0 +1,58 @@
+"""hybrid: equals its own float64 formula, is exact with a window covering everything, and on
+inputs with local and global structure beats both of its components."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from attnbench.inputs import make_inputs
+from attnbench.reference import softmax_attention
+from attnbench.testing import check_implementation, small_case, small_cases
+
+
+@pytest.mark.parametrize("window, block", [(20, 16), (40, 32)])
+def test_matches_its_dense_float64_formula(registry, window, block):
+    options = {"window": window, "block_size": block, "features": 64}
+    measurements = check_implementation(registry.get("hybrid"), options=options)
+    assert len(measurements) == len(small_cases())
+    for measurement in measurements.values():
+        assert measurement.correctness.judged_against == "own"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_window_covering_everything_is_exact_attention(registry, causal):
+    hybrid = registry.get("hybrid")
+    case = small_case(seq_len=96, causal=causal)
+    inputs = make_inputs(case, 0)
+    out = hybrid.prepare(case, {**hybrid.default_options, "window": 96, "block_size": 32})(inputs.q, inputs.k, inputs.v)
+    exact = softmax_attention(*(t.double() for t in (inputs.q, inputs.k, inputs.v)), torch.arange(96), causal).out
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
+
+
+def _relative_error(registry, name: str, options: dict, case, seed: int) -> float:
+    implementation = registry.get(name)
+    inputs = make_inputs(case, seed)
+    merged = {**implementation.default_options, **options}
+    if "seed" in merged:
+        merged["seed"] = seed
+    out = implementation.prepare(case, merged)(inputs.q, inputs.k, inputs.v).double()
+    rows = torch.arange(case.seq_len)
+    exact = softmax_attention(*(t.double() for t in (inputs.q, inputs.k, inputs.v)), rows, case.causal).out
+    return float((out - exact).norm() / exact.norm())
+
+
+def test_on_structured_inputs_it_beats_sparse_and_performer(registry):
+    """Same window (64) as sparse, same features (256) as performer, seeded structured inputs."""
+    case = small_case(batch=1, heads=4, seq_len=1024, head_dim=64, inputs="structured")
+    errors = {
+        name: statistics.mean(_relative_error(registry, name, options, case, seed) for seed in range(3))
+        for name, options in [
+            ("sparse", {"window": 64, "backend": "blocked"}),
+            ("performer", {"features": 256}),
+            ("hybrid", {"window": 64, "features": 256}),
+        ]
+    }
+    assert errors["hybrid"] < 0.9 * min(errors["sparse"], errors["performer"]), errors
