@@ -9,10 +9,11 @@ estimate on the band by the exact value, so no pair is counted twice; computed d
     out_i = [Σ_{j in band} exp(s_ij) [v_j, 1] + (1/m) Σ_{j not in band} φ(q_i)·φ(k_j) [v_j, 1]]  →  num / den
 
 with φ the positive random features of the performer plugin (no epsilon: both parts are sums
-of positive terms, so the denominator cannot vanish). Blocks of ``block`` queries meet their
-window's key blocks, as the sparse plugin's blocked path does; the estimate's sum over keys
-outside a block's window is a prefix (and, unless causal, suffix) sum of per-block
-φ(K)ᵀ[V, 1] states. Time and memory O(N·(window + m)).
+of positive terms, so the denominator cannot vanish). Blocks of ``block_size`` queries meet
+the key blocks their window reaches one offset at a time (contiguous slices, an online softmax
+across offsets for the exact part), so no (N × window) tensor is held; the estimate's sum over
+keys beyond a block's window is a prefix (and, unless causal, suffix) sum of per-block
+φ(K)ᵀ[V, 1] states. Time O(N·(window + m)·d), memory O(N·m).
 """
 
 from __future__ import annotations
@@ -55,48 +56,61 @@ class HybridAttention(attnbench.Implementation):
         seq_len, pad = case.seq_len, blocks * block - case.seq_len
         scale, half_norm_scale = case.head_dim**-0.5, 0.5 * case.head_dim**-0.5
 
-        # Per block: which of its window's keys are on the band (exact), and which are off it (estimated).
-        queries = torch.arange(blocks * block).view(blocks, block, 1)
-        starts = (torch.arange(blocks).view(blocks, 1) + torch.arange(-before, after + 1)) * block  # (N/b, offsets)
-        keys = (starts.unsqueeze(-1) + torch.arange(block)).flatten(1).unsqueeze(1)  # (N/b, 1, span), as _windows
+        # For each block offset o in the window (offset-major): which of its keys are on the band
+        # (exact) and which off it (estimated); offsets with no off-band key skip the estimate.
+        queries = torch.arange(blocks * block).view(1, blocks, block, 1)
+        offsets = torch.arange(-before, after + 1).view(-1, 1, 1, 1)
+        keys = (torch.arange(blocks).view(1, blocks, 1, 1) + offsets) * block + torch.arange(block).view(1, 1, 1, block)
         real = (keys >= 0) & (keys < seq_len)
-        offset = queries - keys
-        on_band = real & (offset <= window) & (offset >= (0 if causal else -window))
+        distance = queries - keys  # (O, N/b, b, b)
+        on_band = real & (distance <= window) & (distance >= (0 if causal else -window))
         on_band = on_band | ((queries >= seq_len) & real)  # padded query rows: anything finite
-        off_band = real & ~on_band & (offset >= 0) if causal else real & ~on_band  # never a later key
+        off_band = real & ~on_band & ((distance >= 0) if causal else True)  # never a later key
+        estimated_offsets = [o for o in range(len(off_band)) if bool(off_band[o].any())]
+        outside_band = (~on_band).to(case.device)
         off_band = off_band.to(torch.float32).to(case.device)
-        on_band = on_band.to(case.device)
+        real_key = (torch.arange(blocks * block) < seq_len).to(torch.float32).view(blocks, 1, 1, 1, block, 1)
+        real_key = real_key.to(case.device)
+        outside_band = outside_band.view(len(outside_band), blocks, 1, 1, 1, block, block)
+        off_band = off_band.view(len(off_band), blocks, 1, 1, 1, block, block)
 
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             batch, heads, _, dim = q.shape
             dtype = q.dtype
             compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-            q, k, v = (F.pad(t.to(compute), (0, 0, 0, pad)) for t in (q, k, v))
-            q = q.view(batch, heads // groups, groups, blocks, block, dim)  # (B, KV, G, N/b, b, D)
-            v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, KV, N', D+1)
-
-            # Exact part on the band, relative to each row's band maximum.
-            scores = (q * scale) @ _windows(k, before, after, block).transpose(-1, -2)  # (…, b, span)
-            scores.masked_fill_(~on_band, float("-inf"))
-            band_max = scores.detach().amax(dim=-1, keepdim=True)
-            v1_windows = _windows(v1, before, after, block)
-            exact = torch.exp(scores - band_max) @ v1_windows  # (…, b, D+1)
-
-            # Estimated part off the band: e_q·e_k ≈ m exp(s − c_q − c_k).
+            # Block-major (N/b, B, KV, G, b, C): a run of consecutive key blocks is then one
+            # contiguous slice whose leading dimensions merge, so products on it copy nothing.
+            q = _block_major(q.to(compute), block, pad, groups)
+            k, v = (_block_major(t.to(compute), block, pad, 1) for t in (k, v))
+            v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [v, 1]: numerator and denominator
             eq, query_max = _features(q, projection, half_norm_scale, dims=(-1,))
-            ek, key_max = _features(k.unsqueeze(2), projection, half_norm_scale, dims=(-2, -1))  # (B, KV, 1, N', m)
-            key_max = key_max.unsqueeze(-1)  # (B, KV, 1, 1, 1, 1), beside the blocked queries
-            ek_blocks = ek.view(batch, -1, 1, blocks, block, features)
-            states = ek_blocks.transpose(-1, -2) @ v1.view(batch, -1, 1, blocks, block, dim + 1)  # (…, N/b, m, D+1)
-            outside = _outside_window(states, before, after)  # Σ over blocks beyond the window
-            inside = (eq @ _windows(ek.squeeze(2), before, after, block).transpose(-1, -2)) * off_band
-            estimate = eq @ outside + inside @ v1_windows  # (…, b, D+1)
+            ek, key_max = _features(k, projection, half_norm_scale, dims=(0, -2, -1))
+            ek = ek * real_key  # padded keys must add nothing to the estimate
+            states = ek.transpose(-1, -2) @ v1  # (N/b, B, KV, 1, m, D+1): each block's Σ e_k [v, 1]
+            estimate = eq @ _outside_window(states, before, after)  # keys beyond the window's blocks
 
-            # One normaliser: both parts brought to the larger of their two scales.
+            k_near, v1_near, ek_near = (_pad_blocks(t, before, after) for t in (k, v1, ek))
+            q = q * scale
+            # In-place updates below (mul_, add_, sub_, exp_) keep memory traffic down; none of them
+            # touches a tensor autograd saved.
+            exact, band_max = None, torch.full_like(query_max, float("-inf"))
+            for o in range(before + after + 1):  # exact part: an online softmax over the offsets
+                scores = q @ k_near[o : o + blocks].transpose(-1, -2)  # (N/b, B, KV, G, b, b)
+                scores.masked_fill_(outside_band[o], float("-inf"))
+                new_max = torch.maximum(band_max, scores.detach().amax(dim=-1, keepdim=True))
+                finite = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+                part = scores.sub_(finite).exp_() @ v1_near[o : o + blocks]
+                exact = part if exact is None else exact.mul_(torch.exp(band_max - finite)).add_(part)
+                band_max = new_max
+            for o in estimated_offsets:  # estimated part inside the window, off the band
+                near = (eq @ ek_near[o : o + blocks].transpose(-1, -2)).mul_(off_band[o])
+                estimate = estimate.add_(near @ v1_near[o : o + blocks])
+
+            # One normaliser: e_q·e_k ≈ m·exp(s − c_q − c_k); both parts to the larger of the scales.
             estimate_log_scale = query_max + key_max - math.log(features)
             common = torch.maximum(band_max, estimate_log_scale)
-            total = exact * torch.exp(band_max - common) + estimate * torch.exp(estimate_log_scale - common)
-            out = total[..., :-1] / total[..., -1:]
+            total = exact.mul_(torch.exp(band_max - common)).add_(estimate.mul_(torch.exp(estimate_log_scale - common)))
+            out = (total[..., :-1] / total[..., -1:]).permute(1, 2, 3, 0, 4, 5)  # (B, KV, G, N/b, b, D)
             return out.reshape(batch, heads, blocks * block, dim)[:, :, :seq_len].to(dtype)
 
         return attention
@@ -140,27 +154,26 @@ def _features(
     return features, stabiliser.amax(dim=-1, keepdim=True)
 
 
-def _windows(x: torch.Tensor, before: int, after: int, block: int) -> torch.Tensor:
-    """(B, KV, N', C) -> (B, KV, 1, N/b, span, C): each query block's reachable key blocks, side by
-    side. Built from contiguous shifted slices (one per block offset), not an overlapping view."""
-    batch, kv_heads, padded_len, width = x.shape
-    blocks = padded_len // block
-    padded = F.pad(x, (0, 0, before * block, after * block)).view(batch, kv_heads, -1, block, width)
-    shifted = [padded[:, :, start : start + blocks] for start in range(before + after + 1)]
-    return torch.cat(shifted, dim=-2).unsqueeze(2)
+def _block_major(x: torch.Tensor, block: int, pad: int, groups: int) -> torch.Tensor:
+    """(B, heads, N, C) -> (N'/b, B, heads/groups, groups, b, C), padded to whole blocks (one copy)."""
+    batch, heads, _, width = x.shape
+    x = F.pad(x, (0, 0, 0, pad)).view(batch, heads // groups, groups, -1, block, width)
+    return x.permute(3, 0, 1, 2, 4, 5).contiguous()
+
+
+def _pad_blocks(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Zero blocks before and after along the block axis, so offset o's keys are x[o : o + N/b]."""
+    return torch.cat([x.new_zeros((before, *x.shape[1:])), x, x.new_zeros((after, *x.shape[1:]))])
 
 
 def _outside_window(states: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """Σ of the per-block states over blocks entirely before (and, unless causal, after) each
-    block's window: exclusive prefix and suffix sums along the block axis (-3)."""
-    blocks = states.shape[-3]
-    zero = torch.zeros_like(states[..., :1, :, :])
-    prefix = torch.cat([zero, states.cumsum(dim=-3)], dim=-3)  # prefix[b] = Σ_{c < b}
-    first_in_window = (torch.arange(blocks) - before).clamp(min=0)
-    outside = prefix[..., first_in_window, :, :]
+    """Σ of the per-block states (block axis 0) over blocks entirely before (and, unless causal,
+    after) each block's window: exclusive prefix and suffix sums."""
+    blocks = states.shape[0]
+    prefix = torch.cat([torch.zeros_like(states[:1]), states.cumsum(dim=0)])  # prefix[b] = Σ_{c < b}
+    outside = prefix[(torch.arange(blocks) - before).clamp(min=0)]
     if after:
-        last_in_window = (torch.arange(blocks) + after + 1).clamp(max=blocks)
-        outside = outside + prefix[..., -1:, :, :] - prefix[..., last_in_window, :, :]
+        outside = outside + prefix[-1:] - prefix[(torch.arange(blocks) + after + 1).clamp(max=blocks)]
     return outside
 
 
