@@ -49,7 +49,8 @@ def make_inputs(case: Case, seed: int) -> Inputs:
     else:
         q, k, v = (_normal(case, heads, generator) for heads in (case.heads, case.kv_heads, case.kv_heads))
     grad_out = _normal(case, case.heads, generator) if case.backward else None
-    q, k, v = (t.to(device=case.device, dtype=case.dtype) for t in (q, k, v))
+    # Contiguous, as activations are: fused kernels refuse a strided last dimension.
+    q, k, v = (t.to(device=case.device, dtype=case.dtype).contiguous() for t in (q, k, v))
     if grad_out is not None:
         grad_out = grad_out.to(device=case.device, dtype=case.dtype)
         for tensor in (q, k, v):

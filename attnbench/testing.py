@@ -36,12 +36,18 @@ def small_case(**overrides: Any) -> Case:
 
 
 def small_cases() -> list[Case]:
-    """Forward and training, causal or not, with and without grouped-query heads."""
+    """Forward and training, causal or not, with and without grouped-query heads, on Gaussian
+    inputs; and two of them on structured inputs (every input distribution must be accepted)."""
     base = small_case()
-    return [
+    gaussian = [
         dataclasses.replace(base, causal=causal, mode=mode, kv_heads=kv_heads)
         for causal, mode, kv_heads in itertools.product((False, True), ("forward", "forward_backward"), (4, 2))
     ]
+    structured = [
+        dataclasses.replace(base, inputs="structured"),
+        dataclasses.replace(base, inputs="structured", causal=True, mode="forward_backward", kv_heads=2),
+    ]
+    return gaussian + structured
 
 
 def check_implementation(

@@ -7,14 +7,14 @@ import pytest
 
 from attnbench.isolation import run_isolated
 from attnbench.suite import Measure
-from attnbench.testing import check_implementation, small_case
+from attnbench.testing import check_implementation, small_case, small_cases
 from attnbench.worker import Job
 
 
 @pytest.mark.parametrize("name", ["naive", "flash"])
 def test_exact_on_every_small_case(registry, name):
     measurements = check_implementation(registry.get(name))
-    assert len(measurements) == 8  # forward/training × causal or not × grouped-query or not
+    assert len(measurements) == len(small_cases())  # every one supported
     for measurement in measurements.values():
         assert measurement.correctness.judged_against == "exact"
 

@@ -13,7 +13,7 @@ import pytest
 import torch.nn.functional as F
 
 import attnbench_plugins.xformers_attention as plugin
-from attnbench.testing import check_implementation, small_case
+from attnbench.testing import check_implementation, small_case, small_cases
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_layouts_masks_and_groups_reach_xformers_as_it_expects(registry, fresh_l
     monkeypatch.setitem(sys.modules, "xformers", package)
     monkeypatch.setitem(sys.modules, "xformers.ops", ops)
     measurements = check_implementation(registry.get("xformers"))
-    assert len(measurements) == 8  # causal or not, grouped or not, forward and training
+    assert len(measurements) == len(small_cases())  # every one supported
 
 
 def test_the_refusal_message_becomes_reasons_naming_the_operators():
