@@ -12,8 +12,11 @@ with φ the positive random features of the performer plugin (no epsilon: both p
 of positive terms, so the denominator cannot vanish). Blocks of ``block_size`` queries meet
 the key blocks their window reaches one offset at a time (contiguous slices, an online softmax
 across offsets for the exact part), so no (N × window) tensor is held; the estimate's sum over
-keys beyond a block's window is a prefix (and, unless causal, suffix) sum of per-block
-φ(K)ᵀ[V, 1] states. Time O(N·(window + m)·d), memory O(N·m).
+keys beyond a block's window comes from prefix sums of per-block φ(K)ᵀ[V, 1] states (before
+the window, and unless causal, after it). Queries go ``chunk_size`` at a time, which keeps
+every temporary small: at N=32768 this halved the latency (3.0 s -> 1.5 s) and the peak
+memory, as large temporaries are mapped and page-faulted afresh at each call and miss cache.
+Time O(N·(window + m)·d), memory O(N·m).
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ class HybridAttention(attnbench.Implementation):
     exact = False
     time_complexity = "n"
     memory_complexity = "n"
-    default_options = {"window": 256, "features": 256, "seed": 0, "block_size": 128}
+    default_options = {"window": 256, "features": 256, "seed": 0, "block_size": 128, "chunk_size": 512}
 
     def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
         problems = {}
-        for key, minimum in (("window", 0), ("features", 1), ("block_size", 16)):
+        for key, minimum in (("window", 0), ("features", 1), ("block_size", 16), ("chunk_size", 1)):
             if options[key] < minimum:
                 problems[key] = f"must be at least {minimum}, got {options[key]}"
         return problems
@@ -51,6 +54,7 @@ class HybridAttention(attnbench.Implementation):
         window, causal, groups = options["window"], case.causal, case.heads // case.kv_heads
         block = min(options["block_size"], case.seq_len)
         blocks = math.ceil(case.seq_len / block)
+        chunk = math.ceil(options["chunk_size"] / block)  # query blocks per chunk
         reach = math.ceil(window / block)  # blocks a window reaches on each side
         before, after = reach, 0 if causal else reach
         seq_len, pad = case.seq_len, blocks * block - case.seq_len
@@ -66,52 +70,93 @@ class HybridAttention(attnbench.Implementation):
         on_band = real & (distance <= window) & (distance >= (0 if causal else -window))
         on_band = on_band | ((queries >= seq_len) & real)  # padded query rows: anything finite
         off_band = real & ~on_band & ((distance >= 0) if causal else True)  # never a later key
-        estimated_offsets = [o for o in range(len(off_band)) if bool(off_band[o].any())]
-        outside_band = (~on_band).to(case.device)
-        off_band = off_band.to(torch.float32).to(case.device)
-        real_key = (torch.arange(blocks * block) < seq_len).to(torch.float32).view(blocks, 1, 1, 1, block, 1)
-        real_key = real_key.to(case.device)
-        outside_band = outside_band.view(len(outside_band), blocks, 1, 1, 1, block, block)
-        off_band = off_band.view(len(off_band), blocks, 1, 1, 1, block, block)
+        estimated_offsets = {o for o in range(len(off_band)) if bool(off_band[o].any())}
+        outside_band = (~on_band).view(len(on_band), blocks, 1, 1, 1, block, block).to(case.device)
+        off_band = off_band.to(torch.float32).view(len(off_band), blocks, 1, 1, 1, block, block).to(case.device)
+        # [v, 1] for real keys, zeros for padding: padded keys then add nothing to any sum.
+        real_key = (torch.arange(blocks * block) < seq_len).view(blocks, 1, 1, 1, block, 1).to(case.device)
 
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             batch, heads, _, dim = q.shape
             dtype = q.dtype
             compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-            # Block-major (N/b, B, KV, G, b, C): a run of consecutive key blocks is then one
-            # contiguous slice whose leading dimensions merge, so products on it copy nothing.
+            # Block-major (N/b, B, KV, G, b, C): a run of consecutive blocks is one contiguous
+            # slice whose leading dimensions merge, so products on it copy nothing.
             q = _block_major(q.to(compute), block, pad, groups)
             k, v = (_block_major(t.to(compute), block, pad, 1) for t in (k, v))
-            v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [v, 1]: numerator and denominator
-            eq, query_max = _features(q, projection, half_norm_scale, dims=(-1,))
+            v1 = torch.cat([v, real_key.to(compute).expand(*v.shape[:-1], 1)], dim=-1)
             ek, key_max = _features(k, projection, half_norm_scale, dims=(0, -2, -1))
-            ek = ek * real_key  # padded keys must add nothing to the estimate
-            states = ek.transpose(-1, -2) @ v1  # (N/b, B, KV, 1, m, D+1): each block's Σ e_k [v, 1]
-            estimate = eq @ _outside_window(states, before, after)  # keys beyond the window's blocks
+            prefix = _BlockPrefixSum.apply(ek.transpose(-1, -2) @ v1)  # (N/b, B, KV, 1, m, D+1): Σ_{c ≤ b}
 
-            k_near, v1_near, ek_near = (_pad_blocks(t, before, after) for t in (k, v1, ek))
-            q = q * scale
-            # In-place updates below (mul_, add_, sub_, exp_) keep memory traffic down; none of them
-            # touches a tensor autograd saved.
-            exact, band_max = None, torch.full_like(query_max, float("-inf"))
-            for o in range(before + after + 1):  # exact part: an online softmax over the offsets
-                scores = q @ k_near[o : o + blocks].transpose(-1, -2)  # (N/b, B, KV, G, b, b)
-                scores.masked_fill_(outside_band[o], float("-inf"))
-                new_max = torch.maximum(band_max, scores.detach().amax(dim=-1, keepdim=True))
-                finite = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-                part = scores.sub_(finite).exp_() @ v1_near[o : o + blocks]
-                exact = part if exact is None else exact.mul_(torch.exp(band_max - finite)).add_(part)
-                band_max = new_max
-            for o in estimated_offsets:  # estimated part inside the window, off the band
-                near = (eq @ ek_near[o : o + blocks].transpose(-1, -2)).mul_(off_band[o])
-                estimate = estimate.add_(near @ v1_near[o : o + blocks])
+            # Queries go chunk by chunk so that every temporary stays small: cache-resident, and
+            # reused by the allocator instead of mapped and faulted in afresh at every call.
+            spans = [(lo, min(lo + chunk, blocks)) for lo in range(0, blocks, chunk)]
+            q_chunks = q.split(chunk)
 
-            # One normaliser: e_q·e_k ≈ m·exp(s − c_q − c_k); both parts to the larger of the scales.
-            estimate_log_scale = query_max + key_max - math.log(features)
-            common = torch.maximum(band_max, estimate_log_scale)
-            total = exact.mul_(torch.exp(band_max - common)).add_(estimate.mul_(torch.exp(estimate_log_scale - common)))
-            out = (total[..., :-1] / total[..., -1:]).permute(1, 2, 3, 0, 4, 5)  # (B, KV, G, N/b, b, D)
-            return out.reshape(batch, heads, blocks * block, dim)[:, :, :seq_len].to(dtype)
+            def tiles(x: torch.Tensor, shift: int) -> list[tuple[slice, torch.Tensor]]:
+                """For each chunk: its query blocks b whose block b + shift of ``x`` exists (as rows
+                of the chunk) and those blocks of ``x``. Views from one split, not slices: the
+                backward of each slice fills a gradient as large as ``x``."""
+                rows = [slice(max(lo, -shift) - lo, max(lo, min(hi, blocks - shift)) - lo) for lo, hi in spans]
+                sizes = [max(0, r.stop - r.start) for r in rows]
+                start, stop = min(blocks, max(0, shift)), max(0, blocks + min(0, shift))
+                pieces = x.split([start, *sizes, blocks - stop])[1:-1]
+                return list(zip(rows, pieces, strict=True))
+
+            offsets = range(-before, after + 1)
+            near = {shift: (tiles(k, shift), tiles(v1, shift)) for shift in offsets}
+            near_features = {shift: tiles(ek, shift) for shift in offsets if shift + before in estimated_offsets}
+            # Keys beyond the window's blocks: Σ_{c < b-before} from prefix[b-before-1] and, unless
+            # causal, Σ_{c > b+after} = total - prefix[b+after].
+            outside_before = tiles(prefix, -before - 1)
+            outside_after = tiles(prefix, after) if after else None
+            total_state = prefix[-1]
+
+            def chunk_out(index: int) -> torch.Tensor:
+                """[Σ_j w_ij v_j, Σ_j w_ij] for one chunk of query blocks, on one scale."""
+                lo = spans[index][0]
+                q_chunk = q_chunks[index]
+                eq, query_max = _features(q_chunk, projection, half_norm_scale, dims=(-1,))
+                q_scaled = q_chunk * scale
+                rows, state = outside_before[index]
+                if _covers(rows, eq):
+                    estimate = eq @ state
+                else:
+                    estimate = torch.zeros(*eq.shape[:-1], dim + 1, dtype=eq.dtype, device=eq.device)
+                    estimate[rows] = eq[rows] @ state
+                if outside_after is not None:
+                    rows, state = outside_after[index]
+                    _rows(estimate, rows).add_(_rows(eq, rows) @ (total_state - state))
+                exact = torch.zeros_like(estimate)
+                band_max = torch.full_like(query_max, float("-inf"))
+                for shift in offsets:  # the window's key blocks, one offset at a time
+                    (rows, keys), (_, values) = near[shift][0][index], near[shift][1][index]
+                    if rows.start >= rows.stop:
+                        continue
+                    o, blocks_here = shift + before, slice(lo + rows.start, lo + rows.stop)
+                    scores = _rows(q_scaled, rows) @ keys.transpose(-1, -2)
+                    scores.masked_fill_(outside_band[o, blocks_here], float("-inf"))
+                    # Exact part: an online softmax across offsets.
+                    old_max = band_max[rows]
+                    new_max = torch.maximum(old_max, scores.detach().amax(dim=-1, keepdim=True))
+                    finite = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+                    part = scores.sub_(finite).exp_() @ values
+                    _rows(exact, rows).mul_(torch.exp(old_max - finite)).add_(part)
+                    band_max[rows] = new_max
+                    if shift in near_features:  # estimated part inside the window's blocks, off the band
+                        weights = _rows(eq, rows) @ near_features[shift][index][1].transpose(-1, -2)
+                        _rows(estimate, rows).add_(weights.mul_(off_band[o, blocks_here]) @ values)
+                # One normaliser: e_q·e_k ≈ m·exp(s − c_q − c_k); both parts to the larger of the scales.
+                estimate_log_scale = query_max + key_max - math.log(features)
+                common = torch.maximum(band_max, estimate_log_scale)
+                estimate.mul_(torch.exp(estimate_log_scale - common))
+                total = exact.mul_(torch.exp(band_max - common)).add_(estimate)
+                return total[..., :-1] / total[..., -1:]
+
+            # Concatenated, not written into slices of one tensor, for the same reason as tiles.
+            chunks = [chunk_out(index).permute(1, 2, 3, 0, 4, 5) for index in range(len(spans))]
+            out = torch.cat(chunks, dim=3)  # (B, KV, G, N/b, b, D)
+            return out.view(batch, heads, blocks * block, dim)[:, :, :seq_len].to(dtype)
 
         return attention
 
@@ -154,27 +199,41 @@ def _features(
     return features, stabiliser.amax(dim=-1, keepdim=True)
 
 
+def _covers(rows: slice, x: torch.Tensor) -> bool:
+    return rows.start == 0 and rows.stop >= x.shape[0]
+
+
+def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``x[rows]``, or ``x`` itself where that is all of it: each slice costs autograd's backward
+    a zero-filled gradient the size of ``x``."""
+    return x if _covers(rows, x) else x[rows]
+
+
+class _BlockPrefixSum(torch.autograd.Function):
+    """Inclusive prefix sums along dim 0, in place, by a loop of adds over the leading dimension:
+    at N=32768 that took 5 ms where ``cumsum(dim=0)`` took 185 ms. (Autograd through the loop
+    itself would copy the whole gradient once per block: quadratic.)"""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        for b in range(1, x.shape[0]):
+            x[b].add_(x[b - 1])
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()  # suffix sums: every prefix from b on contains x[b]
+        for b in range(grad.shape[0] - 2, -1, -1):
+            grad[b].add_(grad[b + 1])
+        return grad
+
+
 def _block_major(x: torch.Tensor, block: int, pad: int, groups: int) -> torch.Tensor:
     """(B, heads, N, C) -> (N'/b, B, heads/groups, groups, b, C), padded to whole blocks (one copy)."""
     batch, heads, _, width = x.shape
     x = F.pad(x, (0, 0, 0, pad)).view(batch, heads // groups, groups, -1, block, width)
     return x.permute(3, 0, 1, 2, 4, 5).contiguous()
-
-
-def _pad_blocks(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """Zero blocks before and after along the block axis, so offset o's keys are x[o : o + N/b]."""
-    return torch.cat([x.new_zeros((before, *x.shape[1:])), x, x.new_zeros((after, *x.shape[1:]))])
-
-
-def _outside_window(states: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """Σ of the per-block states (block axis 0) over blocks entirely before (and, unless causal,
-    after) each block's window: exclusive prefix and suffix sums."""
-    blocks = states.shape[0]
-    prefix = torch.cat([torch.zeros_like(states[:1]), states.cumsum(dim=0)])  # prefix[b] = Σ_{c < b}
-    outside = prefix[(torch.arange(blocks) - before).clamp(min=0)]
-    if after:
-        outside = outside + prefix[-1:] - prefix[(torch.arange(blocks) + after + 1).clamp(max=blocks)]
-    return outside
 
 
 @attnbench.hookimpl

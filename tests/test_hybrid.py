@@ -13,9 +13,9 @@ from attnbench.reference import softmax_attention
 from attnbench.testing import check_implementation, small_case, small_cases
 
 
-@pytest.mark.parametrize("window, block", [(20, 16), (40, 32)])
-def test_matches_its_dense_float64_formula(registry, window, block):
-    options = {"window": window, "block_size": block, "features": 64}
+@pytest.mark.parametrize("window, block, chunk", [(20, 16, 32), (40, 32, 512)])  # 4 chunks of queries, or 1
+def test_matches_its_dense_float64_formula(registry, window, block, chunk):
+    options = {"window": window, "block_size": block, "chunk_size": chunk, "features": 64}
     measurements = check_implementation(registry.get("hybrid"), options=options)
     assert len(measurements) == len(small_cases())
     for measurement in measurements.values():
@@ -27,7 +27,8 @@ def test_a_window_covering_everything_is_exact_attention(registry, causal):
     hybrid = registry.get("hybrid")
     case = small_case(seq_len=96, causal=causal)
     inputs = make_inputs(case, 0)
-    out = hybrid.prepare(case, {**hybrid.default_options, "window": 96, "block_size": 32})(inputs.q, inputs.k, inputs.v)
+    options = {**hybrid.default_options, "window": 96, "block_size": 32, "chunk_size": 32}
+    out = hybrid.prepare(case, options)(inputs.q, inputs.k, inputs.v)
     exact = softmax_attention(*(t.double() for t in (inputs.q, inputs.k, inputs.v)), torch.arange(96), causal).out
     torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
 
