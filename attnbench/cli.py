@@ -1,4 +1,4 @@
-"""The attnbench command: run a suite, list implementations."""
+"""The attnbench command: run a suite, list implementations, report on, compare and track runs."""
 
 from __future__ import annotations
 
@@ -8,14 +8,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from attnbench.analysis import Declared, scaling_fits
 from attnbench.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices
+from attnbench.compare import ALPHA, CHANGE_HEADERS, DEFAULT_THRESHOLD, compare_runs, format_changes
 from attnbench.errors import UserError, did_you_mean
+from attnbench.history import histories, suite_runs, write_history_plot
 from attnbench.implementation import Implementation
+from attnbench.plots import group_title
 from attnbench.progress import TerminalProgress
 from attnbench.registry import Registry, load_registry
+from attnbench.report import write_reports
+from attnbench.run_folder import declared_of, load_run
 from attnbench.runner import run_suite
 from attnbench.suite import Suite, load_suite
-from attnbench.summary import summary_table
+from attnbench.summary import format_table, summary_table
 
 # The shape `attnbench list` asks each implementation about, per device and dtype.
 LIST_PROBE = dict(batch=1, heads=8, kv_heads=8, seq_len=1024, head_dim=64, causal=False, mode="forward")
@@ -47,7 +53,37 @@ def _parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="list implementations and where they run")
     listing.set_defaults(command=_list)
+
+    report = commands.add_parser("report", help="rebuild a run's reports (CSV, Markdown, HTML, plots) from its rows")
+    report.add_argument("run_dir", type=Path, help="a run folder, e.g. results/long_seq/<run-id>")
+    report.set_defaults(command=_report)
+
+    compare = commands.add_parser("compare", help="compare two runs point by point")
+    compare.add_argument("base", type=Path, help="the earlier run: a run folder or its rows.jsonl")
+    compare.add_argument("new", type=Path, help="the later run: a run folder or its rows.jsonl")
+    compare.add_argument(
+        "--fail-on-regression", nargs="?", type=_fraction, const=DEFAULT_THRESHOLD, default=None, metavar="THRESHOLD",
+        help=f"exit 1 if a point is significantly slower by more than THRESHOLD (default {DEFAULT_THRESHOLD}: 30%%)",
+    )
+    compare.set_defaults(command=_compare)
+
+    history = commands.add_parser("history", help="one implementation's latency across a suite's stored runs")
+    history.add_argument("suite_results", type=Path, help="the suite's results folder, e.g. results/long_seq")
+    history.add_argument("implementation", help="implementation name, e.g. flash")
+    history.add_argument("--plots", type=Path, help="folder for the plots (default: SUITE_RESULTS/history)")
+    history.set_defaults(command=_history)
     return parser
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        message = f"expected a fraction such as 0.3 or a percentage such as 30%, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -58,7 +94,52 @@ def _run(args: argparse.Namespace) -> int:
     result = run_suite(suite, registry, output=args.output, progress=TerminalProgress())
     print(summary_table(result.rows))
     print(f"\nresults: {result.rows_path}")
+    written = write_reports(load_run(result.run_dir))
+    print(f"report: {written[2]} (and {', '.join(path.name for path in written[:2])}, plots/)")
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    run = load_run(args.run_dir, fallback=_declared_from_registry())
+    written = write_reports(run)
+    for fit in scaling_fits(run.rows, run.declared):
+        if fit.exponent is not None:
+            print(f"{fit.implementation:16s} {fit.metric:8s} {group_title(fit.group)}: {fit.sentence()}")
+    print(f"report: {written[2]} (and {', '.join(path.name for path in written[:2])}, plots/)")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    threshold = args.fail_on_regression if args.fail_on_regression is not None else DEFAULT_THRESHOLD
+    comparison = compare_runs(load_run(args.base), load_run(args.new), threshold)
+    for difference in comparison.environment_differences:
+        print(f"attnbench: warning: the runs' environments differ: {difference}", file=sys.stderr)
+    print(format_table(CHANGE_HEADERS, format_changes(comparison.changes)))
+    for label, rows in (("only in base", comparison.only_in_base), ("only in new", comparison.only_in_new)):
+        for row in rows:
+            print(f"{label}: {row.implementation} {row.case.describe()}")
+    typical = comparison.typical_ratio
+    if typical is not None:
+        print(f"\nmedian new/base ratio over all points: {typical:.2f} (machine-wide drift shows here)")
+    regressions = comparison.regressions
+    print(f"{len(regressions)} significant slowdown(s) beyond {threshold:.0%} (Mann-Whitney p < {ALPHA})")
+    return 1 if regressions and args.fail_on_regression is not None else 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    runs = suite_runs(args.suite_results)
+    folder = args.plots or args.suite_results / "history"
+    for history in histories(runs, args.implementation):
+        print(f"{history.implementation} — {group_title(history.group)}")
+        lines = [[run, *(history.cells.get((run, n), "") for n in history.seq_lens)] for run in history.runs]
+        print(format_table(("run", *(f"N={n}" for n in history.seq_lens)), lines))
+        print(f"plot: {write_history_plot(history, folder)}\n")
+    return 0
+
+
+def _declared_from_registry() -> dict[str, Declared]:
+    """For runs stored before they kept their implementations' declarations."""
+    return declared_of(load_registry().implementations())
 
 
 def _apply_flags(suite: Suite, args: argparse.Namespace, registry: Registry) -> Suite:

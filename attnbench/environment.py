@@ -42,6 +42,7 @@ class Environment:
     devices: dict[str, str] = field(default_factory=dict)  # e.g. "cuda:0" -> name and capability
     git_commit: str | None = None
     git_dirty: bool | None = None
+    matmul_flops: dict[str, float] = field(default_factory=dict)  # "device/dtype" -> FLOP/s, once per run
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

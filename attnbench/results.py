@@ -29,6 +29,10 @@ class Latency:
     first_call_s: float  # the untimed first call, lazy initialisation included
     timer: str
 
+    def __post_init__(self) -> None:
+        # Six significant digits (0.1 µs at 30 ms, far below any noise) keep committed runs small.
+        object.__setattr__(self, "samples_s", tuple(float(f"{sample:.6g}") for sample in self.samples_s))
+
     @property
     def median_s(self) -> float:
         return statistics.median(self.samples_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,21 +14,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
+from attnbench.analysis import matmul_key
 from attnbench.case import Case, device_unavailable_reason
 from attnbench.environment import Environment, capture_environment
 from attnbench.grid import expand, group_key
 from attnbench.implementation import Implementation, complexity_exponent, effective_options
 from attnbench.isolation import run_isolated
+from attnbench.matmul import matmul_flops
 from attnbench.predict import extrapolate
 from attnbench.registry import Registry
 from attnbench.results import Measurement, Row, RowWriter
+from attnbench.run_folder import ENVIRONMENT_FILE, ROWS_FILE, SUITE_COPY, declared_of, write_declared
 from attnbench.suite import Limits, Suite
 from attnbench.units import format_bytes
 from attnbench.worker import Job
-
-ROWS_FILE = "rows.jsonl"
-ENVIRONMENT_FILE = "environment.json"
-SUITE_COPY = "suite.yaml"
 
 
 class ProgressListener(Protocol):
@@ -63,8 +63,12 @@ def run_suite(
     options = {impl.name: effective_options(impl, suite.options.get(impl.name, {})) for impl in implementations}
     cases = expand(suite.sweep)
     environment = capture_environment()
+    if suite.measure.latency is not None:
+        throughputs = _matmul_throughputs(cases, suite.measure.latency.min_run_time_s)
+        environment = dataclasses.replace(environment, matmul_flops=throughputs)
     run_dir = _new_run_dir(output or suite.output, suite.name, environment)
     (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(environment.to_json(), indent=2) + "\n")
+    write_declared(run_dir, declared_of(implementations))
     shutil.copyfile(suite.path, run_dir / SUITE_COPY)
 
     curves = _Curves(suite.limits, suite.measure.latency.min_samples if suite.measure.latency else 1)
@@ -86,6 +90,16 @@ def run_suite(
     finally:
         writer.close()
     return RunResult(run_dir, tuple(rows), environment)
+
+
+def _matmul_throughputs(cases: Sequence[Case], min_run_time_s: float) -> dict[str, float]:
+    """Matmul FLOP/s per (device, dtype) the sweep uses and this machine has: the yardstick of the
+    report's throughput fractions, measured once, before the points, as long as the suite times."""
+    measured = {}
+    for device, dtype_name in dict.fromkeys((case.device, case.dtype_name) for case in cases):
+        if device_unavailable_reason(device) is None:
+            measured[matmul_key(device, dtype_name)] = matmul_flops(device, dtype_name, min_run_time_s)
+    return measured
 
 
 def memory_cap_bytes(limits: Limits, device: str) -> int | None:

@@ -37,7 +37,9 @@ def test_quick_suite_end_to_end(tmp_path):
     run = _attnbench("run", "suites/quick.yaml", "--output", str(tmp_path))
     assert run.returncode == 0, run.stderr
     rows_path = next(tmp_path.glob("quick/*/rows.jsonl"))
-    assert run.stdout.rstrip().endswith(f"results: {rows_path}")
+    assert f"results: {rows_path}" in run.stdout
+    assert run.stdout.rstrip().endswith("(and table.csv, report.md, plots/)")
+    assert (rows_path.parent / "report.html").exists() and list((rows_path.parent / "plots").glob("*.svg"))
     rows = read_rows(rows_path)
     assert len(rows) == 8 * 8  # every built-in × the quick grid
     expected = {"naive": "ok", "flash": "ok", "performer": "ok", "nystrom": "ok", "xformers": "unsupported",

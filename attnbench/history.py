@@ -1,0 +1,65 @@
+"""One implementation's latency across the stored runs of a suite: a table and a plot per group."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from attnbench.analysis import metric_value
+from attnbench.case import Case
+from attnbench.errors import UserError
+from attnbench.grid import group_key
+from attnbench.plots import group_slug, group_title, history_plot
+from attnbench.run_folder import ROWS_FILE, RunFolder, load_run
+from attnbench.units import format_seconds
+
+
+@dataclass(frozen=True)
+class History:
+    implementation: str
+    group: Case
+    runs: tuple[str, ...]  # run ids, oldest first
+    seq_lens: tuple[int, ...]
+    cells: dict[tuple[str, int], str]  # (run id, seq_len) -> median latency, or the status
+    medians: dict[tuple[str, int], float]
+
+
+def suite_runs(suite_folder: Path) -> list[RunFolder]:
+    """Every run stored under results/<suite>/, oldest first (run ids start with the UTC time)."""
+    if not suite_folder.is_dir():
+        raise UserError(f"{suite_folder}: no such folder (give results/<suite>, e.g. results/long_seq)")
+    folders = sorted(path for path in suite_folder.iterdir() if (path / ROWS_FILE).exists())
+    if not folders:
+        raise UserError(f"{suite_folder}: no runs in it (a run is a folder with {ROWS_FILE})")
+    return [load_run(folder) for folder in folders]
+
+
+def histories(runs: Sequence[RunFolder], implementation: str) -> list[History]:
+    groups: dict[Case, History] = {}
+    for run in runs:
+        for row in run.rows:
+            if row.implementation != implementation:
+                continue
+            group = group_key(row.case)
+            history = groups.setdefault(group, History(implementation, group, (), (), {}, {}))
+            value = metric_value(row, "latency")
+            key = (run.run_id, row.case.seq_len)
+            history.cells[key] = format_seconds(value) if value is not None else row.status
+            if value is not None:
+                history.medians[key] = value
+    if not groups:
+        names = sorted({row.implementation for run in runs for row in run.rows})
+        raise UserError(f"implementation {implementation!r} is in none of these runs (they have: {', '.join(names)})")
+    return [
+        History(implementation, group, tuple(run.run_id for run in runs if any(k[0] == run.run_id for k in h.cells)),
+                tuple(sorted({seq_len for _, seq_len in h.cells})), h.cells, h.medians)
+        for group, h in groups.items()
+    ]
+
+
+def write_history_plot(history: History, folder: Path) -> Path:
+    stem = f"history-{history.implementation}-{group_slug(history.group)}"
+    history_plot(history.runs, history.seq_lens, history.medians,
+                 f"{history.implementation} median latency across runs — {group_title(history.group)}", folder, stem)
+    return folder / f"{stem}.png"

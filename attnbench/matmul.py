@@ -1,0 +1,22 @@
+"""The device's matmul throughput, measured once per run: the yardstick for attention's FLOP/s."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils import benchmark
+
+from attnbench.case import DTYPES
+
+# Square matmuls this large run near the device's best sustained rate without taking long.
+SIZE = {"cpu": 2048, "cuda": 8192, "mps": 4096}
+
+
+def matmul_flops(device: str, dtype_name: str, min_run_time_s: float = 1.0) -> float:
+    """FLOP/s of an n×n by n×n matmul (2n³ FLOPs), median of torch.utils.benchmark's blocks."""
+    n = SIZE.get(device.split(":")[0], 2048)
+    dtype = DTYPES[dtype_name]
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    timer = benchmark.Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b})
+    measurement = timer.blocked_autorange(min_run_time=min_run_time_s)
+    return 2.0 * n**3 / measurement.median

@@ -1,0 +1,255 @@
+"""Reports of a stored run, rebuilt from its rows: ``table.csv``, ``report.md``, a self-contained
+``report.html`` (images embedded, no scripts, nothing fetched) and ``plots/`` (PNG and SVG)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from attnbench.analysis import (
+    Crossover,
+    Declared,
+    ParetoPoint,
+    ScalingFit,
+    Throughput,
+    crossovers,
+    curves,
+    metric_value,
+    pareto,
+    scaling_fits,
+    throughputs,
+)
+from attnbench.grid import group_key
+from attnbench.plots import Palette, Plot, exponent_plot, group_title, pareto_plot, scaling_plot, speedup_plot
+from attnbench.results import Row
+from attnbench.run_folder import RunFolder
+from attnbench.table import tidy_frame
+from attnbench.units import format_bytes, format_seconds
+
+CSV_FILE = "table.csv"
+MARKDOWN_FILE = "report.md"
+HTML_FILE = "report.html"
+PLOTS_FOLDER = "plots"
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    tables: tuple[Table, ...]
+    plots: tuple[Plot, ...] = ()
+
+
+def write_reports(run: RunFolder) -> list[Path]:
+    """Every report file of the run, overwritten; returns their paths."""
+    folder = run.path
+    tidy_frame(run.rows).to_csv(folder / CSV_FILE, index=False)
+    sections = build_sections(run, folder / PLOTS_FOLDER)
+    heading, facts = _heading(run)
+    (folder / MARKDOWN_FILE).write_text(_markdown(heading, facts, sections), encoding="utf-8")
+    (folder / HTML_FILE).write_text(_html(heading, facts, sections, folder / PLOTS_FOLDER), encoding="utf-8")
+    return [folder / CSV_FILE, folder / MARKDOWN_FILE, folder / HTML_FILE, folder / PLOTS_FOLDER]
+
+
+def build_sections(run: RunFolder, plots_folder: Path) -> list[Section]:
+    rows, declared = run.rows, run.declared
+    fits = scaling_fits(rows, declared)
+    sections = [
+        Section("Scaling verdicts", (_verdict_table(fits),)),
+        Section("Crossovers against the best exact implementation", (_crossover_table(crossovers(rows, declared)),)),
+        Section("Throughput of exact implementations", (_throughput_table(throughputs(rows, declared, run.matmul_flops),
+                                                                          run.matmul_flops),)),
+    ]
+    palette = Palette([row.implementation for row in rows])
+    by_curve = curves(rows)
+    front = pareto(rows)
+    for group in dict.fromkeys(group for _, group in by_curve):
+        group_curves = {name: points for (name, g), points in by_curve.items() if g == group}
+        plots = [scaling_plot(group_curves, metric, group, palette, plots_folder) for metric in ("latency", "memory")]
+        baseline = _baseline(group_curves, declared)
+        if baseline is not None:
+            plots.append(speedup_plot(group_curves, baseline, group, palette, plots_folder))
+        group_points = [point for point in front if group_key(point.row.case) == group]
+        optional = [pareto_plot(group_points, group, palette, plots_folder),
+                    exponent_plot([fit for fit in fits if fit.group == group], group, plots_folder)]
+        plots.extend(plot for plot in optional if plot is not None)
+        tables = (_results_table(group_curves), _pareto_table(group_points))
+        sections.append(Section(group_title(group), tables, tuple(plots)))
+    return sections
+
+
+def _baseline(group_curves: Mapping[str, list[Row]], declared: Mapping[str, Declared]) -> str | None:
+    """The exact implementation measured at the most seq_lens (then the fastest overall)."""
+    candidates = []
+    for name, points in group_curves.items():
+        if name in declared and declared[name].exact:
+            times = [value for row in points if (value := metric_value(row, "latency")) is not None]
+            if times:
+                candidates.append((-len(times), sum(times), name))
+    return min(candidates)[2] if candidates else None
+
+
+def _verdict_table(fits: Sequence[ScalingFit]) -> Table:
+    lines = tuple(
+        (fit.implementation, group_title(fit.group), fit.metric, fit.declared or "unknown", fit.measured, fit.verdict)
+        for fit in sorted(fits, key=lambda f: (group_title(f.group), f.implementation, f.metric))
+    )
+    note = ("Least-squares fit of log(median latency) and log(allocator peak) on log(N) over each curve's largest "
+            "measured points (up to 4); ± is one standard error. A declaration holds unless the measured exponent "
+            "exceeds it by more than 0.2 + 2σ.")
+    return Table("Declared vs measured complexity", ("implementation", "case", "metric", "declared", "measured",
+                                                      "verdict"), lines, note)
+
+
+def _crossover_table(results: Sequence[Crossover]) -> Table:
+    lines = tuple(
+        (c.implementation, group_title(c.group), "latency" if c.metric == "latency" else "peak memory", c.text)
+        for c in sorted(results, key=lambda c: (group_title(c.group), c.implementation, c.metric))
+    )
+    note = ("At each N the best exact implementation is the fastest (or leanest) exact one measured there; the "
+            "crossover is interpolated on the log-log curves.")
+    return Table("From which N each approximation wins", ("implementation", "case", "metric", "crossover"), lines, note)
+
+
+def _throughput_table(results: Sequence[Throughput], matmul: Mapping[str, float]) -> Table:
+    lines = tuple(
+        (t.row.implementation, group_title(group_key(t.row.case)), str(t.row.case.seq_len),
+         f"{t.achieved_flops / 1e9:.1f}", f"{100 * t.fraction_of_matmul:.0f}%" if t.fraction_of_matmul else "n/a")
+        for t in results
+    )
+    yardstick = ", ".join(f"{key}: {value / 1e9:.1f} GFLOP/s" for key, value in matmul.items()) or "not measured"
+    note = ("FLOPs = 4·B·H·N²·D forward, halved when causal, ×3.5 with the backward (2.5× forward), as "
+            f"FlashAttention's benchmarks count. Matmul throughput measured in this run: {yardstick}.")
+    return Table("Achieved throughput", ("implementation", "case", "N", "GFLOP/s", "of matmul"), lines, note)
+
+
+def _results_table(group_curves: Mapping[str, list[Row]]) -> Table:
+    lines = []
+    for name, points in sorted(group_curves.items()):
+        for row in points:
+            out = row.correctness.exact.get("out") if row.correctness else None
+            peak = row.memory.peak_bytes if row.memory else None
+            lines.append((
+                name, str(row.case.seq_len), row.status,
+                format_seconds(row.latency.median_s) if row.latency else "",
+                format_bytes(peak) if peak is not None else "",
+                f"{out.rel_fro:.2e}" if out and math.isfinite(out.rel_fro) else "",
+                "; ".join((*row.reasons, *row.notes))[:200],
+            ))
+    headers = ("implementation", "N", "status", "median", "peak memory", "rel. error", "reasons, notes")
+    return Table("Every point", headers, tuple(lines))
+
+
+def _pareto_table(points: Sequence[ParetoPoint]) -> Table:
+    by_seq_len: dict[int, list[ParetoPoint]] = defaultdict(list)
+    for point in points:
+        if point.on_front:
+            by_seq_len[point.row.case.seq_len].append(point)
+    lines = tuple(
+        (str(seq_len), ", ".join(
+            f"{p.row.implementation} ({format_seconds(p.row.latency.median_s)}, {p.error:.1e})"
+            for p in sorted(front, key=lambda p: p.row.latency.median_s)
+        ))
+        for seq_len, front in sorted(by_seq_len.items())
+    )
+    return Table("Pareto front (fastest first: latency, relative error)", ("N", "front"), lines)
+
+
+def _heading(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
+    env = run.environment
+    packages = env.get("packages", {})
+    facts = [
+        ("run", run.run_id),
+        ("started", env.get("started_at", "unknown")),
+        ("commit", f"{env.get('git_commit') or 'unknown'}{' (uncommitted changes)' if env.get('git_dirty') else ''}"),
+        ("CPU", f"{env.get('cpu_model', 'unknown')}, {env.get('cpus_usable', '?')} usable cores, "
+                f"torch threads {env.get('torch_threads', '?')}"),
+        ("devices", ", ".join(f"{k}: {v}" for k, v in env.get("devices", {}).items()) or "CPU only"),
+        ("packages", ", ".join(f"{k} {v}" for k, v in packages.items())),
+        ("timing settings", ", ".join(f"{k}={v}" for k, v in env.get("timing_variables", {}).items()) or "none set"),
+        ("rows", f"{len(run.rows)} ({', '.join(f'{s} {n}' for s, n in _status_counts(run.rows).items())})"),
+    ]
+    return f"attnbench report — {run.suite_name} — {run.run_id}", facts
+
+
+def _status_counts(rows: Sequence[Row]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        counts[row.status] += 1
+    return dict(counts)
+
+
+def _markdown(heading: str, facts: list[tuple[str, str]], sections: Sequence[Section]) -> str:
+    out = [f"# {heading}", ""]
+    out += [f"- **{key}**: {value}" for key, value in facts]
+    for section in sections:
+        out += ["", f"## {section.title}"]
+        for plot in section.plots:
+            out += ["", f"![{plot.title}]({PLOTS_FOLDER}/{plot.stem}.png)", "", f"*{plot.caption}*"]
+        for table in section.tables:
+            out += ["", f"**{table.title}**", ""]
+            if not table.rows:
+                out.append("(none)")
+                continue
+            out.append("| " + " | ".join(table.headers) + " |")
+            out.append("|" + "---|" * len(table.headers))
+            out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table.rows]
+            if table.note:
+                out += ["", table.note]
+    return "\n".join(out) + "\n"
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+td.does-not-hold { color: #b00; font-weight: bold; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption, p.note { font-size: 0.85em; color: #555; }
+"""
+
+
+def _html(heading: str, facts: list[tuple[str, str]], sections: Sequence[Section], plots_folder: Path) -> str:
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(heading)}</title>",
+           f"<style>{STYLE}</style></head><body>", f"<h1>{e(heading)}</h1>", "<ul>"]
+    out += [f"<li><b>{e(key)}</b>: {e(value)}</li>" for key, value in facts]
+    out.append("</ul>")
+    for section in sections:
+        out.append(f"<section><h2>{e(section.title)}</h2>")
+        for plot in section.plots:
+            data = base64.b64encode((plots_folder / f"{plot.stem}.png").read_bytes()).decode("ascii")
+            out.append(f'<figure><img alt="{e(plot.title)}" src="data:image/png;base64,{data}">'
+                       f"<figcaption>{e(plot.title)}. {e(plot.caption)}</figcaption></figure>")
+        for table in section.tables:
+            out.append(f"<h3>{e(table.title)}</h3>")
+            if not table.rows:
+                out.append("<p>(none)</p>")
+                continue
+            header = "".join(f"<th>{e(h)}</th>" for h in table.headers)
+            out.append(f"<table><thead><tr>{header}</tr></thead><tbody>")
+            for row in table.rows:
+                cells = "".join(
+                    f'<td class="does-not-hold">{e(cell)}</td>' if cell == "does not hold" else f"<td>{e(cell)}</td>"
+                    for cell in row
+                )
+                out.append(f"<tr>{cells}</tr>")
+            out.append("</tbody></table>")
+            if table.note:
+                out.append(f'<p class="note">{e(table.note)}</p>')
+        out.append("</section>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,73 @@
+"""Run folders with made-up rows whose scaling is known exactly: for the analysis and reports."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from attnbench.analysis import Declared
+from attnbench.implementation import complexity_exponent
+from attnbench.results import Correctness, ErrorFigures, Latency, Memory, Row, write_rows
+from attnbench.run_folder import write_declared
+from attnbench.testing import small_case
+
+SEQ_LENS = (512, 1024, 2048, 4096, 8192)
+
+
+def declared(exact: bool, time: str, memory: str) -> Declared:
+    return Declared(exact, time, memory, complexity_exponent(time), complexity_exponent(memory))
+
+
+def row(
+    name: str, seq_len: int, seconds: float, peak: int, error: float, *, status: str = "ok",
+    causal: bool = False, samples: Sequence[float] | None = None, run_id: str = "20260101T000000Z-abc1234",
+) -> Row:
+    case = small_case(batch=1, heads=8, seq_len=seq_len, head_dim=64, causal=causal)
+    if status != "ok":
+        return Row(run_id, name, case, status, reasons=(f"{name} cannot at {seq_len}",))
+    latency = Latency(tuple(samples or (seconds * 0.99, seconds, seconds * 1.01)), 1, seconds, "synthetic")
+    return Row(
+        run_id, name, case, "ok",
+        correctness=Correctness(256, {"out": ErrorFigures(error, error, None)}, None, None),
+        latency=latency,
+        memory=Memory(peak, peak, "synthetic"),
+    )
+
+
+def write_run(
+    folder: Path, rows: Sequence[Row], declarations: dict[str, Declared], matmul: float | None = None
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_rows(folder / "rows.jsonl", rows)
+    write_declared(folder, declarations)
+    environment = {"cpu_model": "synthetic", "torch_threads": 2}
+    if matmul:
+        environment["matmul_flops"] = {"cpu/float32": matmul}
+    (folder / "environment.json").write_text(json.dumps(environment))
+    return folder
+
+
+def curve(name: str, seconds: Callable[[int], float], peak: Callable[[int], float], error: float) -> list[Row]:
+    return [row(name, n, seconds(n), int(peak(n)), error) for n in SEQ_LENS]
+
+
+def standard_run(folder: Path) -> Path:
+    """quadratic (exact, n²/n²), tiled (exact, n²/n), linear (approximate, n/n) and a plugin that
+    claims n but is n² ('liar'); 'flaky' fails at the two largest seq_lens."""
+    rows = [
+        *curve("quadratic", lambda n: 1e-9 * n**2, lambda n: 8 * n**2, 1e-7),
+        *curve("tiled", lambda n: 5e-10 * n**2, lambda n: 4096 * n, 2e-7),
+        *curve("linear", lambda n: 4e-5 * n, lambda n: 8192 * n, 0.3),
+        *curve("liar", lambda n: 2e-9 * n**2, lambda n: 10_000 * n, 0.5),
+        *[row("flaky", n, 1e-5 * n, 1000 * n, 0.2) for n in SEQ_LENS[:3]],
+        *[row("flaky", n, 0, 0, 0, status="oom") for n in SEQ_LENS[3:]],
+    ]
+    declarations = {
+        "quadratic": declared(True, "n^2", "n^2"),
+        "tiled": declared(True, "n^2", "n"),
+        "linear": declared(False, "n", "n"),
+        "liar": declared(False, "n", "n"),
+        "flaky": declared(False, "n", "n"),
+    }
+    return write_run(folder, rows, declarations, matmul=1e11)

@@ -1,0 +1,77 @@
+"""Scaling verdicts, crossovers, throughput and Pareto fronts from rows with known scaling."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnbench.analysis import attention_flops, crossovers, pareto, scaling_fits, throughputs
+from attnbench.run_folder import load_run
+from attnbench.testing import small_case
+
+from synthetic_runs import curve, declared, standard_run, write_run
+
+
+@pytest.fixture
+def run(tmp_path):
+    return load_run(standard_run(tmp_path / "results" / "synthetic" / "run"))
+
+
+def _fit(run, name, metric):
+    return next(f for f in scaling_fits(run.rows, run.declared) if f.implementation == name and f.metric == metric)
+
+
+def test_exponents_are_measured_and_checked_against_the_declaration(run):
+    quadratic_memory = _fit(run, "quadratic", "memory")
+    assert quadratic_memory.exponent == pytest.approx(2.0) and quadratic_memory.verdict == "holds"
+    assert _fit(run, "tiled", "memory").exponent == pytest.approx(1.0)
+    assert quadratic_memory.seq_lens == (1024, 2048, 4096, 8192)  # the largest four points
+    liar = _fit(run, "liar", "latency")
+    assert liar.exponent == pytest.approx(2.0) and liar.verdict == "does not hold"
+    assert liar.sentence() == "declared n, measured n^2.00 ± 0.00 over 1024–8192: does not hold"
+
+
+def test_a_curve_with_gaps_is_fitted_on_what_ran(run):
+    flaky = _fit(run, "flaky", "latency")
+    assert flaky.seq_lens == (512, 1024, 2048) and flaky.exponent == pytest.approx(1.0)
+
+
+def test_crossover_is_interpolated_on_the_log_log_curves(run):
+    found = {(c.implementation, c.metric): c for c in crossovers(run.rows, run.declared)}
+    # linear 4e-5·n against the best exact, tiled 5e-10·n²: equal at n = 80000, beyond the range.
+    assert found[("linear", "latency")].seq_len is None
+    assert "not faster within the measured range" in found[("linear", "latency")].text
+    # Memory: 8192·n against tiled's 4096·n: never leaner. liar (10000·n): never either.
+    assert found[("linear", "memory")].seq_len is None
+    # flaky, 1e-5·n against 5e-10·n²: equal at 20000 -> beyond its measured 2048.
+    assert found[("flaky", "latency")].seq_len is None
+
+
+def test_crossover_inside_the_range(tmp_path):
+    rows = [*curve("exact", lambda n: 1e-9 * n**2, lambda n: n, 0),
+            *curve("approx", lambda n: 2e-6 * n, lambda n: n, 0.1)]
+    declarations = {"exact": declared(True, "n^2", "n"), "approx": declared(False, "n", "n")}
+    run = load_run(write_run(tmp_path / "r" / "x", rows, declarations))
+    latency = next(c for c in crossovers(run.rows, run.declared) if c.metric == "latency")
+    assert latency.seq_len == pytest.approx(2000, rel=1e-6)  # 1e-9·n² = 2e-6·n
+    assert latency.text == "faster from ~2000 (between 1024 and 2048)"
+
+
+def test_throughput_counts_flops_as_flashattention_does(run):
+    case = small_case(batch=2, heads=4, seq_len=1024, head_dim=64)
+    assert attention_flops(case) == 4 * 2 * 4 * 1024**2 * 64
+    causal_training = small_case(batch=2, heads=4, seq_len=1024, head_dim=64, causal=True, mode="forward_backward")
+    assert attention_flops(causal_training) == attention_flops(case) / 2 * 3.5
+    results = {(t.row.implementation, t.row.case.seq_len): t for t in throughputs(run.rows, run.declared,
+                                                                                   run.matmul_flops)}
+    tiled = results[("tiled", 4096)]  # 4·8·4096²·64 FLOPs in 5e-10·4096² s
+    assert tiled.achieved_flops == pytest.approx(4 * 8 * 64 / 5e-10)
+    assert tiled.fraction_of_matmul == pytest.approx(tiled.achieved_flops / 1e11)
+    assert ("linear", 4096) not in results  # approximations have no attention FLOP count
+
+
+def test_pareto_front_keeps_only_the_unbeaten(run):
+    front = {(p.row.implementation, p.row.case.seq_len): p.on_front for p in pareto(run.rows)}
+    assert front[("tiled", 4096)]  # the fastest
+    assert front[("quadratic", 4096)]  # slower than tiled, but more accurate (1e-7 against 2e-7)
+    assert not front[("linear", 4096)] and not front[("liar", 4096)]  # slower and less accurate than tiled
+    assert ("flaky", 4096) not in front  # did not run

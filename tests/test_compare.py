@@ -1,0 +1,64 @@
+"""compare: a real slowdown against noise, with exit codes for CI; history across runs."""
+
+from __future__ import annotations
+
+import random
+
+from attnbench.cli import main
+from attnbench.compare import compare_runs
+from attnbench.run_folder import load_run
+
+from synthetic_runs import declared, row, write_run
+
+DECLARED = {"steady": declared(True, "n^2", "n"), "slowed": declared(True, "n^2", "n")}
+
+
+def _run(folder, run_id, slowdown=1.0, seed=0, samples=20):
+    """Two implementations at three seq_lens, with 2% noise; 'slowed' is slower by ``slowdown``."""
+    rng = random.Random(seed)
+    rows = []
+    for n in (1024, 2048, 4096):
+        for name, factor in (("steady", 1.0), ("slowed", slowdown)):
+            seconds = 1e-9 * n * n * factor
+            draws = [seconds * rng.gauss(1.0, 0.02) for _ in range(samples)]
+            rows.append(row(name, n, seconds, 4096 * n, 1e-7, samples=draws, run_id=run_id))
+    return write_run(folder / run_id, rows, DECLARED)
+
+
+def test_a_slowdown_is_told_from_a_rerun(tmp_path):
+    base = load_run(_run(tmp_path, "20260101T000000Z-aaaaaaa", seed=0))
+    rerun = load_run(_run(tmp_path, "20260102T000000Z-aaaaaaa", seed=1))
+    slowed = load_run(_run(tmp_path, "20260103T000000Z-bbbbbbb", slowdown=2.0, seed=2))
+    assert compare_runs(base, rerun).regressions == ()
+    regressions = compare_runs(base, slowed).regressions
+    assert {(c.implementation, c.case.seq_len) for c in regressions} == {("slowed", n) for n in (1024, 2048, 4096)}
+    assert all(1.8 < c.latency_ratio < 2.2 and c.p_value < 1e-6 for c in regressions)
+
+
+def test_too_few_samples_are_not_called_a_change(tmp_path):
+    base = load_run(_run(tmp_path, "20260101T000000Z-aaaaaaa", samples=3))
+    slowed = load_run(_run(tmp_path, "20260103T000000Z-bbbbbbb", slowdown=2.0, seed=2, samples=3))
+    verdicts = {c.verdict for c in compare_runs(base, slowed).changes if c.implementation == "slowed"}
+    assert verdicts == {"too few samples to tell (3 vs 3)"}
+
+
+def test_fail_on_regression_exit_codes(tmp_path, capsys):
+    base = _run(tmp_path, "20260101T000000Z-aaaaaaa", seed=0)
+    rerun = _run(tmp_path, "20260102T000000Z-aaaaaaa", seed=1)
+    slowed = _run(tmp_path, "20260103T000000Z-bbbbbbb", slowdown=2.0, seed=2)
+    assert main(["compare", str(base), str(rerun), "--fail-on-regression"]) == 0
+    assert main(["compare", str(base), str(slowed / "rows.jsonl"), "--fail-on-regression"]) == 1
+    out = capsys.readouterr().out
+    assert "3 significant slowdown(s) beyond 30%" in out
+    assert main(["compare", str(base), str(slowed)]) == 0  # reporting only, without the flag
+    assert main(["compare", str(base), str(slowed), "--fail-on-regression", "150%"]) == 0  # 2x is within 150%
+
+
+def test_history_tables_and_plots_every_run(tmp_path, capsys):
+    for day, slowdown in ((1, 1.0), (2, 1.0), (3, 2.0)):
+        _run(tmp_path / "suite", f"2026010{day}T000000Z-aaaaaaa", slowdown=slowdown, seed=day)
+    assert main(["history", str(tmp_path / "suite"), "slowed"]) == 0
+    out = capsys.readouterr().out
+    assert "20260101T000000Z-aaaaaaa" in out and "20260103T000000Z-aaaaaaa" in out and "N=4096" in out
+    assert list((tmp_path / "suite" / "history").glob("history-slowed-*.png"))
+    assert main(["history", str(tmp_path / "suite"), "nope"]) == 2

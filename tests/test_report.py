@@ -1,0 +1,52 @@
+"""Reports rebuilt from stored rows: every file, every point (failed ones too), nothing fetched."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from attnbench.cli import main
+from attnbench.report import write_reports
+from attnbench.run_folder import load_run
+
+from synthetic_runs import SEQ_LENS, standard_run
+
+
+def test_every_report_file_is_written_from_the_rows(tmp_path):
+    run = load_run(standard_run(tmp_path / "results" / "synthetic" / "run"))
+    write_reports(run)
+    folder = run.path
+    table = pd.read_csv(folder / "table.csv")
+    assert len(table) == len(run.rows) == 5 * len(SEQ_LENS)
+    assert set(table[table.implementation == "flaky"].status) == {"ok", "oom"}
+    for kind in ("latency", "memory", "speedup", "pareto", "exponents"):
+        for extension in ("png", "svg"):
+            path = folder / "plots" / f"b-1-h-8-d-64-float32-cpu-forward-{kind}.{extension}"
+            assert path.stat().st_size > 1000, path
+
+    markdown = (folder / "report.md").read_text()
+    assert "| liar | B=1 H=8 D=64 float32 cpu forward | latency | n | n^2.00 ± 0.00 over 1024–8192 | does not hold |" \
+        in markdown
+    assert "| flaky | 4096 | oom |" in markdown  # a failed point is a row with its status, not a gap
+    assert "(plots/b-1-h-8-d-64-float32-cpu-forward-latency.png)" in markdown
+
+    page = (folder / "report.html").read_text()
+    images = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(images) == 5 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)  # self-contained: no network
+    assert "<script" not in page
+
+
+def test_report_command_rebuilds_and_prints_the_verdicts(tmp_path, capsys):
+    folder = standard_run(tmp_path / "results" / "synthetic" / "run")
+    assert main(["report", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "liar" in out and "declared n, measured n^2.00 ± 0.00 over 1024–8192: does not hold" in out
+    assert (folder / "report.html").exists()
+
+
+def test_report_on_a_folder_without_rows_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no rows.jsonl here" in err

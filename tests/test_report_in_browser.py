@@ -1,0 +1,46 @@
+"""report.html as a person sees it: opened in headless Chromium, every plot rendered, every table
+filled. Needs Debian's chromium (.ci/run installs it) and Playwright for Python (the test extra);
+skipped, saying which is missing, where either cannot be had."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from attnbench.report import write_reports
+from attnbench.run_folder import load_run
+
+from synthetic_runs import standard_run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Flags for a sandboxed CI box with no network: no first-run UI, no background connections.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def test_every_plot_renders_and_every_table_has_its_rows(tmp_path):
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
+    run = load_run(standard_run(tmp_path / "results" / "synthetic" / "run"))
+    write_reports(run)
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        failed_requests = []
+        page.on("requestfailed", lambda request: failed_requests.append(request.url))
+        page.goto((run.path / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        tables = page.eval_on_selector_all(
+            "table", "ts => ts.map(t => [t.previousElementSibling.textContent, t.tBodies[0].rows.length])"
+        )
+        page.screenshot(path=str(run.path / "screenshot.png"), full_page=True)
+        browser.close()
+    assert len(sizes) == 5 and all(complete and width > 300 and height > 200 for complete, width, height in sizes)
+    rows_per_table = dict(tables)
+    assert rows_per_table["Declared vs measured complexity"] == 5 * 2  # implementations × (latency, memory)
+    assert rows_per_table["Every point"] == len(run.rows)
+    assert rows_per_table["Achieved throughput"] == 2 * 5  # the exact ones at every seq_len
+    assert failed_requests == []
