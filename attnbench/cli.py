@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("new", type=Path, help="the later run: a run folder or its rows.jsonl")
     compare.add_argument(
         "--fail-on-regression", nargs="?", type=_fraction, const=DEFAULT_THRESHOLD, default=None, metavar="THRESHOLD",
-        help=f"exit 1 if a point is significantly slower by more than THRESHOLD (default {DEFAULT_THRESHOLD}: 30%%)",
+        help=f"exit 1 if most points of an implementation's curve are significantly slower by more than "
+             f"THRESHOLD (default {DEFAULT_THRESHOLD}: 30%%)",
     )
     compare.set_defaults(command=_compare)
 
@@ -121,8 +122,15 @@ def _compare(args: argparse.Namespace) -> int:
     typical = comparison.typical_ratio
     if typical is not None:
         print(f"\nmedian new/base ratio over all points: {typical:.2f} (machine-wide drift shows here)")
+    curve_lines = [
+        [curve.implementation, group_title(curve.group), f"{curve.slower} of {curve.points}",
+         f"{curve.median_ratio:.2f}", "REGRESSED" if curve.regressed else ""]
+        for curve in comparison.curves
+    ]
+    print("\n" + format_table(("implementation", "case", "points slower", "median new/base", ""), curve_lines))
     regressions = comparison.regressions
-    print(f"{len(regressions)} significant slowdown(s) beyond {threshold:.0%} (Mann-Whitney p < {ALPHA})")
+    print(f"{len(regressions)} regression(s): most points of a curve significantly slower (Mann-Whitney "
+          f"p < {ALPHA}) by more than {threshold:.0%}")
     return 1 if regressions and args.fail_on_regression is not None else 0
 
 

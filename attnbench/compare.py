@@ -1,8 +1,14 @@
 """Two runs side by side, point by point: did anything get slower, leaner, more or less accurate?
 
-A latency change counts only when the Mann–Whitney test on the two runs' raw samples says it is
-not noise (p < ALPHA) and the ratio of medians passes the threshold. With too few samples for
-the test to ever reach ALPHA (3 against 3 gives p ≥ 0.1), the point says so instead of guessing.
+A point is slower only when the Mann–Whitney test on the two runs' raw samples says it is not
+noise (p < ALPHA) and the ratio of medians passes the threshold. With too few samples for the
+test ever to reach ALPHA (3 against 3 gives p ≥ 0.1), the point says so instead of guessing.
+
+An implementation regresses on a curve (its points over seq_len, other axes fixed) when most of
+those points are slower. One point alone is not enough: on this shared machine a point's worker
+process sometimes runs in a slow mode (same code, two runs: naive at N=512 4.1 ms and 9.5 ms,
+sparse at N=1024 16 ms and 31 ms, each with a tight spread), which the samples of one run cannot
+see; a changed implementation is slower at most of its seq_lens.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from attnbench.case import Case
+from attnbench.grid import group_key
 from attnbench.results import Row
 from attnbench.run_folder import RunFolder
 from attnbench.stats import mann_whitney_p, smallest_p
@@ -42,6 +49,19 @@ class PointChange:
 
 
 @dataclass(frozen=True)
+class CurveChange:
+    implementation: str
+    group: Case  # the fixed axes (seq_len blank)
+    points: int  # compared with a latency ratio
+    slower: int
+    median_ratio: float
+
+    @property
+    def regressed(self) -> bool:
+        return self.slower * 2 > self.points
+
+
+@dataclass(frozen=True)
 class Comparison:
     changes: tuple[PointChange, ...]  # sorted: significant first, then by the size of the effect
     only_in_base: tuple[Row, ...]
@@ -50,8 +70,20 @@ class Comparison:
     threshold: float
 
     @property
-    def regressions(self) -> tuple[PointChange, ...]:
-        return tuple(change for change in self.changes if change.verdict == "slower")
+    def curves(self) -> tuple[CurveChange, ...]:
+        by_curve: dict[tuple[str, Case], list[PointChange]] = {}
+        for change in self.changes:
+            if change.latency_ratio is not None:
+                by_curve.setdefault((change.implementation, group_key(change.case)), []).append(change)
+        return tuple(
+            CurveChange(name, group, len(points), sum(c.verdict == "slower" for c in points),
+                        statistics.median(c.latency_ratio for c in points))
+            for (name, group), points in sorted(by_curve.items(), key=lambda item: (item[0][0], item[0][1].describe()))
+        )
+
+    @property
+    def regressions(self) -> tuple[CurveChange, ...]:
+        return tuple(curve for curve in self.curves if curve.regressed)
 
     @property
     def typical_ratio(self) -> float | None:
