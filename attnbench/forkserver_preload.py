@@ -6,9 +6,15 @@ Nothing here may start threads or run parallel torch ops: a forked child gets no
 """
 
 import gc
+import os
 
-from attnbench import worker  # noqa: F401  (imports torch and the measuring code)
-from attnbench.memory import initialise_profiler
+# torch.compile (FlexAttention's path) in a worker compiles in-process instead of starting a
+# pool of compile subprocesses: starting the pool cost ~7 s per compiled point here, and
+# the workers' exits leaked its semaphores (resource_tracker warnings at the end of a run).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+from attnbench import worker  # noqa: E402, F401  (imports torch and the measuring code)
+from attnbench.memory import initialise_profiler  # noqa: E402
 
 initialise_profiler()
 # Everything loaded so far lives as long as the server: keep it out of the children's garbage

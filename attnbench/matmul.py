@@ -17,6 +17,8 @@ def matmul_flops(device: str, dtype_name: str, min_run_time_s: float = 1.0) -> f
     dtype = DTYPES[dtype_name]
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    timer = benchmark.Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b})
+    # With the threads the attention calls get: Timer's default of one thread would halve the yardstick.
+    timer = benchmark.Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b},
+                            num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_run_time_s)
     return 2.0 * n**3 / measurement.median
