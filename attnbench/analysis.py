@@ -216,6 +216,8 @@ def _best_per_seq_len(curves_: list[list[Row]], metric: Metric) -> dict[int, flo
 
 def _crossover(mine: dict[int, float], best: dict[int, float], better: str) -> tuple[float | None, str]:
     """The seq_len where log(mine / best) turns negative, interpolated linearly in log(seq_len)."""
+    if not mine:
+        return None, "not measured here (no point ran)"
     common = sorted(set(mine) & set(best))
     if not common:
         return None, "no exact implementation measured at the same seq_len"
