@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="results folder (default: the suite's output, else results/)")
     run.add_argument("--implementations", help="comma-separated names, instead of the suite's list")
     run.add_argument("--device", help=f"run every case on this device ({DEVICES_ALLOWED})")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="measure only the points this earlier run of the same suite and code lacks")
     run.set_defaults(command=_run)
 
     listing = commands.add_parser("list", help="list implementations and where they run")
@@ -92,7 +94,9 @@ def _run(args: argparse.Namespace) -> int:
     for problem in registry.problems:
         print(f"attnbench: warning: {problem}", file=sys.stderr)
     suite = _apply_flags(load_suite(args.suite, registry), args, registry)
-    result = run_suite(suite, registry, output=args.output, progress=TerminalProgress())
+    result = run_suite(suite, registry, output=args.output, progress=TerminalProgress(), resume=args.resume)
+    for warning in result.warnings:
+        print(f"attnbench: warning: {warning}", file=sys.stderr)
     print(summary_table(result.rows))
     print(f"\nresults: {result.rows_path}")
     written = write_reports(load_run(result.run_dir))

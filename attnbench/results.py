@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from attnbench.case import Case
+from attnbench.errors import UserError
 
 Status = Literal["ok", "unsupported", "skipped", "incorrect", "oom", "timeout", "crashed", "error"]
 STATUSES: tuple[Status, ...] = ("ok", "unsupported", "skipped", "incorrect", "oom", "timeout", "crashed", "error")
@@ -158,14 +160,42 @@ class RowWriter:
     def write(self, row: Row) -> None:
         self._file.write(json.dumps(row.to_json(), sort_keys=False) + "\n")
         self._file.flush()
+        os.fsync(self._file.fileno())  # on disk before the next point starts: a kill loses no row
 
     def close(self) -> None:
         self._file.close()
 
 
 def read_rows(path: Path) -> list[Row]:
-    with path.open(encoding="utf-8") as file:
-        return [Row.from_json(json.loads(line)) for line in file if line.strip()]
+    return read_rows_tolerantly(path).rows
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    rows: list[Row]
+    complete_bytes: int  # the file's length up to the end of its last complete row
+    torn_tail: bool  # a last line cut short (a run killed while writing): ignored
+
+
+def read_rows_tolerantly(path: Path) -> StoredRows:
+    """The rows of a JSONL file. A last line without its newline that does not parse is the
+    trace of a kill mid-write and is ignored; any other bad line is an error naming it."""
+    data = path.read_bytes()
+    rows, offset = [], 0
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        last = number == len(lines)
+        if line.strip():
+            try:
+                rows.append(Row.from_json(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as error:
+                if last:  # no newline after it: it was being written when the run died
+                    return StoredRows(rows, offset, torn_tail=True)
+                problem = f"{type(error).__name__}: {error}"
+                raise UserError(f"{path}: line {number} is not a result row ({problem})") from None
+        if not last:
+            offset += len(line) + 1
+    return StoredRows(rows, offset, torn_tail=False)
 
 
 def write_rows(path: Path, rows: Iterable[Row]) -> None:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 from attnbench.analysis import Declared
 from attnbench.errors import UserError
 from attnbench.implementation import Implementation, complexity_exponent
-from attnbench.results import Row
+from attnbench.results import Row, read_rows_tolerantly
 
 ROWS_FILE = "rows.jsonl"
 ENVIRONMENT_FILE = "environment.json"
@@ -79,19 +80,13 @@ def load_run(location: Path, fallback: Mapping[str, Declared] | None = None) -> 
 
 
 def _read_rows(path: Path) -> list[Row]:
-    rows = []
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(Row.from_json(json.loads(line)))
-            except (ValueError, KeyError, TypeError) as error:
-                problem = f"{type(error).__name__}: {error}"
-                raise UserError(f"{path}: line {number} is not a result row ({problem})") from None
-    if not rows:
+    stored = read_rows_tolerantly(path)
+    if stored.torn_tail:
+        print(f"attnbench: warning: {path}: its last line was cut short (a run killed mid-write); ignored",
+              file=sys.stderr)
+    if not stored.rows:
         raise UserError(f"{path}: no result rows in it")
-    return rows
+    return stored.rows
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

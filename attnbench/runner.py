@@ -23,7 +23,8 @@ from attnbench.isolation import run_isolated
 from attnbench.matmul import matmul_flops
 from attnbench.predict import extrapolate
 from attnbench.registry import Registry
-from attnbench.results import Measurement, Row, RowWriter
+from attnbench.errors import UserError
+from attnbench.results import Measurement, Row, RowWriter, read_rows_tolerantly
 from attnbench.run_folder import ENVIRONMENT_FILE, ROWS_FILE, SUITE_COPY, declared_of, write_declared
 from attnbench.suite import Limits, Suite
 from attnbench.units import format_bytes
@@ -41,6 +42,7 @@ class RunResult:
     run_dir: Path
     rows: tuple[Row, ...]
     environment: Environment
+    warnings: tuple[str, ...] = ()  # e.g. a resumed run whose code version cannot be checked
 
     @property
     def rows_path(self) -> Path:
@@ -53,32 +55,43 @@ def run_suite(
     *,
     output: Path | None = None,
     progress: ProgressListener | None = None,
+    resume: Path | None = None,
 ) -> RunResult:
     """Measure every implementation of the suite on every case of its sweep.
 
     Cases run in grid order and, within a case, implementations in suite order, so that
     implementations compared with each other are measured minutes apart, not an hour.
+    ``resume``: a run folder of the same suite and code; only its missing points are measured.
     """
     implementations = [registry.get(name) for name in suite.implementations]
     options = {impl.name: effective_options(impl, suite.options.get(impl.name, {})) for impl in implementations}
     cases = expand(suite.sweep)
-    environment = capture_environment()
-    if suite.measure.latency is not None:
-        throughputs = _matmul_throughputs(cases, suite.measure.latency.min_run_time_s)
-        environment = dataclasses.replace(environment, matmul_flops=throughputs)
-    run_dir = _new_run_dir(output or suite.output, suite.name, environment)
-    (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(environment.to_json(), indent=2) + "\n")
-    write_declared(run_dir, declared_of(implementations))
-    shutil.copyfile(suite.path, run_dir / SUITE_COPY)
+    if resume is not None:
+        run_dir, environment, done, warnings = _resumed(resume, suite)
+    else:
+        environment = capture_environment()
+        if suite.measure.latency is not None:
+            throughputs = _matmul_throughputs(cases, suite.measure.latency.min_run_time_s)
+            environment = dataclasses.replace(environment, matmul_flops=throughputs)
+        run_dir = _new_run_dir(output or suite.output, suite.name, environment)
+        (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(environment.to_json(), indent=2) + "\n")
+        write_declared(run_dir, declared_of(implementations))
+        shutil.copyfile(suite.path, run_dir / SUITE_COPY)
+        done, warnings = [], ()
 
     curves = _Curves(suite.limits, suite.measure.latency.min_samples if suite.measure.latency else 1)
+    for row in done:  # earlier points still inform predictions and budgets
+        curves.record(row)
+    recorded = {(row.implementation, row.case) for row in done}
     writer = RowWriter(run_dir / ROWS_FILE)
-    rows: list[Row] = []
+    rows: list[Row] = list(done)
     if progress:
-        progress.started(len(cases) * len(implementations))
+        progress.started(len(cases) * len(implementations) - len(recorded))
     try:
         for case in cases:
             for implementation in implementations:
+                if (implementation.name, case) in recorded:
+                    continue
                 if progress:
                     progress.point(implementation.name, case)
                 row = _run_point(implementation, case, options[implementation.name], suite, curves, run_dir.name)
@@ -89,7 +102,34 @@ def run_suite(
                     progress.finished(row)
     finally:
         writer.close()
-    return RunResult(run_dir, tuple(rows), environment)
+    return RunResult(run_dir, tuple(rows), environment, warnings)
+
+
+def _resumed(run_dir: Path, suite: Suite) -> tuple[Path, Environment, list[Row], tuple[str, ...]]:
+    """The run's environment and finished rows, after checking that the suite and the code are
+    the ones it started with; a torn last line (a kill mid-write) is cut off."""
+    rows_path = run_dir / ROWS_FILE
+    if not rows_path.exists() or not (run_dir / SUITE_COPY).exists():
+        raise UserError(f"--resume {run_dir}: not a run folder (no {ROWS_FILE} or {SUITE_COPY})")
+    if (run_dir / SUITE_COPY).read_text() != suite.path.read_text():
+        raise UserError(f"--resume {run_dir}: {suite.path} has changed since this run started (its copy is "
+                        f"{run_dir / SUITE_COPY}); start a new run instead of mixing two suites")
+    stored_environment = json.loads((run_dir / ENVIRONMENT_FILE).read_text())
+    now = capture_environment()
+    then = stored_environment.get("git_commit")
+    if then != now.git_commit:
+        raise UserError(f"--resume {run_dir}: the code has changed since this run started (commit {then} then, "
+                        f"{now.git_commit} now); start a new run instead of mixing two versions")
+    warnings = []
+    if stored_environment.get("git_dirty") or now.git_dirty:
+        warnings.append(f"--resume {run_dir}: uncommitted changes (then or now): whether the code changed "
+                        "cannot be told")
+    stored = read_rows_tolerantly(rows_path)
+    if stored.torn_tail:
+        with rows_path.open("r+b") as file:
+            file.truncate(stored.complete_bytes)
+    environment = Environment(**stored_environment)
+    return run_dir, environment, stored.rows, tuple(warnings)
 
 
 def _matmul_throughputs(cases: Sequence[Case], min_run_time_s: float) -> dict[str, float]:

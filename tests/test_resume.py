@@ -1,0 +1,96 @@
+"""Durable rows and --resume: kill -9 in the middle of a sweep, resume, every point exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from attnbench.registry import DISABLE_AUTOLOAD_VARIABLE
+from attnbench.results import read_rows
+
+from conftest import REPO
+
+SUITE = """
+name: resume
+implementations: [naive, flash]
+sweep: {seq_len: [64, 128, 256, 512], heads: 2, head_dim: 32, causal: [false, true]}
+measure:
+  correctness: {rows: 16}
+  latency: {min_run_time_s: 0.1, max_run_time_s: 0.15, min_samples: 3}
+  memory: false
+"""
+POINTS = 2 * 4 * 2
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "attnbench", *args]
+
+
+ENV = {**os.environ, DISABLE_AUTOLOAD_VARIABLE: "1"}
+
+
+def test_kill_then_resume_records_every_point_exactly_once(tmp_path):
+    suite = tmp_path / "resume.yaml"
+    suite.write_text(SUITE)
+    # Its own session, so the kill takes the fork server and the worker too, as a kill -9 of a
+    # terminal's job would.
+    process = subprocess.Popen(_command("run", str(suite), "--output", str(tmp_path)), cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    rows_path = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = list(tmp_path.glob("resume/*/rows.jsonl"))
+        if found and found[0].read_text().count("\n") >= 3:
+            rows_path = found[0]
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert rows_path is not None, "the run wrote no rows in time"
+    before = read_rows(rows_path)
+    assert 3 <= len(before) < POINTS
+    with rows_path.open("a") as file:
+        file.write('{"run_id": "cut short by the ki')  # as if killed in the middle of a write
+
+    resumed = subprocess.run(_command("run", str(suite), "--resume", str(rows_path.parent)), cwd=REPO, env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = read_rows(rows_path)
+    keys = [(row.implementation, row.case) for row in rows]
+    assert len(keys) == len(set(keys)) == POINTS
+    assert rows[: len(before)] == before  # the first rows kept as they were
+    assert all(row.status == "ok" for row in rows)
+
+
+def test_resume_refuses_a_changed_suite(tmp_path):
+    suite = tmp_path / "resume.yaml"
+    suite.write_text(SUITE.replace("[64, 128, 256, 512]", "[64]"))
+    first = subprocess.run(_command("run", str(suite), "--output", str(tmp_path)), cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    run_dir = next(tmp_path.glob("resume/*"))
+    suite.write_text(SUITE.replace("[64, 128, 256, 512]", "[64, 128]"))
+    again = subprocess.run(_command("run", str(suite), "--resume", str(run_dir)), cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2
+    assert again.stderr.count("\n") == 1 and "has changed since this run started" in again.stderr
+
+
+def test_a_corrupt_line_is_named_and_a_torn_last_line_ignored(tmp_path, capsys):
+    from attnbench.cli import main
+    from synthetic_runs import standard_run
+
+    folder = standard_run(tmp_path / "results" / "synthetic" / "run")
+    rows_path = folder / "rows.jsonl"
+    rows_path.write_text(rows_path.read_text() + '{"run_id": "torn')
+    assert main(["report", str(folder)]) == 0
+    assert "last line was cut short" in capsys.readouterr().err
+    lines = rows_path.read_text().splitlines()
+    lines[2] = "not json"
+    rows_path.write_text("\n".join(lines) + "\n")
+    assert main(["report", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 3 is not a result row" in err
