@@ -43,6 +43,17 @@ class Environment:
     git_commit: str | None = None
     git_dirty: bool | None = None
     matmul_flops: dict[str, float] = field(default_factory=dict)  # "device/dtype" -> FLOP/s, once per run
+    load_average: tuple[float, float, float] | None = None  # 1, 5, 15 minutes, when the run started
+    cpu_frequency: str = ""  # current MHz range over the CPUs and the scaling governor, where Linux tells
+
+    def busy_warning(self) -> str | None:
+        """A sentence when other work was running on the CPUs as the run started."""
+        if self.load_average is None or self.cpus_usable <= 0:
+            return None
+        if self.load_average[0] > 0.5 * self.cpus_usable:
+            return (f"the machine is busy (load average {self.load_average[0]:.1f} over the last minute on "
+                    f"{self.cpus_usable} usable CPUs): timings will be noisy")
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +82,8 @@ def capture_environment() -> Environment:
         devices=_devices(),
         git_commit=commit,
         git_dirty=dirty,
+        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        cpu_frequency=_cpu_frequency(),
     )
 
 
@@ -110,6 +123,21 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _cpu_frequency() -> str:
+    """E.g. '2445-2445 MHz, governor performance'; empty where the system does not say."""
+    try:
+        speeds = [float(line.partition(":")[2]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("cpu MHz")]
+    except (OSError, ValueError):
+        speeds = []
+    governor_file = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
+    governor = governor_file.read_text().strip() if governor_file.exists() else ""
+    parts = [f"{min(speeds):.0f}-{max(speeds):.0f} MHz"] if speeds else []
+    if governor:
+        parts.append(f"governor {governor}")
+    return ", ".join(parts)
 
 
 def _devices() -> dict[str, str]:

@@ -179,9 +179,17 @@ def _heading(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
         ("devices", ", ".join(f"{k}: {v}" for k, v in env.get("devices", {}).items()) or "CPU only"),
         ("packages", ", ".join(f"{k} {v}" for k, v in packages.items())),
         ("timing settings", ", ".join(f"{k}={v}" for k, v in env.get("timing_variables", {}).items()) or "none set"),
+        ("load at start", _load_text(env)),
         ("rows", f"{len(run.rows)} ({', '.join(f'{s} {n}' for s, n in _status_counts(run.rows).items())})"),
     ]
     return f"attnbench report — {run.suite_name} — {run.run_id}", facts
+
+
+def _load_text(env: Mapping[str, object]) -> str:
+    load = env.get("load_average")
+    text = f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)" if load else "not recorded"
+    frequency = env.get("cpu_frequency")
+    return f"{text}; CPU {frequency}" if frequency else text
 
 
 def _status_counts(rows: Sequence[Row]) -> dict[str, int]:

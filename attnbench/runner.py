@@ -77,7 +77,9 @@ def run_suite(
         (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(environment.to_json(), indent=2) + "\n")
         write_declared(run_dir, declared_of(implementations))
         shutil.copyfile(suite.path, run_dir / SUITE_COPY)
-        done, warnings = [], ()
+        done = []
+        busy = environment.busy_warning()
+        warnings = (busy,) if busy else ()
 
     curves = _Curves(suite.limits, suite.measure.latency.min_samples if suite.measure.latency else 1)
     for row in done:  # earlier points still inform predictions and budgets

@@ -17,3 +17,16 @@ def test_environment_records_versions_threads_and_timing_settings(monkeypatch):
     assert environment.cpu_model and environment.cpus_usable >= 1
     assert environment.git_commit is None or len(environment.git_commit) == 40
     assert set(environment.to_json()) >= {"python", "packages", "cpu_model", "timing_variables", "git_commit"}
+
+
+def test_a_busy_machine_is_warned_about():
+    import dataclasses
+
+    from attnbench.environment import capture_environment
+
+    environment = capture_environment()
+    assert environment.load_average is not None and len(environment.load_average) == 3
+    busy = dataclasses.replace(environment, load_average=(3.5, 2.0, 1.0), cpus_usable=2)
+    assert busy.busy_warning() == ("the machine is busy (load average 3.5 over the last minute on 2 usable CPUs): "
+                                   "timings will be noisy")
+    assert dataclasses.replace(environment, load_average=(0.4, 0.2, 0.1), cpus_usable=2).busy_warning() is None
