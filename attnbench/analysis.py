@@ -120,7 +120,7 @@ def scaling_fits(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[
         for metric in METRICS:
             measured = [(row.case.seq_len, value) for row in points if (value := metric_value(row, metric))]
             measured = measured[-FIT_POINTS:]
-            exponent, stderr = _loglog_slope(measured) if len(measured) >= 2 else (None, None)
+            exponent, stderr = loglog_slope(measured) if len(measured) >= 2 else (None, None)
             text = None if info is None else (info.time_complexity if metric == "latency" else info.memory_complexity)
             exponent_declared = None if info is None else (
                 info.time_exponent if metric == "latency" else info.memory_exponent
@@ -142,7 +142,7 @@ def crossovers(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[Cr
             for metric in METRICS:
                 best = _best_per_seq_len(exact, metric)
                 mine = {row.case.seq_len: value for row in points if (value := metric_value(row, metric))}
-                seq_len, text = _crossover(mine, best, "faster" if metric == "latency" else "leaner")
+                seq_len, text = crossover_between(mine, best, "faster" if metric == "latency" else "leaner")
                 results.append(Crossover(name, group, metric, "best exact", seq_len, text))
     return results
 
@@ -178,8 +178,8 @@ def pareto(rows: Sequence[Row]) -> list[ParetoPoint]:
     """At each point (fixed axes and seq_len), who is not beaten on both error and latency."""
     by_point: dict[Case, list[tuple[Row, float]]] = defaultdict(list)
     for row in rows:
-        error = _output_error(row)
-        if metric_value(row, "latency") is not None and error is not None:
+        error = output_error(row)
+        if metric_value(row, "latency") is not None and error is not None and math.isfinite(error):
             by_point[row.case].append((row, error))
     points = []
     for entries in by_point.values():
@@ -193,11 +193,10 @@ def pareto(rows: Sequence[Row]) -> list[ParetoPoint]:
     return points
 
 
-def _output_error(row: Row) -> float | None:
+def output_error(row: Row) -> float | None:
+    """Relative Frobenius error of the output against float64 exact attention (NaN if it was NaN)."""
     figures = row.correctness.exact.get("out") if row.correctness else None
-    if figures is None or not math.isfinite(figures.rel_fro):
-        return None
-    return figures.rel_fro
+    return figures.rel_fro if figures else None
 
 
 def _is_exact(name: str, declared: Mapping[str, Declared]) -> bool:
@@ -214,7 +213,7 @@ def _best_per_seq_len(curves_: list[list[Row]], metric: Metric) -> dict[int, flo
     return best
 
 
-def _crossover(mine: dict[int, float], best: dict[int, float], better: str) -> tuple[float | None, str]:
+def crossover_between(mine: dict[int, float], best: dict[int, float], better: str) -> tuple[float | None, str]:
     """The seq_len where log(mine / best) turns negative, interpolated linearly in log(seq_len)."""
     if not mine:
         return None, "not measured here (no point ran)"
@@ -232,7 +231,7 @@ def _crossover(mine: dict[int, float], best: dict[int, float], better: str) -> t
     return None, f"not {better} within the measured range ({common[0]}–{common[-1]})"
 
 
-def _loglog_slope(points: Sequence[tuple[int, float]]) -> tuple[float, float | None]:
+def loglog_slope(points: Sequence[tuple[int, float]]) -> tuple[float, float | None]:
     """Least-squares slope of log(value) on log(seq_len), and its standard error (≥ 3 points)."""
     xs = [math.log(n) for n, _ in points]
     ys = [math.log(value) for _, value in points]

@@ -18,6 +18,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from attnbench.analysis import output_error
 from attnbench.case import Case
 from attnbench.grid import group_key
 from attnbench.results import Row
@@ -132,11 +133,6 @@ def _change(base: Row, new: Row, threshold: float) -> PointChange:
     if base_peak and new_peak:
         memory_ratio = new_peak / base_peak
     return PointChange(base.implementation, base.case, base, new, ratio, p_value, memory_ratio, verdict)
-
-
-def output_error(row: Row) -> float | None:
-    figures = row.correctness.exact.get("out") if row.correctness else None
-    return figures.rel_fro if figures else None
 
 
 def _environment_differences(base: dict, new: dict) -> list[str]:

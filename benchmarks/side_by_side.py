@@ -11,11 +11,11 @@ log-log slopes of latency and peak memory against N from N=4096 up (least square
 
 from __future__ import annotations
 
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from attnbench.analysis import crossover_between, loglog_slope
 from attnbench.results import Row, read_rows
 from attnbench.summary import format_table
 from attnbench.units import format_bytes, format_seconds
@@ -66,7 +66,7 @@ def crossover_table(rows: list[Row]) -> str:
         baseline = curves.get((BASELINE, curve))
         if name == BASELINE or not baseline:
             continue
-        lines.append([name, curve, _crossover(points, baseline)])
+        lines.append([name, curve, crossover_between(points, baseline, "faster")[1]])
     return format_table(("implementation", "case", f"faster than {BASELINE} from"), lines) if lines else ""
 
 
@@ -80,34 +80,12 @@ def slope_table(rows: list[Row], from_seq_len: int = 4096) -> str:
         if len(points) < 2:
             continue
         sizes = [row.case.seq_len for row in points]
-        latency = _slope(sizes, [row.latency.median_s for row in points])
+        latency, _ = loglog_slope(list(zip(sizes, [row.latency.median_s for row in points], strict=True)))
         peaks = [row.memory.peak_bytes for row in points if row.memory and row.memory.peak_bytes]
-        memory = _slope(sizes, peaks) if len(peaks) == len(points) else float("nan")
+        memory = loglog_slope(list(zip(sizes, peaks, strict=True)))[0] if len(peaks) == len(points) else float("nan")
         lines.append([name, curve, f"{min(sizes)}-{max(sizes)}", f"{latency:.2f}", f"{memory:.2f}"])
     headers = ("implementation", "case", "N range", "latency slope", "memory slope")
     return format_table(headers, lines) if lines else f"(fewer than two points from N={from_seq_len})"
-
-
-def _slope(sizes: list[int], values: list[float]) -> float:
-    """Least-squares slope of log(value) against log(N)."""
-    xs, ys = [math.log(n) for n in sizes], [math.log(v) for v in values]
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
-
-
-def _crossover(points: dict[int, float], baseline: dict[int, float]) -> str:
-    """The N where latency equals the baseline's, interpolated in log-log between measured N."""
-    common = sorted(set(points) & set(baseline))
-    if not common:
-        return "no common N"
-    ratios = [(n, math.log(points[n] / baseline[n])) for n in common]
-    if ratios[0][1] < 0:
-        return f"<= {ratios[0][0]} (faster at every measured N)"
-    for (n0, r0), (n1, r1) in zip(ratios, ratios[1:], strict=False):
-        if r0 >= 0 > r1:
-            log_n = math.log(n0) + (math.log(n1) - math.log(n0)) * r0 / (r0 - r1)
-            return f"~{math.exp(log_n):.0f} (between {n0} and {n1})"
-    return f"not within the measured range (up to {common[-1]})"
 
 
 def _curve(row: Row) -> str:
