@@ -36,25 +36,30 @@ def suite_runs(suite_folder: Path) -> list[RunFolder]:
 
 
 def histories(runs: Sequence[RunFolder], implementation: str) -> list[History]:
-    groups: dict[Case, History] = {}
+    """One History per group of fixed axes the implementation was measured on."""
+    cells: dict[Case, dict[tuple[str, int], str]] = {}
+    medians: dict[Case, dict[tuple[str, int], float]] = {}
     for run in runs:
         for row in run.rows:
             if row.implementation != implementation:
                 continue
-            group = group_key(row.case)
-            history = groups.setdefault(group, History(implementation, group, (), (), {}, {}))
+            group, key = group_key(row.case), (run.run_id, row.case.seq_len)
             value = metric_value(row, "latency")
-            key = (run.run_id, row.case.seq_len)
-            history.cells[key] = format_seconds(value) if value is not None else row.status
+            cells.setdefault(group, {})[key] = format_seconds(value) if value is not None else row.status
             if value is not None:
-                history.medians[key] = value
-    if not groups:
+                medians.setdefault(group, {})[key] = value
+    if not cells:
         names = sorted({row.implementation for run in runs for row in run.rows})
         raise UserError(f"implementation {implementation!r} is in none of these runs (they have: {', '.join(names)})")
     return [
-        History(implementation, group, tuple(run.run_id for run in runs if any(k[0] == run.run_id for k in h.cells)),
-                tuple(sorted({seq_len for _, seq_len in h.cells})), h.cells, h.medians)
-        for group, h in groups.items()
+        History(
+            implementation, group,
+            runs=tuple(run.run_id for run in runs if any(run_id == run.run_id for run_id, _ in group_cells)),
+            seq_lens=tuple(sorted({seq_len for _, seq_len in group_cells})),
+            cells=group_cells,
+            medians=medians.get(group, {}),
+        )
+        for group, group_cells in cells.items()
     ]
 
 
