@@ -13,12 +13,10 @@ from attnbench.analysis import Declared, scaling_fits
 from attnbench.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices
 from attnbench.compare import ALPHA, CHANGE_HEADERS, DEFAULT_THRESHOLD, compare_runs, format_changes
 from attnbench.errors import UserError, did_you_mean
-from attnbench.history import histories, suite_runs, write_history_plot
+from attnbench.grid import describe_group
 from attnbench.implementation import Implementation
-from attnbench.plots import group_title
 from attnbench.progress import TerminalProgress
 from attnbench.registry import Registry, load_registry
-from attnbench.report import write_reports
 from attnbench.run_folder import declared_of, load_run
 from attnbench.runner import run_suite
 from attnbench.suite import Suite, load_suite
@@ -103,17 +101,23 @@ def _run(args: argparse.Namespace) -> int:
         print(f"attnbench: warning: {warning}", file=sys.stderr)
     print(summary_table(result.rows))
     print(f"\nresults: {result.rows_path}")
+    from attnbench.report import write_reports  # (matplotlib and pandas: see _report)
+
     written = write_reports(load_run(result.run_dir))
     print(f"report: {written[2]} (and {', '.join(path.name for path in written[:2])}, plots/)")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
+    # Imported here: matplotlib and pandas add about a second to start-up, which only the
+    # commands that draw should pay (not `list`, nor `run` before its sweep).
+    from attnbench.report import write_reports
+
     run = load_run(args.run_dir, fallback=_declared_from_registry())
     written = write_reports(run)
     for fit in scaling_fits(run.rows, run.declared):
         if fit.exponent is not None:
-            print(f"{fit.implementation:16s} {fit.metric:8s} {group_title(fit.group)}: {fit.sentence()}")
+            print(f"{fit.implementation:16s} {fit.metric:8s} {describe_group(fit.group)}: {fit.sentence()}")
     print(f"report: {written[2]} (and {', '.join(path.name for path in written[:2])}, plots/)")
     return 0
 
@@ -131,7 +135,7 @@ def _compare(args: argparse.Namespace) -> int:
     if typical is not None:
         print(f"\nmedian new/base ratio over all points: {typical:.2f} (machine-wide drift shows here)")
     curve_lines = [
-        [curve.implementation, group_title(curve.group), f"{curve.slower} of {curve.points}",
+        [curve.implementation, describe_group(curve.group), f"{curve.slower} of {curve.points}",
          f"{curve.median_ratio:.2f}", "REGRESSED" if curve.regressed else ""]
         for curve in comparison.curves
     ]
@@ -143,10 +147,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
+    from attnbench.history import histories, suite_runs, write_history_plot  # draws: see _report
+
     runs = suite_runs(args.suite_results)
     folder = args.plots or args.suite_results / "history"
     for history in histories(runs, args.implementation):
-        print(f"{history.implementation} — {group_title(history.group)}")
+        print(f"{history.implementation} — {describe_group(history.group)}")
         lines = [[run, *(history.cells.get((run, n), "") for n in history.seq_lens)] for run in history.runs]
         print(format_table(("run", *(f"N={n}" for n in history.seq_lens)), lines))
         print(f"plot: {write_history_plot(history, folder)}\n")

@@ -41,3 +41,8 @@ def expand(sweep: Sweep) -> list[Case]:
 def group_key(case: Case) -> Case:
     """The case with seq_len blanked: the points of one scaling curve share it."""
     return dataclasses.replace(case, seq_len=0)
+
+
+def describe_group(group: Case) -> str:
+    """The fixed axes of a scaling curve, e.g. 'B=1 H=8 D=64 float32 cpu causal forward'."""
+    return group.describe().replace(f"N={group.seq_len} ", "")

@@ -9,8 +9,8 @@ from pathlib import Path
 from attnbench.analysis import metric_value
 from attnbench.case import Case
 from attnbench.errors import UserError
-from attnbench.grid import group_key
-from attnbench.plots import group_slug, group_title, history_plot
+from attnbench.grid import describe_group, group_key
+from attnbench.plots import group_slug, history_plot
 from attnbench.run_folder import ROWS_FILE, RunFolder, load_run
 from attnbench.units import format_seconds
 
@@ -66,5 +66,5 @@ def histories(runs: Sequence[RunFolder], implementation: str) -> list[History]:
 def write_history_plot(history: History, folder: Path) -> Path:
     stem = f"history-{history.implementation}-{group_slug(history.group)}"
     history_plot(history.runs, history.seq_lens, history.medians,
-                 f"{history.implementation} median latency across runs — {group_title(history.group)}", folder, stem)
+                 f"{history.implementation} median latency across runs — {describe_group(history.group)}", folder, stem)
     return folder / f"{stem}.png"

@@ -25,6 +25,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from attnbench.analysis import Metric, ParetoPoint, ScalingFit, metric_value  # noqa: E402
 from attnbench.case import Case  # noqa: E402
+from attnbench.grid import describe_group  # noqa: E402
 from attnbench.results import Row  # noqa: E402
 
 FORMATS = ("png", "svg")
@@ -40,12 +41,8 @@ class Plot:
 
 
 def group_slug(group: Case) -> str:
-    text = group.describe().replace(f"N={group.seq_len} ", "")
+    text = describe_group(group)
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-
-
-def group_title(group: Case) -> str:
-    return group.describe().replace(f"N={group.seq_len} ", "")
 
 
 class Palette:
@@ -76,7 +73,7 @@ def scaling_plot(
     what = "median latency" if metric == "latency" else "peak memory (torch allocator)"
     axes.set_ylabel(f"{what} ({'time' if metric == 'latency' else 'bytes'}, log scale)")
     axes.set_xlabel("sequence length N (tokens, log scale)")
-    axes.set_title(f"{what} vs N — {group_title(group)}", fontsize=10)
+    axes.set_title(f"{what} vs N — {describe_group(group)}", fontsize=10)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     stem = f"{group_slug(group)}-{metric}"
     _save(figure, folder, stem)
@@ -114,7 +111,7 @@ def pareto_plot(points: Sequence[ParetoPoint], group: Case, palette: Palette, fo
     names = sorted({point.row.implementation for point in points})
     proxies = [Line2D([], [], linestyle="none", marker="o", color=palette(name)) for name in names]
     figure.legend(proxies, names, fontsize=8, loc="upper right")
-    figure.suptitle(f"Error vs latency (o: on the Pareto front, x: beaten) — {group_title(group)}", fontsize=10)
+    figure.suptitle(f"Error vs latency (o: on the Pareto front, x: beaten) — {describe_group(group)}", fontsize=10)
     figure.tight_layout(rect=(0, 0, 0.86, 0.95))
     stem = f"{group_slug(group)}-pareto"
     _save(figure, folder, stem)
@@ -136,7 +133,7 @@ def speedup_plot(curves: dict[str, list[Row]], baseline: str, group: Case, palet
     _log_axes(axes, y_formatter=FuncFormatter(lambda value, _: f"{value:g}×"))
     axes.set_xlabel("sequence length N (tokens, log scale)")
     axes.set_ylabel(f"speed-up over {baseline} (× faster, log scale)")
-    axes.set_title(f"Speed-up over {baseline} — {group_title(group)}", fontsize=10)
+    axes.set_title(f"Speed-up over {baseline} — {describe_group(group)}", fontsize=10)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     stem = f"{group_slug(group)}-speedup"
     _save(figure, folder, stem)
@@ -165,7 +162,7 @@ def exponent_plot(fits: Sequence[ScalingFit], group: Case, folder: Path) -> Plot
         axes.set_xlim(-0.1, 2.6)
         axes.grid(axis="x", alpha=0.3)
     panels[0].set_yticks(range(len(names)), names)
-    figure.suptitle(f"Scaling exponents over each one's largest points — {group_title(group)}", fontsize=10)
+    figure.suptitle(f"Scaling exponents over each one's largest points — {describe_group(group)}", fontsize=10)
     figure.tight_layout()
     stem = f"{group_slug(group)}-exponents"
     _save(figure, folder, stem)

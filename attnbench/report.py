@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +20,13 @@ from attnbench.analysis import (
     crossovers,
     curves,
     metric_value,
+    output_error,
     pareto,
     scaling_fits,
     throughputs,
 )
-from attnbench.grid import group_key
-from attnbench.plots import Palette, Plot, exponent_plot, group_title, pareto_plot, scaling_plot, speedup_plot
+from attnbench.grid import describe_group, group_key
+from attnbench.plots import Palette, Plot, exponent_plot, pareto_plot, scaling_plot, speedup_plot
 from attnbench.results import Row
 from attnbench.run_folder import RunFolder
 from attnbench.table import tidy_frame
@@ -86,7 +87,7 @@ def build_sections(run: RunFolder, plots_folder: Path) -> list[Section]:
                     exponent_plot([fit for fit in fits if fit.group == group], group, plots_folder)]
         plots.extend(plot for plot in optional if plot is not None)
         tables = (_results_table(group_curves), _pareto_table(group_points))
-        sections.append(Section(group_title(group), tables, tuple(plots)))
+        sections.append(Section(describe_group(group), tables, tuple(plots)))
     return sections
 
 
@@ -103,8 +104,9 @@ def _baseline(group_curves: Mapping[str, list[Row]], declared: Mapping[str, Decl
 
 def _verdict_table(fits: Sequence[ScalingFit]) -> Table:
     lines = tuple(
-        (fit.implementation, group_title(fit.group), fit.metric, fit.declared or "unknown", fit.measured, fit.verdict)
-        for fit in sorted(fits, key=lambda f: (group_title(f.group), f.implementation, f.metric))
+        (fit.implementation, describe_group(fit.group), fit.metric, fit.declared or "unknown", fit.measured,
+         fit.verdict)
+        for fit in sorted(fits, key=lambda f: (describe_group(f.group), f.implementation, f.metric))
     )
     note = ("Least-squares fit of log(median latency) and log(allocator peak) on log(N) over each curve's largest "
             "measured points (up to 4); ± is one standard error. A declaration holds unless the measured exponent "
@@ -115,8 +117,8 @@ def _verdict_table(fits: Sequence[ScalingFit]) -> Table:
 
 def _crossover_table(results: Sequence[Crossover]) -> Table:
     lines = tuple(
-        (c.implementation, group_title(c.group), "latency" if c.metric == "latency" else "peak memory", c.text)
-        for c in sorted(results, key=lambda c: (group_title(c.group), c.implementation, c.metric))
+        (c.implementation, describe_group(c.group), "latency" if c.metric == "latency" else "peak memory", c.text)
+        for c in sorted(results, key=lambda c: (describe_group(c.group), c.implementation, c.metric))
     )
     note = ("At each N the best exact implementation is the fastest (or leanest) exact one measured there; the "
             "crossover is interpolated on the log-log curves.")
@@ -125,7 +127,7 @@ def _crossover_table(results: Sequence[Crossover]) -> Table:
 
 def _throughput_table(results: Sequence[Throughput], matmul: Mapping[str, float]) -> Table:
     lines = tuple(
-        (t.row.implementation, group_title(group_key(t.row.case)), str(t.row.case.seq_len),
+        (t.row.implementation, describe_group(group_key(t.row.case)), str(t.row.case.seq_len),
          f"{t.achieved_flops / 1e9:.1f}", f"{100 * t.fraction_of_matmul:.0f}%" if t.fraction_of_matmul else "n/a")
         for t in results
     )
@@ -139,13 +141,13 @@ def _results_table(group_curves: Mapping[str, list[Row]]) -> Table:
     lines = []
     for name, points in sorted(group_curves.items()):
         for row in points:
-            out = row.correctness.exact.get("out") if row.correctness else None
+            error = output_error(row)
             peak = row.memory.peak_bytes if row.memory else None
             lines.append((
                 name, str(row.case.seq_len), row.status,
                 format_seconds(row.latency.median_s) if row.latency else "",
                 format_bytes(peak) if peak is not None else "",
-                f"{out.rel_fro:.2e}" if out and math.isfinite(out.rel_fro) else "",
+                f"{error:.2e}" if error is not None and math.isfinite(error) else "",
                 "; ".join((*row.reasons, *row.notes))[:200],
             ))
     headers = ("implementation", "N", "status", "median", "peak memory", "rel. error", "reasons, notes")
@@ -180,7 +182,7 @@ def _heading(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
         ("packages", ", ".join(f"{k} {v}" for k, v in packages.items())),
         ("timing settings", ", ".join(f"{k}={v}" for k, v in env.get("timing_variables", {}).items()) or "none set"),
         ("load at start", _load_text(env)),
-        ("rows", f"{len(run.rows)} ({', '.join(f'{s} {n}' for s, n in _status_counts(run.rows).items())})"),
+        ("rows", f"{len(run.rows)} ({', '.join(f'{s} {n}' for s, n in Counter(r.status for r in run.rows).items())})"),
     ]
     return f"attnbench report — {run.suite_name} — {run.run_id}", facts
 
@@ -190,13 +192,6 @@ def _load_text(env: Mapping[str, object]) -> str:
     text = f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)" if load else "not recorded"
     frequency = env.get("cpu_frequency")
     return f"{text}; CPU {frequency}" if frequency else text
-
-
-def _status_counts(rows: Sequence[Row]) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for row in rows:
-        counts[row.status] += 1
-    return dict(counts)
 
 
 def _markdown(heading: str, facts: list[tuple[str, str]], sections: Sequence[Section]) -> str:

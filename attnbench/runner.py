@@ -17,13 +17,13 @@ from typing import Protocol
 from attnbench.analysis import matmul_key
 from attnbench.case import Case, device_unavailable_reason
 from attnbench.environment import Environment, capture_environment
+from attnbench.errors import UserError
 from attnbench.grid import expand, group_key
 from attnbench.implementation import Implementation, complexity_exponent, effective_options
 from attnbench.isolation import run_isolated
 from attnbench.matmul import matmul_flops
 from attnbench.predict import extrapolate
 from attnbench.registry import Registry
-from attnbench.errors import UserError
 from attnbench.results import Measurement, Row, RowWriter, read_rows_tolerantly
 from attnbench.run_folder import ENVIRONMENT_FILE, ROWS_FILE, SUITE_COPY, declared_of, write_declared
 from attnbench.suite import Limits, Suite

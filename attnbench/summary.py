@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from attnbench.grid import group_key
+from attnbench.grid import describe_group, group_key
 from attnbench.results import Row
 from attnbench.units import format_bytes, format_seconds
 
@@ -18,7 +18,7 @@ def summary_table(rows: Sequence[Row]) -> str:
     sections = []
     for group_rows in groups.values():
         case = group_rows[0].case
-        heading = case.describe().replace(f"N={case.seq_len} ", "")
+        heading = describe_group(case)
         ordered = sorted(group_rows, key=lambda row: (row.implementation, row.case.seq_len))
         headers = HEADERS if not case.backward else (*HEADERS[:-1], "grad err", HEADERS[-1])
         table = [_cells(row, with_grads=case.backward) for row in ordered]
