@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from attnbench.allocator import worker_allocator_policy
+
 # Environment variables that change threading, spin-waiting or allocation, and so timings.
 TIMING_VARIABLES = (
     "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_PLACES", "GOMP_SPINCOUNT",
@@ -35,7 +37,7 @@ class Environment:
     cpu_model: str
     cpu_count: int | None
     cpus_usable: int
-    torch_threads: int
+    torch_threads: int  # what the measurements ran with
     torch_interop_threads: int
     torch_parallel: str  # torch's own account: OpenMP/MKL versions and thread counts
     timing_variables: dict[str, str]
@@ -45,6 +47,7 @@ class Environment:
     matmul_flops: dict[str, float] = field(default_factory=dict)  # "device/dtype" -> FLOP/s, once per run
     load_average: tuple[float, float, float] | None = None  # 1, 5, 15 minutes, when the run started
     cpu_frequency: str = ""  # current MHz range over the CPUs and the scaling governor, where Linux tells
+    worker_allocator: str = ""  # what each worker does to malloc (attnbench.allocator)
 
     def busy_warning(self) -> str | None:
         """A sentence when other work was running on the CPUs as the run started."""
@@ -58,8 +61,17 @@ class Environment:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Environment:
+        """Fields this version does not know (a newer writer) are left out rather than refused."""
+        known = {name: value for name, value in data.items() if name in cls.__dataclass_fields__}
+        if "load_average" in known and known["load_average"] is not None:
+            known["load_average"] = tuple(known["load_average"])
+        return cls(**known)
 
-def capture_environment() -> Environment:
+
+def capture_environment(threads: int | None = None) -> Environment:
+    """``threads``: the count the suite's workers use, when it sets one."""
     # The commit of attnbench's own source when it runs from a checkout, else of the
     # directory the run was started in.
     commit, dirty = git_state(Path(__file__).resolve().parent)
@@ -75,7 +87,7 @@ def capture_environment() -> Environment:
         cpu_model=_cpu_model(),
         cpu_count=os.cpu_count(),
         cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
-        torch_threads=torch.get_num_threads(),
+        torch_threads=threads or torch.get_num_threads(),
         torch_interop_threads=torch.get_num_interop_threads(),
         torch_parallel=torch.__config__.parallel_info(),
         timing_variables={name: os.environ[name] for name in TIMING_VARIABLES if name in os.environ},
@@ -84,6 +96,7 @@ def capture_environment() -> Environment:
         git_dirty=dirty,
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
         cpu_frequency=_cpu_frequency(),
+        worker_allocator=worker_allocator_policy(),
     )
 
 

@@ -40,7 +40,7 @@ def measure_case(
     with warnings.catch_warnings(record=True) as caught:  # the implementation's notes for the row
         warnings.simplefilter("always")
         attention = implementation.prepare(case, options)
-        call = _training_step(attention, inputs) if case.backward else _forward(attention, inputs)
+        call = attention_call(attention, inputs, case.backward)
         started = time.perf_counter()
         result = call()
         synchronize(device)
@@ -74,6 +74,11 @@ def _own_warnings(caught: list[warnings.WarningMessage], implementation: Impleme
     those from deep inside torch."""
     module_file = inspect.getsourcefile(type(implementation))
     return tuple(dict.fromkeys(str(w.message) for w in caught if w.filename == module_file))
+
+
+def attention_call(attention: AttentionFn, inputs: Inputs, backward: bool) -> Callable[[], Any]:
+    """The call that is timed: the forward pass, or a training step (forward and backward)."""
+    return _training_step(attention, inputs) if backward else _forward(attention, inputs)
 
 
 def _forward(attention: AttentionFn, inputs: Inputs) -> Callable[[], torch.Tensor]:

@@ -8,8 +8,8 @@ import os
 import shutil
 import traceback
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
@@ -24,9 +24,9 @@ from attnbench.isolation import run_isolated
 from attnbench.matmul import matmul_flops
 from attnbench.predict import extrapolate
 from attnbench.registry import Registry
-from attnbench.results import Measurement, Row, RowWriter, read_rows_tolerantly
+from attnbench.results import Latency, Measurement, Row, RowWriter, read_rows_tolerantly
 from attnbench.run_folder import ENVIRONMENT_FILE, ROWS_FILE, SUITE_COPY, declared_of, write_declared
-from attnbench.suite import Limits, Suite
+from attnbench.suite import Limits, Measure, Suite
 from attnbench.units import format_bytes
 from attnbench.worker import Job
 
@@ -59,8 +59,8 @@ def run_suite(
 ) -> RunResult:
     """Measure every implementation of the suite on every case of its sweep.
 
-    Cases run in grid order and, within a case, implementations in suite order, so that
-    implementations compared with each other are measured minutes apart, not an hour.
+    Cases run in grid order; within a case the implementations take turns, in rounds, so that
+    implementations compared with each other are measured side by side, not an hour apart.
     ``resume``: a run folder of the same suite and code; only its missing points are measured.
     """
     implementations = [registry.get(name) for name in suite.implementations]
@@ -69,9 +69,9 @@ def run_suite(
     if resume is not None:
         run_dir, environment, done, warnings = _resumed(resume, suite)
     else:
-        environment = capture_environment()
+        environment = capture_environment(threads=suite.measure.threads)
         if suite.measure.latency is not None:
-            throughputs = _matmul_throughputs(cases, suite.measure.latency.min_run_time_s)
+            throughputs = _matmul_throughputs(cases, suite.measure.latency.min_run_time_s, suite.measure.threads)
             environment = dataclasses.replace(environment, matmul_flops=throughputs)
         run_dir = _new_run_dir(output or suite.output, suite.name, environment)
         (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(environment.to_json(), indent=2) + "\n")
@@ -81,7 +81,8 @@ def run_suite(
         busy = environment.busy_warning()
         warnings = (busy,) if busy else ()
 
-    curves = _Curves(suite.limits, suite.measure.latency.min_samples if suite.measure.latency else 1)
+    latency = suite.measure.latency
+    curves = _Curves(suite.limits, latency.min_samples if latency else 1, latency.rounds if latency else 1)
     for row in done:  # earlier points still inform predictions and budgets
         curves.record(row)
     recorded = {(row.implementation, row.case) for row in done}
@@ -91,12 +92,8 @@ def run_suite(
         progress.started(len(cases) * len(implementations) - len(recorded))
     try:
         for case in cases:
-            for implementation in implementations:
-                if (implementation.name, case) in recorded:
-                    continue
-                if progress:
-                    progress.point(implementation.name, case)
-                row = _run_point(implementation, case, options[implementation.name], suite, curves, run_dir.name)
+            todo = [impl for impl in implementations if (impl.name, case) not in recorded]
+            for row in _run_case(case, todo, options, suite, curves, run_dir.name, progress):
                 curves.record(row)
                 writer.write(row)
                 rows.append(row)
@@ -116,7 +113,13 @@ def _resumed(run_dir: Path, suite: Suite) -> tuple[Path, Environment, list[Row],
     if (run_dir / SUITE_COPY).read_text() != suite.path.read_text():
         raise UserError(f"--resume {run_dir}: {suite.path} has changed since this run started (its copy is "
                         f"{run_dir / SUITE_COPY}); start a new run instead of mixing two suites")
-    stored_environment = json.loads((run_dir / ENVIRONMENT_FILE).read_text())
+    stored = read_rows_tolerantly(rows_path)  # refuses unreadable rows before anything is measured
+    try:
+        stored_environment = json.loads((run_dir / ENVIRONMENT_FILE).read_text())
+        environment = Environment.from_json(stored_environment)
+    except (OSError, ValueError, TypeError) as error:
+        raise UserError(f"--resume {run_dir}: {ENVIRONMENT_FILE} cannot be read ({type(error).__name__}: {error}); "
+                        "start a new run") from None
     now = capture_environment()
     then = stored_environment.get("git_commit")
     if then != now.git_commit:
@@ -126,21 +129,19 @@ def _resumed(run_dir: Path, suite: Suite) -> tuple[Path, Environment, list[Row],
     if stored_environment.get("git_dirty") or now.git_dirty:
         warnings.append(f"--resume {run_dir}: uncommitted changes (then or now): whether the code changed "
                         "cannot be told")
-    stored = read_rows_tolerantly(rows_path)
     if stored.torn_tail:
         with rows_path.open("r+b") as file:
             file.truncate(stored.complete_bytes)
-    environment = Environment(**stored_environment)
     return run_dir, environment, stored.rows, tuple(warnings)
 
 
-def _matmul_throughputs(cases: Sequence[Case], min_run_time_s: float) -> dict[str, float]:
+def _matmul_throughputs(cases: Sequence[Case], min_run_time_s: float, threads: int | None) -> dict[str, float]:
     """Matmul FLOP/s per (device, dtype) the sweep uses and this machine has: the yardstick of the
     report's throughput fractions, measured once, before the points, as long as the suite times."""
     measured = {}
     for device, dtype_name in dict.fromkeys((case.device, case.dtype_name) for case in cases):
         if device_unavailable_reason(device) is None:
-            measured[matmul_key(device, dtype_name)] = matmul_flops(device, dtype_name, min_run_time_s)
+            measured[matmul_key(device, dtype_name)] = matmul_flops(device, dtype_name, min_run_time_s, threads)
     return measured
 
 
@@ -153,50 +154,117 @@ def memory_cap_bytes(limits: Limits, device: str) -> int | None:
     return None
 
 
-def _run_point(
-    implementation: Implementation,
+def _run_case(
     case: Case,
-    options: dict,
+    implementations: Sequence[Implementation],
+    options: dict[str, dict],
     suite: Suite,
     curves: _Curves,
     run_id: str,
-) -> Row:
-    def row(status: str, reasons: Sequence[str], **fields) -> Row:
-        return Row(run_id=run_id, implementation=implementation.name, case=case, status=status,
-                   reasons=tuple(reasons), options=options, **fields)
+    progress: ProgressListener | None,
+) -> Iterator[Row]:
+    """The rows of one case, each as soon as it is final.
 
-    unavailable = device_unavailable_reason(case.device)
-    if unavailable:
-        return row("unsupported", [unavailable])
-    try:
-        reasons = implementation.not_supported_reasons(case)
-    except Exception as error:  # a plugin bug is that plugin's error row, not the end of the sweep
-        return row("error", [f"not_supported_reasons raised {type(error).__name__}: {error}"],
-                   detail=traceback.format_exc())
-    if reasons:
-        return row("unsupported", reasons)
+    Each implementation's first round checks correctness, times it and measures its memory;
+    the later rounds only time it, the implementations taking turns in an order that rotates
+    each round. A point that fails in any round ends there with that failure.
+    """
+    latency = suite.measure.latency
+    rounds = latency.rounds if latency else 1
+    first_round = dataclasses.replace(suite.measure, latency=latency.per_round() if latency else None)
+    later_round = dataclasses.replace(first_round, correctness=None, memory=False)
     cap = memory_cap_bytes(suite.limits, case.device)
-    skip = curves.skip_reason(implementation, case, cap)
-    if skip:
-        return row("skipped", [skip])
+    timed: list[_Point] = []
+    for implementation in implementations:
+        if progress:
+            progress.point(implementation.name, case)
+        point = _Point(implementation, case, options[implementation.name], run_id, rounds)
+        ended = point.refusal(curves, cap) or point.run_round(first_round, suite, cap)
+        if ended:
+            yield ended
+        elif latency is None or rounds == 1:
+            yield point.finished_row()
+        else:
+            timed.append(point)
+    for round_index in range(1, rounds):
+        turn = round_index % len(timed) if timed else 0
+        for point in timed[turn:] + timed[:turn]:
+            if progress:
+                progress.point(point.implementation.name, case)
+            ended = point.run_round(later_round, suite, cap)
+            if ended:
+                timed.remove(point)
+                yield ended
+    for point in timed:
+        yield point.finished_row()
 
-    job = Job(implementation, case, options, suite.measure, suite.seed, cap)
-    result = run_isolated(job, suite.limits.timeout_s)
-    outcome = result.outcome
-    if isinstance(outcome, Measurement):
-        return row(outcome.status, outcome.reasons, correctness=outcome.correctness, latency=outcome.latency,
-                   memory=outcome.memory, wall_time_s=result.wall_time_s, notes=outcome.notes)
-    detail = outcome.detail or result.log_tail
-    return row(outcome.status, outcome.reasons, wall_time_s=result.wall_time_s, detail=detail)
+
+@dataclass
+class _Point:
+    """One (implementation, case) while its rounds are measured."""
+
+    implementation: Implementation
+    case: Case
+    options: dict
+    run_id: str
+    rounds: int
+    measurements: list[Measurement] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    def row(self, status: str, reasons: Sequence[str], **fields) -> Row:
+        return Row(run_id=self.run_id, implementation=self.implementation.name, case=self.case, status=status,
+                   reasons=tuple(reasons), options=self.options, wall_time_s=self.wall_time_s, **fields)
+
+    def refusal(self, curves: _Curves, cap: int | None) -> Row | None:
+        """The row of a point that is not run: no such device, not supported, or predicted too big."""
+        unavailable = device_unavailable_reason(self.case.device)
+        if unavailable:
+            return self.row("unsupported", [unavailable])
+        try:
+            reasons = self.implementation.not_supported_reasons(self.case)
+        except Exception as error:  # a plugin bug is that plugin's error row, not the end of the sweep
+            return self.row("error", [f"not_supported_reasons raised {type(error).__name__}: {error}"],
+                            detail=traceback.format_exc())
+        if reasons:
+            return self.row("unsupported", reasons)
+        skip = curves.skip_reason(self.implementation, self.case, cap)
+        return self.row("skipped", [skip]) if skip else None
+
+    def run_round(self, measure: Measure, suite: Suite, cap: int | None) -> Row | None:
+        """Runs one round in a fresh worker; the point's final row when it failed there."""
+        job = Job(self.implementation, self.case, self.options, measure, suite.seed, cap)
+        result = run_isolated(job, suite.limits.timeout_s)
+        self.wall_time_s += result.wall_time_s
+        outcome = result.outcome
+        if isinstance(outcome, Measurement):
+            self.measurements.append(outcome)
+            return None
+        where = f" (in round {len(self.measurements) + 1} of {self.rounds})" if self.measurements else ""
+        reasons = [reason + where for reason in outcome.reasons]
+        return self.row(outcome.status, reasons, detail=outcome.detail or result.log_tail)
+
+    def finished_row(self) -> Row:
+        first = self.measurements[0]
+        latencies = [m.latency for m in self.measurements if m.latency is not None]
+        incorrect = any(m.status == "incorrect" for m in self.measurements)
+        return self.row(
+            "incorrect" if incorrect else "ok",
+            list(dict.fromkeys(reason for m in self.measurements for reason in m.reasons)),
+            correctness=first.correctness,
+            latency=Latency.merge(latencies) if latencies else None,
+            memory=first.memory,
+            notes=tuple(dict.fromkeys(note for m in self.measurements for note in m.notes)),
+        )
 
 
 class _Curves:
     """The rows measured so far per scaling curve, and the time spent per implementation."""
 
-    def __init__(self, limits: Limits, samples_per_point: int) -> None:
+    def __init__(self, limits: Limits, samples_per_point: int, rounds: int) -> None:
         self.limits = limits
-        # A point makes at least: first call, block-size estimate, the samples, the memory call.
-        self.calls_per_point = samples_per_point + 3
+        # A point makes at least: per round a first call and a block-size estimate, the samples,
+        # and the memory call.
+        self.calls_per_point = samples_per_point + 2 * rounds + 1
         self.rows: dict[tuple[str, Case], list[Row]] = defaultdict(list)
         self.spent_s: dict[str, float] = defaultdict(float)
 

@@ -50,6 +50,18 @@ class LatencySettings:
     min_run_time_s: float = 0.5  # adaptive repeats run at least this long...
     max_run_time_s: float = 10.0  # ...and stop here even when still noisy
     min_samples: int = 3  # topped up to this many samples for slow calls
+    # The samples are taken in this many rounds, each in a fresh worker, the case's
+    # implementations taking turns, so that a slow spell of the machine or one process's bad
+    # luck touches all of them alike. The run times and min_samples are for all rounds together.
+    rounds: int = 3
+
+    def per_round(self) -> LatencySettings:
+        return LatencySettings(
+            min_run_time_s=self.min_run_time_s / self.rounds,
+            max_run_time_s=self.max_run_time_s / self.rounds,
+            min_samples=-(-self.min_samples // self.rounds),
+            rounds=1,
+        )
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,9 @@ class Measure:
     correctness: CorrectnessSettings | None = CorrectnessSettings()
     latency: LatencySettings | None = LatencySettings()
     memory: bool = True
+    # Threads for torch in each worker; None: torch's default (every usable core). One thread
+    # is the steadier choice on a small shared machine (see benchmarks/stability.py).
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,7 @@ TOP_LEVEL_FIELDS = (
 )
 SWEEP_FIELDS = tuple(Sweep.__dataclass_fields__)
 MEASURE_FIELDS = tuple(Measure.__dataclass_fields__)
+MEASUREMENTS = ("correctness", "latency", "memory")  # the short form lists these
 LIMIT_FIELDS = tuple(Limits.__dataclass_fields__)
 
 
@@ -184,8 +200,8 @@ def _sweep(check: _Checker, node: Any) -> Sweep:
 
 def _measure(check: _Checker, node: Any) -> Measure:
     if isinstance(node, list):  # the short form: the measurements wanted, with default settings
-        wanted = [check.choice(item, f"measure[{i}]", MEASURE_FIELDS, "measurement") for i, item in enumerate(node)]
-        node = {name: name in wanted for name in MEASURE_FIELDS}
+        wanted = [check.choice(item, f"measure[{i}]", MEASUREMENTS, "measurement") for i, item in enumerate(node)]
+        node = {name: name in wanted for name in MEASUREMENTS}
     fields = check.mapping(node, "measure", MEASURE_FIELDS)
 
     def settings(name: str, default: T) -> T | None:
@@ -215,6 +231,7 @@ def _measure(check: _Checker, node: Any) -> Measure:
         correctness=settings("correctness", CorrectnessSettings()),
         latency=latency,
         memory=check.boolean(fields["memory"], "measure.memory") if "memory" in fields else True,
+        threads=check.integer(fields["threads"], "measure.threads", minimum=1) if "threads" in fields else None,
     )
 
 

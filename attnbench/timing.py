@@ -46,7 +46,7 @@ def _cpu_latency(call: Callable[[], Any], settings: LatencySettings, first_call_
         samples.extend(timer.timeit(measurement.number_per_run).times)
     return Latency(
         samples_s=tuple(samples),
-        calls_per_sample=measurement.number_per_run,
+        calls_per_sample=(measurement.number_per_run,),
         first_call_s=first_call_s,
         timer="torch.utils.benchmark.Timer.adaptive_autorange",
     )
@@ -71,7 +71,7 @@ def _device_latency(
         if spent >= settings.max_run_time_s and len(samples) >= settings.min_samples:
             break
     timer = "torch.cuda.Event" if device.type == "cuda" else "time.perf_counter with synchronize"
-    return Latency(tuple(samples), calls_per_sample, first_call_s, timer)
+    return Latency(tuple(samples), (calls_per_sample,), first_call_s, timer)
 
 
 def _cuda_event_timer(call: Callable[[], Any], device: torch.device) -> Callable[[int], float]:

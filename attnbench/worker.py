@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from attnbench.allocator import steady_cpu_allocator
 from attnbench.case import Case
 from attnbench.errors import NotSupported
 from attnbench.implementation import Implementation
@@ -50,6 +51,9 @@ Outcome = Measurement | Failure
 def child_main(connection: Connection, job: Job, log_path: str) -> None:
     """Entry point of the worker process."""
     _redirect_output(log_path)
+    steady_cpu_allocator()
+    if job.measure.threads is not None:
+        torch.set_num_threads(job.measure.threads)
     try:
         _apply_memory_cap(job)
         outcome: Outcome = measure_case(job.implementation, job.case, job.options, job.measure, job.seed)

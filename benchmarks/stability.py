@@ -43,7 +43,12 @@ def main(argv: list[str]) -> int:
         worst = max(worst, change)
         lines.append([case, f"{first:.3f}", f"{second:.3f}", f"{100 * change:.1f}%"])
     print(format_table(("case", f"{args.pair} run 1", f"{args.pair} run 2", "difference"), lines))
-    print(f"\nlargest difference between the runs: {100 * worst:.1f}% (target: < 10%); runs in {output}")
+    latency = suite.measure.latency
+    settings = (f"{latency.rounds} rounds, {latency.min_run_time_s:g}-{latency.max_run_time_s:g} s per point, "
+                if latency else "")
+    threads = suite.measure.threads or "all"
+    print(f"\nlargest difference between the runs: {100 * worst:.1f}% (target: < 10%); {settings}threads: "
+          f"{threads}; runs in {output}")
     return 0
 
 

@@ -9,6 +9,14 @@ from attnbench.registry import Registry, load_registry
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """tests/benchmarks run once each, untimed, unless asked for with --benchmark-only or
+    --benchmark-enable (pytest-benchmark reads this after every other plugin has configured)."""
+    option = config.option
+    if hasattr(option, "benchmark_disable") and not (option.benchmark_only or option.benchmark_enable):
+        option.benchmark_disable = True
+
+
 @pytest.fixture(scope="session")
 def registry() -> Registry:
     """The built-in implementations only: tests must not depend on what else is installed."""

@@ -26,7 +26,7 @@ def row(
     case = small_case(batch=1, heads=8, seq_len=seq_len, head_dim=64, causal=causal)
     if status != "ok":
         return Row(run_id, name, case, status, reasons=(f"{name} cannot at {seq_len}",))
-    latency = Latency(tuple(samples or (seconds * 0.99, seconds, seconds * 1.01)), 1, seconds, "synthetic")
+    latency = Latency(tuple(samples or (seconds * 0.99, seconds, seconds * 1.01)), (1,), seconds, "synthetic")
     return Row(
         run_id, name, case, "ok",
         correctness=Correctness(256, {"out": ErrorFigures(error, error, None)}, None, None),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from attnbench.registry import DISABLE_AUTOLOAD_VARIABLE
 from attnbench.results import read_rows
@@ -94,3 +97,48 @@ def test_a_corrupt_line_is_named_and_a_torn_last_line_ignored(tmp_path, capsys):
     assert main(["report", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "line 3 is not a result row" in err
+
+
+def _rewrite_rows(rows_path, change) -> None:
+    lines = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    rows_path.write_text("".join(json.dumps(change(line)) + "\n" for line in lines))
+
+
+def test_rows_of_the_first_schema_are_still_read(tmp_path):
+    from synthetic_runs import standard_run
+
+    from attnbench.results import SCHEMA_VERSION
+
+    folder = standard_run(tmp_path / "run")
+    rows_path = folder / "rows.jsonl"
+    now = read_rows(rows_path)
+
+    def as_schema_1(line: dict) -> dict:  # before rounds: no version, one int of calls per sample
+        line.pop("schema")
+        if line.get("latency"):
+            del line["latency"]["round_sizes"]
+            line["latency"]["calls_per_sample"] = line["latency"]["calls_per_sample"][0]
+        return line
+
+    _rewrite_rows(rows_path, as_schema_1)
+    assert read_rows(rows_path) == now and SCHEMA_VERSION == 2
+
+
+@pytest.mark.parametrize("command", ["report", "compare", "resume"])
+def test_rows_from_a_newer_schema_are_refused_in_one_line(tmp_path, capsys, command):
+    from synthetic_runs import standard_run
+
+    from attnbench.cli import main
+
+    folder = standard_run(tmp_path / "results" / "synthetic" / "run")
+    (folder / "suite.yaml").write_text("name: synthetic\nimplementations: [naive]\n")
+    _rewrite_rows(folder / "rows.jsonl", lambda line: {**line, "schema": 99})
+    argv = {
+        "report": ["report", str(folder)],
+        "compare": ["compare", str(folder), str(folder)],
+        "resume": ["run", str(folder / "suite.yaml"), "--resume", str(folder)],
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "line 1 was written by a newer attnbench (row schema 99; this version reads schemas 1 to 2)" in err

@@ -20,28 +20,60 @@ def _registry(*implementations) -> Registry:
     return registry
 
 
-def test_failing_points_never_lose_other_rows(tmp_path, write_suite, registry):
+def test_misbehaving_implementations_get_their_status_and_naive_stays_ok(tmp_path, write_suite, registry):
     toy_registry = _registry(
         registry.get("naive"),
         toys.Toy("crashes", toys.segfaults),
+        toys.Toy("hangs", toys.hangs),
+        toys.Toy("hogs", toys.allocates_too_much),
         toys.Toy("raises", toys.raises),
+        toys.Toy("nan", toys.returns_nan),
+        toys.Toy("misshapen", toys.wrong_shape),
         toys.Toy("wrong", toys.returns_query),
     )
-    suite = load_suite(write_suite("name: failures\nsweep: {seq_len: [32, 64], heads: 2}\n" + FAST), toy_registry)
+    suite = load_suite(write_suite("name: failures\nsweep: {seq_len: [32, 64], heads: 2}\n"
+                                   "limits: {timeout_s: 4, memory_gb: 2}\n" + FAST), toy_registry)
     result = run_suite(suite, toy_registry, output=tmp_path / "out")
 
-    statuses = {(row.implementation, row.case.seq_len): row.status for row in result.rows}
-    assert statuses == {
+    rows = {(row.implementation, row.case.seq_len): row for row in result.rows}
+    assert {key: row.status for key, row in rows.items()} == {
         ("naive", 32): "ok", ("naive", 64): "ok",
         ("crashes", 32): "crashed", ("crashes", 64): "crashed",
+        ("hangs", 32): "timeout", ("hangs", 64): "skipped",  # not tried again at a larger N
+        ("hogs", 32): "oom", ("hogs", 64): "skipped",
         ("raises", 32): "error", ("raises", 64): "error",
+        ("nan", 32): "incorrect", ("nan", 64): "incorrect",
+        ("misshapen", 32): "incorrect", ("misshapen", 64): "incorrect",
         ("wrong", 32): "incorrect", ("wrong", 64): "incorrect",
     }
+    assert "SIGSEGV" in rows[("crashes", 32)].reasons[0]
+    assert "within the case timeout of 4 s" in rows[("hangs", 32)].reasons[0]
+    assert "N=32 already ended as timeout" in rows[("hangs", 64)].reasons[0]
+    assert "broken on purpose" in rows[("raises", 32)].detail  # the traceback is kept
+    assert any("NaN" in reason or "nan" in reason for reason in rows[("nan", 32)].reasons)
+    assert any("shape" in reason for reason in rows[("misshapen", 32)].reasons)
+    assert len(result.rows) == len(rows) == 16  # every point exactly once
     assert read_rows(result.rows_path) == list(result.rows)  # every row on disk, and it reads back
     assert result.run_dir.parent == tmp_path / "out" / "failures"
     environment = json.loads((result.run_dir / ENVIRONMENT_FILE).read_text())
-    assert environment["torch_threads"] >= 1 and environment["cpu_model"]
+    assert environment["torch_threads"] >= 1 and environment["cpu_model"] and environment["worker_allocator"]
     assert (result.run_dir / SUITE_COPY).read_text() == suite.path.read_text()
+
+
+def test_implementations_of_a_case_take_turns_in_rounds(tmp_path, write_suite):
+    log = tmp_path / "preparations.log"
+    names = ("first", "second", "third")
+    toy_registry = _registry(*(toys.Recorder(name, str(log)) for name in names))
+    suite = load_suite(write_suite("sweep: {seq_len: 32, heads: 2}\nmeasure: {correctness: {rows: 8}, latency: "
+                                   "{min_run_time_s: 0.03, max_run_time_s: 0.06, rounds: 3}}\n"), toy_registry)
+    rows = run_suite(suite, toy_registry, output=tmp_path).rows
+
+    # Each round is a fresh worker; the order rotates so that nobody always follows the same one.
+    assert log.read_text().split() == ["first", "second", "third", "second", "third", "first",
+                                       "third", "first", "second"]
+    for row in rows:
+        assert row.status == "ok" and len(row.latency.round_sizes) == 3
+        assert row.latency.median_s == min(row.latency.round_medians_s)
 
 
 def test_a_point_predicted_over_the_memory_cap_is_skipped_not_run(tmp_path, write_suite, registry):
@@ -97,3 +129,13 @@ def test_rows_survive_a_round_trip_through_json_even_with_nan(tmp_path):
     (back,) = read_rows(path)
     assert back.case == row.case and back.status == "incorrect"
     assert back.correctness.exact["out"].rel_fro == float("inf") and not back.correctness.exact["out"].passed
+
+
+def test_the_suite_sets_the_workers_thread_count(tmp_path, write_suite):
+    toy_registry = _registry(toys.Toy("counts", toys.notes_its_threads))
+    suite = load_suite(write_suite("sweep: {seq_len: 32, heads: 2}\nmeasure: {correctness: {rows: 8}, "
+                                   "latency: {min_run_time_s: 0.01, max_run_time_s: 0.02}, threads: 1}\n"),
+                       toy_registry)
+    result = run_suite(suite, toy_registry, output=tmp_path)
+    assert result.rows[0].notes == ("threads=1",)
+    assert result.environment.torch_threads == 1

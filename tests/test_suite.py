@@ -115,7 +115,9 @@ BAD_SUITES = [
     ("negative limit", "limits: {timeout_s: -1}", ["limits.timeout_s: must be a positive finite number, got -1"]),
     ("null timeout", "limits: {timeout_s: null}", ["limits.timeout_s: expected a positive number, got null"]),
     ("measure setting not a mapping", "measure: {latency: fast}",
-     ["measure.latency: expected true, false or a mapping of settings (min_run_time_s, max_run_time_s, min_samples)"]),
+     ["measure.latency: expected true, false or a mapping of settings "
+      "(min_run_time_s, max_run_time_s, min_samples, rounds)"]),
+    ("threads not a count", "measure: {threads: 0}", ["measure.threads: must be at least 1, got 0"]),
     ("options not a mapping", "options: {naive: 3}", ["options.naive: expected a mapping, got 3"]),
     ("unknown measurement", "measure: [latency, speed]", ["measure[1]: unknown measurement 'speed'"]),
     ("bad boolean", "sweep: {causal: maybe}", ["sweep.causal: expected true or false, got 'maybe'"]),

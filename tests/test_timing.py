@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from attnbench.results import Latency
@@ -14,20 +15,37 @@ from attnbench.timing import measure_latency
 def test_raw_samples_are_kept():
     x = torch.randn(64, 64)
     latency = measure_latency(lambda: x @ x, torch.device("cpu"), LatencySettings(0.05, 0.2, 3), first_call_s=0.0)
-    assert len(latency.samples_s) >= 3 and latency.calls_per_sample >= 1
+    assert len(latency.samples_s) >= 3 and latency.calls_per_sample[0] >= 1
     assert all(sample > 0 for sample in latency.samples_s)
     assert latency.timer.startswith("torch.utils.benchmark")
 
 
 def test_slow_calls_still_give_the_minimum_number_of_samples():
     latency = measure_latency(lambda: time.sleep(0.03), torch.device("cpu"), LatencySettings(0.01, 0.02, 4), 0.0)
-    assert len(latency.samples_s) >= 4 and latency.calls_per_sample == 1
+    assert len(latency.samples_s) >= 4 and latency.calls_per_sample == (1,)
     assert all(sample >= 0.03 for sample in latency.samples_s)
 
 
 def test_statistics_are_derived_from_the_samples():
-    latency = Latency(samples_s=(1.0, 2.0, 3.0, 4.0, 100.0), calls_per_sample=1, first_call_s=0, timer="t")
+    latency = Latency(samples_s=(1.0, 2.0, 3.0, 4.0, 100.0), calls_per_sample=(1,), first_call_s=0, timer="t")
     assert latency.median_s == 3.0
     assert latency.iqr_s == 2.0  # quartiles 2 and 4
     assert latency.noisy
-    assert not Latency((1.0, 1.01, 1.02), 1, 0, "t").noisy
+    assert not Latency((1.0, 1.01, 1.02), (1,), 0, "t").noisy
+
+
+def test_rounds_keep_their_samples_and_the_fastest_round_is_the_headline():
+    disturbed = Latency((3.0, 3.1, 2.9), (1,), 0.5, "t")
+    quiet = Latency((2.0, 2.1, 1.9, 2.0), (4,), 0.4, "t")
+    merged = Latency.merge([disturbed, quiet])
+    assert merged.round_sizes == (3, 4) and merged.calls_per_sample == (1, 4)
+    assert merged.rounds == [(3.0, 3.1, 2.9), (2.0, 2.1, 1.9, 2.0)]
+    assert merged.first_call_s == 0.5
+    assert merged.median_s == 2.0 and merged.pooled_median_s == 2.1
+    assert abs(merged.round_spread - 0.5) < 1e-12
+    assert merged.noisy  # quiet samples, but the rounds disagree by 50%
+
+
+def test_round_sizes_must_account_for_every_sample():
+    with pytest.raises(ValueError, match="round sizes"):
+        Latency((1.0, 2.0, 3.0), (1, 1), 0.0, "t", round_sizes=(1, 1))

@@ -77,3 +77,23 @@ class _WrongBackward(torch.autograd.Function):
 
 def wrong_backward(q, k, v):
     return _WrongBackward.apply(q, k, v)
+
+
+class Recorder(Toy):
+    """Exact attention that notes each preparation (one per round) in a shared log file."""
+
+    def __init__(self, name: str, log_path: str) -> None:
+        super().__init__(name, exact_attention)
+        self.log_path = log_path
+
+    def prepare(self, case, options):
+        with open(self.log_path, "a") as log:
+            log.write(self.name + "\n")
+        return exact_attention
+
+
+def notes_its_threads(q, k, v):
+    import warnings
+
+    warnings.warn(f"threads={torch.get_num_threads()}", stacklevel=1)
+    return exact_attention(q, k, v)
