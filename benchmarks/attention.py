@@ -14,53 +14,54 @@ set-up, and mem_ cannot see tensors).
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterable
+
+try:  # imported here, so that asv's fork server holds torch and each benchmark starts warm
+    from attnbench.errors import NotSupported
+    from attnbench.tracking import point, point_figures, prepared_call
+except ImportError as error:  # a commit from before attnbench.tracking: every point is n/a
+    MISSING = f"this commit has no attnbench.tracking ({error})"
+else:
+    MISSING = ""
 
 IMPLEMENTATIONS = sorted(
     {"axial", "flash", "hybrid", "naive", "nystrom", "performer", "sparse", "xformers"}
     | {name for name in os.environ.get("ATTNBENCH_ASV_EXTRA", "").split(",") if name}
 )
-SEQ_LENS = [256, 1024, 4096]
-# batch × heads × head_dim, and masking; at most 8 heads in all, so that naive at N=4096
-# stays near half a GiB.
+SEQ_LENS = [256, 1024, 2048]
+# batch × heads × head_dim, and masking; 8 heads in all, so that naive's scores at N=2048
+# stay at 128 MiB.
 SHAPES = ["b1-h8-d64", "b1-h8-d64-causal", "b2-h4-d128"]
 MODES = ["forward", "forward_backward"]
 # No compilation in a point that is started afresh for every repeat: FlexAttention's compile
 # would be most of the time; the blocked path runs the same mask.
 OPTIONS = {"sparse": {"backend": "blocked"}}
+PARAMS = [IMPLEMENTATIONS, SEQ_LENS, SHAPES, MODES]
+PARAM_NAMES = ["implementation", "seq_len", "shape", "mode"]
 
 
 def _case(seq_len: int, shape: str, mode: str):
-    try:
-        from attnbench.tracking import point
-    except ImportError as error:  # a commit from before attnbench.tracking existed
-        raise NotImplementedError(f"this commit has no attnbench.tracking ({error})") from None
+    if MISSING:
+        raise NotImplementedError(MISSING)
     batch, heads, head_dim, *masking = shape.split("-")
     return point(seq_len, batch=int(batch[1:]), heads=int(heads[1:]), head_dim=int(head_dim[1:]),
                  causal=masking == ["causal"], mode=mode)
 
 
-def _not_supported():
-    from attnbench.errors import NotSupported
-
-    return NotSupported
-
-
 class Latency:
-    params = [IMPLEMENTATIONS, SEQ_LENS, SHAPES, MODES]
-    param_names = ["implementation", "seq_len", "shape", "mode"]
+    params = PARAMS
+    param_names = PARAM_NAMES
     timeout = 300
-    # A few samples per repeat: the slowest points take seconds.
+    # One call per sample, 3 to 5 samples or 4 s per process (asv runs 2 processes per point).
     number = 1
-    repeat = (3, 10, 20.0)
-    min_run_count = 3
+    repeat = (3, 5, 4.0)
 
     def setup(self, implementation: str, seq_len: int, shape: str, mode: str) -> None:
-        from attnbench.tracking import prepared_call
-
         try:
             self.call = prepared_call(implementation, _case(seq_len, shape, mode), OPTIONS.get(implementation))
-        except _not_supported() as reasons:
+        except NotSupported as reasons:
             raise NotImplementedError(str(reasons)) from None
 
     def time_attention(self, implementation: str, seq_len: int, shape: str, mode: str) -> None:
@@ -68,28 +69,44 @@ class Latency:
 
 
 class Figures:
-    """attnbench's own peak memory and error for each point, one measurement per point."""
+    """attnbench's own peak memory and error of each point, measured once per commit."""
 
-    params = Latency.params
-    param_names = Latency.param_names
-    timeout = 300
+    params = PARAMS
+    param_names = PARAM_NAMES
+    timeout = 900
 
-    def setup(self, implementation: str, seq_len: int, shape: str, mode: str) -> None:
-        from attnbench.tracking import point_figures
+    def setup_cache(self) -> dict:
+        return measure_figures(itertools.product(*PARAMS))
 
-        try:
-            self.figures = point_figures(implementation, _case(seq_len, shape, mode), OPTIONS.get(implementation))
-        except _not_supported() as reasons:
-            raise NotImplementedError(str(reasons)) from None
+    setup_cache.timeout = 900
 
-    def track_peak_memory(self, implementation: str, seq_len: int, shape: str, mode: str) -> float:
+    def setup(self, figures: dict, implementation: str, seq_len: int, shape: str, mode: str) -> None:
+        found = figures[(implementation, seq_len, shape, mode)]
+        if isinstance(found, str):  # why the point cannot run
+            raise NotImplementedError(found)
+        self.figures = found
+
+    def track_peak_memory(self, figures: dict, implementation: str, seq_len: int, shape: str, mode: str) -> float:
         if self.figures.peak_bytes is None:
             raise NotImplementedError("no peak memory on this device")
         return self.figures.peak_bytes / 2**20
 
     track_peak_memory.unit = "MiB"
 
-    def track_error(self, implementation: str, seq_len: int, shape: str, mode: str) -> float:
+    def track_error(self, figures: dict, implementation: str, seq_len: int, shape: str, mode: str) -> float:
         return self.figures.error
 
     track_error.unit = "relative error vs float64"
+
+
+def measure_figures(keys: Iterable[tuple[str, int, str, str]]) -> dict:
+    """(implementation, seq_len, shape, mode) -> its Figures, or why it cannot run."""
+    figures = {}
+    for implementation, seq_len, shape, mode in keys:
+        try:
+            case = _case(seq_len, shape, mode)
+            figures[(implementation, seq_len, shape, mode)] = point_figures(
+                implementation, case, OPTIONS.get(implementation))
+        except (NotImplementedError, NotSupported) as reasons:
+            figures[(implementation, seq_len, shape, mode)] = str(reasons)
+    return figures
