@@ -7,7 +7,8 @@
 #                                       virtualenv (CPU torch pinned by asv.conf.json), into results/asv
 #   benchmarks/asv.sh gate BASE [HEAD]  asv continuous: BASE and HEAD (default: the checked-out
 #                                       commit) measured interleaved; exits 1 when a benchmark got
-#                                       slower by more than FACTOR (default 1.5, see README)
+#                                       slower by more than FACTOR (default 1.5, see README), 2
+#                                       when asv could not build or run them
 #   benchmarks/asv.sh quick             every benchmark once at its smallest points (CI: a broken
 #                                       benchmark fails, nothing is saved)
 #   benchmarks/asv.sh publish           the results as a website in .asv/html
@@ -38,10 +39,19 @@ case "$command" in
         shift
         head=HEAD
         if [ $# -ge 1 ] && [[ $1 != -* ]]; then head=$1; shift; fi
-        # asv continuous returns 2 when it finds a regression; say it as the usual 1.
+        # asv continuous exits 1 both for a regression and for a failure to build or run: tell
+        # them apart by its verdict line, so that a broken build never reads as "slower".
+        log=$(mktemp)
         status=0
-        asv continuous --factor "${FACTOR:-1.5}" --interleave-rounds --split "$@" "$base" "$head" || status=$?
-        if [ "$status" -ne 0 ]; then echo "asv.sh gate: slower than $base beyond a factor of ${FACTOR:-1.5}" >&2; exit 1; fi
+        asv continuous --factor "${FACTOR:-1.5}" --interleave-rounds --split "$@" "$base" "$head" 2>&1 \
+            | tee "$log" || status=$?
+        if grep -q "PERFORMANCE DECREASED" "$log"; then
+            echo "asv.sh gate: $head is slower than $base beyond a factor of ${FACTOR:-1.5} (the rows marked +)" >&2
+            exit 1
+        elif [ "$status" -ne 0 ]; then
+            echo "asv.sh gate: asv could not compare $base and $head (exit $status); see its output above" >&2
+            exit 2
+        fi
         ;;
     quick)
         # The smallest point of every implementation and benchmark, once each.
