@@ -5,7 +5,7 @@ benchmarking off), so a broken one fails fast. Timed, and compared with a saved 
 
     .venv/bin/python -m pytest tests/benchmarks --benchmark-only --benchmark-autosave
     .venv/bin/python -m pytest tests/benchmarks --benchmark-only --benchmark-compare \
-        --benchmark-compare-fail=median:35%
+        --benchmark-compare-fail=median:50%
 
 (the threshold is chosen from measured noise: see README, "Tracking performance across commits").
 Each benchmark's extra_info carries attnbench's own figures for the point: its relative error
@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnbench.allocator import steady_cpu_allocator
 from attnbench.errors import NotSupported
 from attnbench.tracking import point, point_figures, prepared_call, registry
 
@@ -26,9 +27,11 @@ OPTIONS = {"sparse": {"backend": "blocked"}}  # no compilation inside a timed te
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on a small shared machine two threads wait on each other's interruptions
-    and the same code's median moves far more between runs (benchmarks/stability.py)."""
+def steady_process():
+    """As attnbench's workers measure: one thread (on a small shared machine two threads wait on
+    each other's interruptions: benchmarks/stability.py), and freed memory kept for reuse
+    (without it naive at N=1024 measured 29.4 ms in one session and 15.8 ms in the next)."""
+    steady_cpu_allocator()
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
