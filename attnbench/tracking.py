@@ -43,8 +43,8 @@ def supported(name: str, case: Case) -> Implementation:
     if name not in registry().names():
         raise NotSupported(f"{name} is not registered (registered: {', '.join(registry().names())})")
     implementation = registry().get(name)
-    reasons = [device_unavailable_reason(case.device)] if device_unavailable_reason(case.device) else []
-    reasons = reasons or implementation.not_supported_reasons(case)
+    unavailable = device_unavailable_reason(case.device)
+    reasons = [unavailable] if unavailable else implementation.not_supported_reasons(case)
     if reasons:
         raise NotSupported(f"{name}: {'; '.join(reasons)}")
     return implementation

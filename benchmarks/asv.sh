@@ -26,8 +26,13 @@ command=${1:-}
 shift || true
 case "$command" in
     record)
+        # asv names an existing environment after its interpreter's path, so each checkout would
+        # start its own series: run it through a link at a fixed place instead.
+        link=${ATTNBENCH_ASV_VENV_LINK:-$HOME/.cache/attnbench/asv-venv}
+        mkdir -p "$(dirname "$link")"
+        ln -sfn "$(cd "$(dirname "$python")/.." && pwd)" "$link"
         # In an existing environment asv saves nothing unless it is told which commit it measured.
-        asv run --python=same --set-commit-hash "$(git rev-parse HEAD)" "$@"
+        asv run --environment "existing:$link/bin/python" --set-commit-hash "$(git rev-parse HEAD)" "$@"
         ;;
     range)
         [ $# -ge 1 ] || { echo "usage: $0 range A..B [asv options]" >&2; exit 2; }

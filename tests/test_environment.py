@@ -30,3 +30,14 @@ def test_a_busy_machine_is_warned_about():
     assert busy.busy_warning() == ("the machine is busy (load average 3.5 over the last minute on 2 usable CPUs): "
                                    "timings will be noisy")
     assert dataclasses.replace(environment, load_average=(0.4, 0.2, 0.1), cpus_usable=2).busy_warning() is None
+
+
+def test_the_workers_allocator_policy_is_recorded_and_a_users_choice_kept(monkeypatch):
+    from attnbench.allocator import worker_allocator_policy
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    assert "M_MMAP_MAX=0" in worker_allocator_policy() or "not glibc" in worker_allocator_policy()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert worker_allocator_policy() == "as set by MALLOC_MMAP_THRESHOLD_"
