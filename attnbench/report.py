@@ -27,7 +27,7 @@ from attnbench.analysis import (
 )
 from attnbench.grid import describe_group, group_key
 from attnbench.plots import Palette, Plot, exponent_plot, pareto_plot, scaling_plot, speedup_plot
-from attnbench.results import Row
+from attnbench.results import NOISY_RELATIVE_IQR, Row
 from attnbench.run_folder import RunFolder
 from attnbench.table import tidy_frame
 from attnbench.units import format_bytes, format_seconds
@@ -182,9 +182,22 @@ def _heading(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
         ("packages", ", ".join(f"{k} {v}" for k, v in packages.items())),
         ("timing settings", ", ".join(f"{k}={v}" for k, v in env.get("timing_variables", {}).items()) or "none set"),
         ("load at start", _load_text(env)),
+        ("worker allocator", env.get("worker_allocator") or "not recorded"),
+        ("latency rounds", _rounds_text(run.rows)),
         ("rows", f"{len(run.rows)} ({', '.join(f'{s} {n}' for s, n in Counter(r.status for r in run.rows).items())})"),
     ]
     return f"attnbench report — {run.suite_name} — {run.run_id}", facts
+
+
+def _rounds_text(rows: Sequence[Row]) -> str:
+    """How the timed points were measured: rounds per point, and how many had rounds that disagree."""
+    timed = [row.latency for row in rows if row.latency is not None]
+    if not timed:
+        return "no latency measured"
+    counts = sorted({len(latency.round_sizes) for latency in timed})
+    spread = sum(latency.round_spread > NOISY_RELATIVE_IQR for latency in timed)
+    return (f"{'/'.join(map(str, counts))} per point, implementations taking turns; headline = fastest round's "
+            f"median; {spread} of {len(timed)} points with rounds more than {NOISY_RELATIVE_IQR:.0%} apart")
 
 
 def _load_text(env: Mapping[str, object]) -> str:
