@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from attnbench.grid import describe_group, group_key
-from attnbench.results import Row
+from attnbench.results import NOISY_RELATIVE_IQR, Latency, Row
 from attnbench.units import format_bytes, format_seconds
 
 NOTE_CHARS = 120
@@ -37,7 +37,7 @@ def _cells(row: Row, with_grads: bool) -> list[str]:
     grad_errors = [f.max_abs for name, f in correctness.exact.items() if name != "out"] if correctness else []
     note = "; ".join((*row.reasons, *row.notes))
     if latency is not None and latency.noisy and row.status == "ok":
-        note = "noisy: IQR > 10% of median" + (f"; {note}" if note else "")
+        note = f"noisy: {_noise(latency)}" + (f"; {note}" if note else "")
     cells = [
         row.implementation,
         str(row.case.seq_len),
@@ -74,3 +74,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _looks_numeric(cell: str) -> bool:
     return cell == "" or cell[0].isdigit()
+
+
+def _noise(latency: Latency) -> str:
+    """What made the latency noisy: the spread within its best round, or between its rounds."""
+    parts = []
+    if latency.iqr_s > NOISY_RELATIVE_IQR * latency.median_s:
+        parts.append(f"IQR {latency.iqr_s / latency.median_s:.0%} of median")
+    if latency.round_spread > NOISY_RELATIVE_IQR:
+        parts.append(f"rounds {latency.round_spread:.0%} apart")
+    return ", ".join(parts)

@@ -49,3 +49,13 @@ def test_rounds_keep_their_samples_and_the_fastest_round_is_the_headline():
 def test_round_sizes_must_account_for_every_sample():
     with pytest.raises(ValueError, match="round sizes"):
         Latency((1.0, 2.0, 3.0), (1, 1), 0.0, "t", round_sizes=(1, 1))
+
+
+def test_the_summary_says_why_a_latency_is_noisy():
+    from attnbench.results import Row
+    from attnbench.summary import summary_table
+    from attnbench.testing import small_case
+
+    quiet_rounds_apart = Latency.merge([Latency((3.0, 3.0, 3.0), (1,), 0, "t"), Latency((2.0, 2.0, 2.0), (1,), 0, "t")])
+    table = summary_table([Row("r", "x", small_case(), "ok", latency=quiet_rounds_apart)])
+    assert "noisy: rounds 50% apart" in table and "IQR" not in table.split("noisy:")[1]
