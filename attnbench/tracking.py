@@ -22,6 +22,7 @@ from attnbench.inputs import make_inputs
 from attnbench.measure import attention_call, measure_case
 from attnbench.registry import Registry, load_registry
 from attnbench.suite import CorrectnessSettings, Measure
+from attnbench.timing import synchronize
 
 
 def point(
@@ -58,8 +59,7 @@ def prepared_call(name: str, case: Case, options: Mapping[str, Any] | None = Non
     attention = implementation.prepare(case, effective_options(implementation, options or {}))
     call = attention_call(attention, make_inputs(case, seed), case.backward)
     call()  # lazy set-up (compilation, caches) is not the call's cost
-    if case.device_type == "cuda":
-        torch.cuda.synchronize(case.device)
+    synchronize(torch.device(case.device))
     return call
 
 
