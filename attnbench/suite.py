@@ -271,6 +271,12 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:  # e.g. "[]: 1", a list as a key (found by the fuzz test)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a {type(key).__name__} cannot be a field name", key_node.start_mark
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -321,7 +327,9 @@ class _Checker:
         self.file = file
 
     def fail(self, path: str, message: str) -> NoReturn:
-        raise UserError(f"{self.file}: {path + ': ' if path else ''}{message}")
+        text = f"{self.file}: {path + ': ' if path else ''}{message}"
+        # Names and values from the file may hold line breaks; the error stays one line.
+        raise UserError(text.replace("\r", "\\r").replace("\n", "\\n"))
 
     def mapping(
         self,
@@ -334,7 +342,9 @@ class _Checker:
             what = "a mapping" if path else "a mapping of fields at the top level"
             self.fail(path, f"expected {what}, got {_show(node)}")
         for key in node:
-            key_path = f"{path}.{key}" if path else str(key)
+            # A name with a line break or other unprintable character is quoted: one line, always.
+            name = key if isinstance(key, str) and key.isprintable() else repr(key)
+            key_path = f"{path}.{name}" if path else name
             if not isinstance(key, str):
                 self.fail(key_path, f"field names must be strings, got {_show(key)}")
             if allowed is not None and key not in allowed:

@@ -122,6 +122,10 @@ BAD_SUITES = [
     ("unknown measurement", "measure: [latency, speed]", ["measure[1]: unknown measurement 'speed'"]),
     ("bad boolean", "sweep: {causal: maybe}", ["sweep.causal: expected true or false, got 'maybe'"]),
     ("name unusable as a folder", "name: ../escape", ["name: '../escape' is not a usable folder name"]),
+    # Found by the fuzz test: a field name that is a line break once gave a two-line error.
+    ("field name with a line break", 'limits: {"\\n": null}', ["limits.'\\n': unknown field"]),
+    ("a list as a field name", "[]: 1\n", ["a list cannot be a field name", "line 1"]),
+    ("option name with a line break", 'options: {naive: {"a\\nb": 1}}', ["options.naive.a\\nb: unknown option"]),
 ]
 
 
