@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from attnbench.case import Case
+from attnbench.case import Case, device_unavailable_reason
 from attnbench.errors import UserError, did_you_mean
 
 # (q, k, v) -> out, all (batch, heads, seq_len, head_dim); k and v may have fewer heads.
@@ -162,6 +162,12 @@ _OPTION_TYPES: tuple[tuple[type, tuple[type, ...], str], ...] = (
     (str, (str,), "a string"),
     ((list, tuple), (list, tuple), "a list"),
 )
+
+
+def reasons_not_to_run(implementation: Implementation, case: Case) -> list[str]:
+    """Why the implementation cannot take the case here: the device is missing, or its own reasons."""
+    unavailable = device_unavailable_reason(case.device)
+    return [unavailable] if unavailable else implementation.not_supported_reasons(case)
 
 
 def effective_options(implementation: Implementation, given: Mapping[str, Any]) -> dict[str, Any]:

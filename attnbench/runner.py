@@ -19,7 +19,7 @@ from attnbench.case import Case, device_unavailable_reason
 from attnbench.environment import Environment, capture_environment
 from attnbench.errors import UserError
 from attnbench.grid import expand, group_key
-from attnbench.implementation import Implementation, complexity_exponent, effective_options
+from attnbench.implementation import Implementation, complexity_exponent, effective_options, reasons_not_to_run
 from attnbench.isolation import run_isolated
 from attnbench.matmul import matmul_flops
 from attnbench.predict import extrapolate
@@ -67,7 +67,8 @@ def run_suite(
     options = {impl.name: effective_options(impl, suite.options.get(impl.name, {})) for impl in implementations}
     cases = expand(suite.sweep)
     if resume is not None:
-        run_dir, environment, done, warnings = _resumed(resume, suite)
+        run_dir = resume
+        environment, done, warnings = _resumed(run_dir, suite)
     else:
         environment = capture_environment(threads=suite.measure.threads)
         if suite.measure.latency is not None:
@@ -104,7 +105,7 @@ def run_suite(
     return RunResult(run_dir, tuple(rows), environment, warnings)
 
 
-def _resumed(run_dir: Path, suite: Suite) -> tuple[Path, Environment, list[Row], tuple[str, ...]]:
+def _resumed(run_dir: Path, suite: Suite) -> tuple[Environment, list[Row], tuple[str, ...]]:
     """The run's environment and finished rows, after checking that the suite and the code are
     the ones it started with; a torn last line (a kill mid-write) is cut off."""
     rows_path = run_dir / ROWS_FILE
@@ -115,24 +116,23 @@ def _resumed(run_dir: Path, suite: Suite) -> tuple[Path, Environment, list[Row],
                         f"{run_dir / SUITE_COPY}); start a new run instead of mixing two suites")
     stored = read_rows_tolerantly(rows_path)  # refuses unreadable rows before anything is measured
     try:
-        stored_environment = json.loads((run_dir / ENVIRONMENT_FILE).read_text())
-        environment = Environment.from_json(stored_environment)
-    except (OSError, ValueError, TypeError) as error:
+        environment = Environment.from_json(json.loads((run_dir / ENVIRONMENT_FILE).read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as error:
         raise UserError(f"--resume {run_dir}: {ENVIRONMENT_FILE} cannot be read ({type(error).__name__}: {error}); "
                         "start a new run") from None
     now = capture_environment()
-    then = stored_environment.get("git_commit")
+    then = environment.git_commit
     if then != now.git_commit:
         raise UserError(f"--resume {run_dir}: the code has changed since this run started (commit {then} then, "
                         f"{now.git_commit} now); start a new run instead of mixing two versions")
     warnings = []
-    if stored_environment.get("git_dirty") or now.git_dirty:
+    if environment.git_dirty or now.git_dirty:
         warnings.append(f"--resume {run_dir}: uncommitted changes (then or now): whether the code changed "
                         "cannot be told")
     if stored.torn_tail:
         with rows_path.open("r+b") as file:
             file.truncate(stored.complete_bytes)
-    return run_dir, environment, stored.rows, tuple(warnings)
+    return environment, stored.rows, tuple(warnings)
 
 
 def _matmul_throughputs(cases: Sequence[Case], min_run_time_s: float, threads: int | None) -> dict[str, float]:
@@ -182,7 +182,7 @@ def _run_case(
         ended = point.refusal(curves, cap) or point.run_round(first_round, suite, cap)
         if ended:
             yield ended
-        elif latency is None or rounds == 1:
+        elif rounds == 1:
             yield point.finished_row()
         else:
             timed.append(point)
@@ -217,11 +217,8 @@ class _Point:
 
     def refusal(self, curves: _Curves, cap: int | None) -> Row | None:
         """The row of a point that is not run: no such device, not supported, or predicted too big."""
-        unavailable = device_unavailable_reason(self.case.device)
-        if unavailable:
-            return self.row("unsupported", [unavailable])
         try:
-            reasons = self.implementation.not_supported_reasons(self.case)
+            reasons = reasons_not_to_run(self.implementation, self.case)
         except Exception as error:  # a plugin bug is that plugin's error row, not the end of the sweep
             return self.row("error", [f"not_supported_reasons raised {type(error).__name__}: {error}"],
                             detail=traceback.format_exc())

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from attnbench.case import DTYPES, Case, Mode, device_unavailable_reason
+from attnbench.case import DTYPES, Case, Mode
 from attnbench.errors import NotSupported
-from attnbench.implementation import Implementation, effective_options
+from attnbench.implementation import Implementation, effective_options, reasons_not_to_run
 from attnbench.inputs import make_inputs
 from attnbench.measure import attention_call, measure_case
 from attnbench.registry import Registry, load_registry
@@ -44,8 +44,7 @@ def supported(name: str, case: Case) -> Implementation:
     if name not in registry().names():
         raise NotSupported(f"{name} is not registered (registered: {', '.join(registry().names())})")
     implementation = registry().get(name)
-    unavailable = device_unavailable_reason(case.device)
-    reasons = [unavailable] if unavailable else implementation.not_supported_reasons(case)
+    reasons = reasons_not_to_run(implementation, case)
     if reasons:
         raise NotSupported(f"{name}: {'; '.join(reasons)}")
     return implementation
