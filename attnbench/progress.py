@@ -13,9 +13,11 @@ from attnbench.units import format_seconds
 
 
 class TerminalProgress:
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-        self.interactive = stream.isatty()
+    def __init__(self, stream: TextIO | None = None) -> None:
+        # Looked up when the bar is made, not when this module was imported: sys.stderr may
+        # have been replaced since (pytest's capture, a redirecting caller).
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = self.stream.isatty()
         self.bar: tqdm | None = None
         self.done = 0
         self.total = 0
