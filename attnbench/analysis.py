@@ -8,13 +8,18 @@ it from a stored run folder.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+from scipy import stats
+
 from attnbench.case import Case
+from attnbench.flops import attention_flops, matmul_key
 from attnbench.grid import group_key
 from attnbench.results import Row
 
@@ -22,9 +27,15 @@ Metric = Literal["latency", "memory"]
 METRICS: tuple[Metric, ...] = ("latency", "memory")
 
 FIT_POINTS = 4  # the largest measured seq_lens a fit uses: asymptotic behaviour, not start-up costs
-# A declared exponent holds unless the measured one exceeds it by more than this plus two
-# standard errors: on a CPU, cache and allocator effects bend curves by about a tenth.
+MIN_FIT_POINTS = 3  # two points give a slope but no error estimate: no verdict from them
+# A declared exponent holds unless the measured one exceeds it by more than this margin plus the
+# fit's 95% confidence half-width (Student's t on n − 2 degrees of freedom times the standard
+# error): on a CPU, cache and allocator effects bend curves by about a tenth.
 EXPONENT_MARGIN = 0.2
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 999
+# Seeded, so that a report rebuilt from the same rows says the same (scipy renamed the argument).
+_SEED_ARGUMENT = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
 
 
 @dataclass(frozen=True)
@@ -45,15 +56,25 @@ class ScalingFit:
     metric: Metric
     seq_lens: tuple[int, ...]  # the points fitted
     exponent: float | None  # least-squares slope of log(metric) on log(seq_len)
-    stderr: float | None  # its standard error; None with two points
+    # Its standard error: the regression's (scipy.stats.linregress) combined with the spread of the
+    # measurements themselves (a bootstrap over each point's latency samples); None below 3 points.
+    stderr: float | None
     declared: str | None  # e.g. "n^2"; None when the run did not record it
     declared_exponent: float | None
 
     @property
+    def allowance(self) -> float | None:
+        """How far above the declaration the measured exponent may be before the verdict fails."""
+        if self.stderr is None:
+            return None
+        t = stats.t.ppf(0.5 + CONFIDENCE / 2, len(self.seq_lens) - 2)
+        return EXPONENT_MARGIN + float(t) * self.stderr
+
+    @property
     def verdict(self) -> Literal["holds", "does not hold", "undetermined"]:
-        if self.exponent is None or self.declared_exponent is None:
+        if self.exponent is None or self.declared_exponent is None or self.allowance is None:
             return "undetermined"
-        if self.exponent > self.declared_exponent + EXPONENT_MARGIN + 2 * (self.stderr or 0.0):
+        if self.exponent > self.declared_exponent + self.allowance:
             return "does not hold"
         return "holds"
 
@@ -61,7 +82,7 @@ class ScalingFit:
     def measured(self) -> str:
         if self.exponent is None:
             return "fewer than 2 measured points"
-        spread = f" ± {self.stderr:.2f}" if self.stderr is not None else ""
+        spread = f" ± {self.stderr:.2f}" if self.stderr is not None else f" (only {len(self.seq_lens)} points: no verdict)"
         return f"n^{self.exponent:.2f}{spread} over {self.seq_lens[0]}–{self.seq_lens[-1]}"
 
     def sentence(self) -> str:
@@ -104,11 +125,12 @@ def curves(rows: Sequence[Row]) -> dict[tuple[str, Case], list[Row]]:
 
 
 def metric_value(row: Row, metric: Metric) -> float | None:
-    """Median latency (s) or allocator peak (bytes) of a row that ran; None otherwise."""
+    """Median latency (s) or peak memory (bytes) of a row that ran; None otherwise, and None for a
+    latency the harness flagged as no result (implausible speed, cached outputs)."""
     if row.status not in ("ok", "incorrect"):
         return None
     if metric == "latency":
-        return row.latency.median_s if row.latency else None
+        return row.latency.median_s if row.latency and not row.latency_voided else None
     peak = row.memory.peak_bytes if row.memory else None
     return float(peak) if peak else None
 
@@ -118,9 +140,11 @@ def scaling_fits(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[
     for (name, group), points in curves(rows).items():
         info = declared.get(name)
         for metric in METRICS:
-            measured = [(row.case.seq_len, value) for row in points if (value := metric_value(row, metric))]
-            measured = measured[-FIT_POINTS:]
+            fitted = [row for row in points if metric_value(row, metric)][-FIT_POINTS:]
+            measured = [(row.case.seq_len, metric_value(row, metric)) for row in fitted]
             exponent, stderr = loglog_slope(measured) if len(measured) >= 2 else (None, None)
+            if stderr is not None and metric == "latency":
+                stderr = math.hypot(stderr, _measurement_spread(fitted))
             text = None if info is None else (info.time_complexity if metric == "latency" else info.memory_complexity)
             exponent_declared = None if info is None else (
                 info.time_exponent if metric == "latency" else info.memory_exponent
@@ -154,24 +178,12 @@ def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_fl
     results = []
     for row in rows:
         if not _is_exact(row.implementation, declared) or metric_value(row, "latency") is None:
-            continue
+            continue  # (a flagged latency is no result: its throughput is in the flag's message)
         flops = attention_flops(row.case)
         achieved = flops / row.latency.median_s
         peak = matmul_flops.get(matmul_key(row.case.device, row.case.dtype_name))
         results.append(Throughput(row, flops, achieved, achieved / peak if peak else None))
     return results
-
-
-def attention_flops(case: Case) -> float:
-    """4·B·H·N²·D forward (two matmuls), halved when causal; backward counts 2.5× forward."""
-    forward = 4.0 * case.batch * case.heads * case.seq_len**2 * case.head_dim
-    if case.causal:
-        forward /= 2
-    return forward * (3.5 if case.backward else 1.0)
-
-
-def matmul_key(device: str, dtype_name: str) -> str:
-    return f"{device}/{dtype_name}"
 
 
 def pareto(rows: Sequence[Row]) -> list[ParetoPoint]:
@@ -203,11 +215,18 @@ def _is_exact(name: str, declared: Mapping[str, Declared]) -> bool:
     return name in declared and declared[name].exact
 
 
+def can_be_baseline(row: Row) -> bool:
+    """Only a point of an exact implementation that is correct at the dtype's default tolerance
+    (not merely at a looser one it declared) is what others are compared with."""
+    correctness = row.correctness
+    return row.status == "ok" and (correctness is None or correctness.within_default_tolerance is not False)
+
+
 def _best_per_seq_len(curves_: list[list[Row]], metric: Metric) -> dict[int, float]:
     best: dict[int, float] = {}
     for points in curves_:
         for row in points:
-            value = metric_value(row, metric)
+            value = metric_value(row, metric) if can_be_baseline(row) else None
             if value is not None and value < best.get(row.case.seq_len, math.inf):
                 best[row.case.seq_len] = value
     return best
@@ -232,14 +251,38 @@ def crossover_between(mine: dict[int, float], best: dict[int, float], better: st
 
 
 def loglog_slope(points: Sequence[tuple[int, float]]) -> tuple[float, float | None]:
-    """Least-squares slope of log(value) on log(seq_len), and its standard error (≥ 3 points)."""
-    xs = [math.log(n) for n, _ in points]
-    ys = [math.log(value) for _, value in points]
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mean_x) ** 2 for x in xs)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
-    if len(points) < 3:
-        return slope, None
-    intercept = mean_y - slope * mean_x
-    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
-    return slope, math.sqrt(residual / (len(points) - 2) / sxx)
+    """Least-squares slope of log(value) on log(seq_len) (scipy.stats.linregress), and its
+    standard error from the residuals (None below three points: two always fit exactly)."""
+    fit = stats.linregress([math.log(n) for n, _ in points], [math.log(value) for _, value in points])
+    return float(fit.slope), (float(fit.stderr) if len(points) >= MIN_FIT_POINTS else None)
+
+
+def _measurement_spread(rows: Sequence[Row]) -> float:
+    """Standard error of the latency slope from the measurements' own spread: each round's samples
+    resampled (scipy.stats.bootstrap), each point's value its fastest round's median, as reported."""
+    xs = np.log([row.case.seq_len for row in rows])
+    rounds = [[np.log(samples) for samples in row.latency.rounds] for row in rows]
+    resampled = [(point, index) for point, point_rounds in enumerate(rounds)
+                 for index, samples in enumerate(point_rounds) if len(samples) >= 2]
+    if not resampled:
+        return 0.0
+    fixed = [[float(np.median(samples)) for samples in point_rounds] for point_rounds in rounds]
+
+    def slope(*medians_of: np.ndarray, axis: int = -1) -> np.ndarray:
+        medians = [np.median(sample, axis=axis) for sample in medians_of]
+        shape = np.shape(medians[0])
+        per_point = []
+        for point, point_rounds in enumerate(fixed):
+            values = [np.full(shape, value) for value in point_rounds]
+            for (where, index), median in zip(resampled, medians, strict=True):
+                if where == point:
+                    values[index] = median
+            per_point.append(np.min(values, axis=0))
+        ys = np.stack(per_point, axis=-1)
+        centred = xs - xs.mean()
+        return (centred * (ys - ys.mean(axis=-1, keepdims=True))).sum(axis=-1) / (centred**2).sum()
+
+    samples = tuple(rounds[point][index] for point, index in resampled)
+    result = stats.bootstrap(samples, slope, n_resamples=BOOTSTRAP_RESAMPLES, vectorized=True, paired=False,
+                             method="percentile", **{_SEED_ARGUMENT: np.random.default_rng(0)})
+    return float(result.standard_error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,15 +13,17 @@ from pathlib import Path
 from attnbench.analysis import Declared, scaling_fits
 from attnbench.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices
 from attnbench.compare import ALPHA, CHANGE_HEADERS, DEFAULT_THRESHOLD, compare_runs, format_changes
+from attnbench.containment import Interrupted, PluginFault, contained, install_interrupt_handlers
 from attnbench.errors import UserError, did_you_mean
 from attnbench.grid import describe_group
-from attnbench.implementation import Implementation
+from attnbench.implementation import Implementation, plugin_reasons
 from attnbench.progress import TerminalProgress
 from attnbench.registry import Registry, load_registry
 from attnbench.run_folder import declared_of, load_run
 from attnbench.runner import run_suite
 from attnbench.suite import Suite, load_suite
 from attnbench.summary import format_table, summary_table
+from attnbench.text import one_line
 
 # The shape `attnbench list` asks each implementation about, per device and dtype.
 LIST_PROBE = dict(batch=1, heads=8, kv_heads=8, seq_len=1024, head_dim=64, causal=False, mode="forward")
@@ -29,14 +32,17 @@ LIST_PROBE = dict(batch=1, heads=8, kv_heads=8, seq_len=1024, head_dim=64, causa
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    install_interrupt_handlers()
     try:
         return args.command(args)
     except UserError as error:
         print(f"attnbench: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("attnbench: interrupted (rows finished so far are kept in the run's rows.jsonl)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        name = error.signal_name if isinstance(error, Interrupted) else "SIGINT"
+        print(f"attnbench: stopped by {name} (rows finished so far are kept in the run's rows.jsonl)",
+              file=sys.stderr)
+        return error.exit_code if isinstance(error, Interrupted) else 130
     except BrokenPipeError:  # e.g. `attnbench history ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
@@ -93,19 +99,40 @@ def _fraction(text: str) -> float:
 
 def _run(args: argparse.Namespace) -> int:
     registry = load_registry()
-    for problem in registry.problems:
-        print(f"attnbench: warning: {problem}", file=sys.stderr)
+    for problem in (*registry.problems, *registry.settings_changed):
+        _warn(str(problem))
     suite = _apply_flags(load_suite(args.suite, registry), args, registry)
-    result = run_suite(suite, registry, output=args.output, progress=TerminalProgress(), resume=args.resume)
-    for warning in result.warnings:
-        print(f"attnbench: warning: {warning}", file=sys.stderr)
-    print(summary_table(result.rows))
-    print(f"\nresults: {result.rows_path}")
-    from attnbench.report import write_reports  # (matplotlib and pandas: see _report)
+    progress = TerminalProgress()
+    try:
+        result = run_suite(suite, registry, output=args.output, progress=progress, resume=args.resume, warn=_warn)
+    finally:
+        progress.close()
+    if result.rows:
+        print(summary_table(result.rows))
+        print(f"\nresults: {result.rows_path}")
+        from attnbench.report import write_reports  # (matplotlib and pandas: see _report)
 
-    written = write_reports(load_run(result.run_dir))
-    print(f"report: {written[2]} (and {', '.join(path.name for path in written[:2])}, plots/)")
+        written = write_reports(load_run(result.run_dir))
+        print(f"report: {written[2]} (and {', '.join(path.name for path in written[:2])}, plots/)")
+    if result.interrupted is not None:
+        finished = len(result.rows)
+        print(f"attnbench: stopped by {result.interrupted.signal_name}: the {finished} finished point(s) are kept in "
+              f"{result.run_dir}; resume with: {_resume_command(args, result.run_dir)}", file=sys.stderr)
+        return result.interrupted.exit_code
     return 0
+
+
+def _warn(text: str) -> None:
+    print(f"attnbench: warning: {one_line(text)}", file=sys.stderr)
+
+
+def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command that measures what the stopped run lacks, with the flags it was started with."""
+    words = ["attnbench", "run", str(args.suite), "--resume", str(run_dir)]
+    for flag in ("implementations", "device"):
+        if getattr(args, flag) is not None:
+            words += [f"--{flag}", getattr(args, flag)]
+    return shlex.join(words)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -140,10 +167,11 @@ def _compare(args: argparse.Namespace) -> int:
         for curve in comparison.curves
     ]
     print("\n" + format_table(("implementation", "case", "points slower", "median new/base", ""), curve_lines))
-    regressions = comparison.regressions
+    regressions, lost = comparison.regressions, comparison.status_regressions
     print(f"{len(regressions)} regression(s): most points of a curve significantly slower (Mann-Whitney "
           f"p < {ALPHA}) by more than {threshold:.0%}")
-    return 1 if regressions and args.fail_on_regression is not None else 0
+    print(f"{len(lost)} point(s) that were ok and are not now (status, or a latency flagged as no result)")
+    return 1 if (regressions or lost) and args.fail_on_regression is not None else 0
 
 
 def _history(args: argparse.Namespace) -> int:
@@ -196,7 +224,11 @@ def _list(args: argparse.Namespace) -> int:
     if registry.problems:
         print("\nplugins that failed to load:")
         for problem in registry.problems:
-            print(f"  {problem}")
+            print(f"  {one_line(str(problem))}")
+    if registry.settings_changed:
+        print("\nplugins that changed process-wide settings while loading (put back):")
+        for problem in registry.settings_changed:
+            print(f"  {one_line(str(problem))}")
     return 0
 
 
@@ -206,7 +238,7 @@ def _describe(implementation: Implementation, registry: Registry) -> str:
     lines = [
         f"{implementation.name}  ({kind}; time {implementation.time_complexity}, "
         f"memory {implementation.memory_complexity}; plugin {registry.plugin_of(implementation.name)})",
-        f"    {implementation.description}",
+        f"    {one_line(implementation.description)}",
     ]
     if options:
         lines.append(f"    options: {options}")
@@ -218,12 +250,12 @@ def _support_on(implementation: Implementation, device: str) -> list[str]:
     runs, refusals = [], []
     for name, dtype in DTYPES.items():
         case = Case(dtype=dtype, device=device, **LIST_PROBE)
-        try:
-            reasons = implementation.not_supported_reasons(case)
-        except Exception as error:  # a plugin bug shows here rather than breaking the listing
-            reasons = [f"not_supported_reasons raised {type(error).__name__}: {error}"]
+        # A plugin's bug (an exception, a hang, a wrong return type) shows here, not as a broken listing.
+        reasons = contained(lambda case=case: plugin_reasons(implementation, case), "not_supported_reasons")
+        if isinstance(reasons, PluginFault):
+            reasons = [reasons.message]
         if reasons:
-            refusals.append(f"{name}: {'; '.join(reasons)}")
+            refusals.append(one_line(f"{name}: {'; '.join(reasons)}"))
         else:
             runs.append(name)
     if not refusals:

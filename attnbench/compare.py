@@ -9,6 +9,9 @@ those points are slower. One point alone is not enough: on this shared machine a
 process sometimes runs in a slow mode (same code, two runs: naive at N=512 4.1 ms and 9.5 ms,
 sparse at N=1024 16 ms and 31 ms, each with a tight spread), which the samples of one run cannot
 see; a changed implementation is slower at most of its seq_lens.
+
+A point that was ``ok`` and is anything else now (crashed, incorrect, skipped, ...) is a
+regression on its own, and so is one whose latency was a result and now is flagged as none.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 from attnbench.analysis import output_error
 from attnbench.case import Case
+from attnbench.errors import UserError
 from attnbench.grid import group_key
 from attnbench.results import Row
 from attnbench.run_folder import RunFolder
@@ -47,6 +51,11 @@ class PointChange:
     @property
     def effect(self) -> float:
         return abs(math.log(self.latency_ratio)) if self.latency_ratio else 0.0
+
+    @property
+    def lost_ok(self) -> bool:
+        return self.base.status == "ok" and (self.new.status != "ok" or self.new.latency_voided
+                                             and not self.base.latency_voided)
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,11 @@ class Comparison:
         return tuple(curve for curve in self.curves if curve.regressed)
 
     @property
+    def status_regressions(self) -> tuple[PointChange, ...]:
+        """Points that were ok and are not now (or whose latency is flagged as no result now)."""
+        return tuple(change for change in self.changes if change.lost_ok)
+
+    @property
     def typical_ratio(self) -> float | None:
         """Median latency ratio over all matched points: machine-wide drift shows up here."""
         ratios = [change.latency_ratio for change in self.changes if change.latency_ratio]
@@ -96,8 +110,11 @@ class Comparison:
 def compare_runs(base: RunFolder, new: RunFolder, threshold: float = DEFAULT_THRESHOLD) -> Comparison:
     base_rows = {(row.implementation, row.case): row for row in base.rows}
     new_rows = {(row.implementation, row.case): row for row in new.rows}
+    if not set(base_rows) & set(new_rows):
+        raise UserError(f"compare {base.path} {new.path}: the runs have no point in common (same implementation "
+                        "and case); there is nothing to compare")
     changes = [_change(base_rows[key], new_rows[key], threshold) for key in base_rows if key in new_rows]
-    changes.sort(key=lambda change: (change.verdict not in ("slower", "faster"), -change.effect))
+    changes.sort(key=lambda change: (not change.lost_ok, change.verdict not in ("slower", "faster"), -change.effect))
     return Comparison(
         changes=tuple(changes),
         only_in_base=tuple(row for key, row in base_rows.items() if key not in new_rows),
@@ -110,9 +127,12 @@ def compare_runs(base: RunFolder, new: RunFolder, threshold: float = DEFAULT_THR
 def _change(base: Row, new: Row, threshold: float) -> PointChange:
     ratio = p_value = memory_ratio = None
     if base.status != new.status:
-        verdict = f"status {base.status} -> {new.status}"
+        verdict = f"status {base.status} -> {new.status}" + (" REGRESSED" if base.status == "ok" else "")
     elif base.latency is None or new.latency is None:
         verdict = "not timed"
+    elif new.latency_voided or base.latency_voided:
+        regressed = new.latency_voided and not base.latency_voided
+        verdict = "latency flagged as no result" + (" REGRESSED" if regressed else " (base or new)")
     else:
         ratio = new.latency.median_s / base.latency.median_s
         x, y = base.latency.samples_s, new.latency.samples_s

@@ -15,15 +15,7 @@ from typing import Any
 import torch
 
 from attnbench.allocator import worker_allocator_policy
-
-# Environment variables that change threading, spin-waiting or allocation, and so timings.
-TIMING_VARIABLES = (
-    "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_PLACES", "GOMP_SPINCOUNT",
-    "MKL_NUM_THREADS", "MKL_DYNAMIC", "KMP_AFFINITY", "KMP_BLOCKTIME", "OPENBLAS_NUM_THREADS",
-    "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
-    "LD_PRELOAD",
-)
+from attnbench.process_state import TIMING_VARIABLES
 PACKAGES = ("attnbench", "torch", "pluggy", "numpy", "pyyaml", "xformers")
 
 
@@ -45,10 +37,15 @@ class Environment:
     devices: dict[str, str] = field(default_factory=dict)  # e.g. "cuda:0" -> name and capability
     git_commit: str | None = None
     git_dirty: bool | None = None
-    matmul_flops: dict[str, float] = field(default_factory=dict)  # "device/dtype" -> FLOP/s, once per run
+    # "device/dtype" -> FLOP/s: the best of the measurements taken in workers during the run
+    # (matmul_flops_samples), so that a busy moment cannot lower the yardstick.
+    matmul_flops: dict[str, float] = field(default_factory=dict)
+    matmul_flops_samples: dict[str, list[float]] = field(default_factory=dict)
     load_average: tuple[float, float, float] | None = None  # 1, 5, 15 minutes, when the run started
     cpu_frequency: str = ""  # current MHz range over the CPUs and the scaling governor, where Linux tells
     worker_allocator: str = ""  # what each worker does to malloc (attnbench.allocator)
+    # plugin -> its distribution, version and the implementations it registered
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def busy_warning(self) -> str | None:
         """A sentence when other work was running on the CPUs as the run started."""
@@ -71,13 +68,9 @@ class Environment:
         return cls(**known)
 
 
-def capture_environment(threads: int | None = None) -> Environment:
-    """``threads``: the count the suite's workers use, when it sets one."""
-    # The commit of attnbench's own source when it runs from a checkout, else of the
-    # directory the run was started in.
-    commit, dirty = git_state(Path(__file__).resolve().parent)
-    if commit is None:
-        commit, dirty = git_state(Path.cwd())
+def capture_environment(threads: int | None = None, plugins: dict[str, dict[str, Any]] | None = None) -> Environment:
+    """``threads``: the count the workers use; ``plugins``: where the run's implementations come from."""
+    commit, dirty = code_version()
     return Environment(
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=" ".join(sys.argv),
@@ -98,7 +91,15 @@ def capture_environment(threads: int | None = None) -> Environment:
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
         cpu_frequency=_cpu_frequency(),
         worker_allocator=worker_allocator_policy(),
+        plugins=plugins or {},
     )
+
+
+def code_version() -> tuple[str | None, bool | None]:
+    """The commit of attnbench's own source when it runs from a checkout, else of the directory
+    the run was started in; and whether there are uncommitted changes."""
+    commit, dirty = git_state(Path(__file__).resolve().parent)
+    return (commit, dirty) if commit is not None else git_state(Path.cwd())
 
 
 def git_state(directory: Path) -> tuple[str | None, bool | None]:

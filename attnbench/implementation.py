@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 
 from attnbench.case import Case, device_unavailable_reason
 from attnbench.errors import UserError, did_you_mean
+from attnbench.text import one_line
 
 # (q, k, v) -> out, all (batch, heads, seq_len, head_dim); k and v may have fewer heads.
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -44,6 +46,31 @@ DEFAULT_TOLERANCES: Mapping[torch.dtype, Tolerance] = {
     torch.float16: Tolerance(atol=1e-3, rtol=4e-3),
     torch.bfloat16: Tolerance(atol=8e-3, rtol=3e-2),
 }
+
+
+# What a plugin may declare, at most: a tolerance loose enough to pass zeros (rtol near 1, or an
+# atol as large as the outputs) would make an exact claim meaningless. Float32 allows Nyström's
+# rtol of 1e-3 against its own reference (a badly conditioned pseudo-inverse), no more.
+TOLERANCE_CAP_FACTOR = Tolerance(atol=10.0, rtol=100.0)  # times the dtype's default
+TOLERANCE_CAP_RTOL = 0.1
+
+
+def capped_tolerance(declared: Tolerance, dtype: torch.dtype) -> tuple[Tolerance, str]:
+    """The tolerance a point is judged with, and a note when the declared one was over the cap."""
+    default = DEFAULT_TOLERANCES[dtype]
+    cap = Tolerance(atol=default.atol * TOLERANCE_CAP_FACTOR.atol,
+                    rtol=min(default.rtol * TOLERANCE_CAP_FACTOR.rtol, TOLERANCE_CAP_RTOL))
+    if not isinstance(declared, Tolerance) or not all(
+        isinstance(value, (int, float)) and value >= 0 for value in (declared.atol, declared.rtol)
+    ):
+        return cap, f"declared tolerance {declared!r} is not a Tolerance of two non-negative numbers; judged at the cap"
+    judged = Tolerance(atol=min(declared.atol, cap.atol), rtol=min(declared.rtol, cap.rtol))
+    if judged == declared:
+        return judged, ""
+    name = str(dtype).removeprefix("torch.")
+    return judged, (f"declared {name} tolerance atol={declared.atol:g}, rtol={declared.rtol:g} is over the cap "
+                    f"(atol <= {cap.atol:g}, rtol <= {cap.rtol:g}); judged at atol={judged.atol:g}, "
+                    f"rtol={judged.rtol:g}")
 
 
 def complexity_exponent(text: str) -> float:
@@ -146,6 +173,8 @@ def option_problem(implementation: Implementation, key: str, value: Any) -> str 
     if key not in defaults:
         allowed = ", ".join(defaults) if defaults else "none"
         return f"unknown option for {implementation.name} (allowed: {allowed}){did_you_mean(key, defaults)}"
+    if not _finite(value):
+        return f"expected a finite value, got {value!r} (nan and inf are not allowed)"
     default = defaults[key]
     for default_type, accepted, description in _OPTION_TYPES:
         if isinstance(default, default_type):
@@ -153,6 +182,17 @@ def option_problem(implementation: Implementation, key: str, value: Any) -> str 
                 return None
             return f"expected {description}, got {value!r}"
     return None
+
+
+def _finite(value: Any) -> bool:
+    """No nan or inf anywhere in the value (lists and mappings included)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(item) for item in value)
+    if isinstance(value, Mapping):
+        return all(_finite(item) for item in value.values())
+    return True
 
 
 _OPTION_TYPES: tuple[tuple[type, tuple[type, ...], str], ...] = (
@@ -164,10 +204,23 @@ _OPTION_TYPES: tuple[tuple[type, tuple[type, ...], str], ...] = (
 )
 
 
+class BrokenPromise(Exception):
+    """A plugin's method returned something the contract does not allow."""
+
+
+def plugin_reasons(implementation: Implementation, case: Case) -> list[str]:
+    """The implementation's own reasons for refusing the case, checked to be a list of strings."""
+    reasons = implementation.not_supported_reasons(case)
+    if not isinstance(reasons, (list, tuple)) or not all(isinstance(reason, str) and reason for reason in reasons):
+        raise BrokenPromise(f"not_supported_reasons returned {one_line(repr(reasons), 200)} "
+                            "(expected a list of non-empty strings)")
+    return list(reasons)
+
+
 def reasons_not_to_run(implementation: Implementation, case: Case) -> list[str]:
     """Why the implementation cannot take the case here: the device is missing, or its own reasons."""
     unavailable = device_unavailable_reason(case.device)
-    return [unavailable] if unavailable else implementation.not_supported_reasons(case)
+    return [unavailable] if unavailable else plugin_reasons(implementation, case)
 
 
 def effective_options(implementation: Implementation, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -177,6 +230,17 @@ def effective_options(implementation: Implementation, given: Mapping[str, Any]) 
         if problem:
             raise UserError(f"options.{implementation.name}.{key}: {problem}")
     options = {**implementation.default_options, **given}
-    for key, problem in implementation.invalid_options(options).items():
+    for key, problem in invalid_option_values(implementation, options).items():
         raise UserError(f"options.{implementation.name}.{key}: {problem}")
     return options
+
+
+def invalid_option_values(implementation: Implementation, options: Mapping[str, Any]) -> dict[str, str]:
+    """The implementation's ``invalid_options``, checked to be a mapping of option names to strings."""
+    problems = implementation.invalid_options(options)
+    if not isinstance(problems, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in problems.items()
+    ):
+        raise BrokenPromise(f"invalid_options returned {one_line(repr(problems), 200)} "
+                            "(expected a mapping of option names to strings)")
+    return {key: one_line(value) for key, value in problems.items()}

@@ -1,11 +1,20 @@
-"""Measures one (implementation, case) in this process: correctness, latency, peak memory.
+"""Measures one round of one (implementation, case) in this process: correctness, latency, memory.
 
 The runner calls this inside a worker process (attnbench.worker); tests and plugin authors
-may call it directly.
+may call it directly. One round is:
+
+1. prepare (untimed), then a first call on the seeded inputs;
+2. in round 1, the rows to check are drawn and the float64 references computed from the inputs
+   as they were made (attnbench.correctness.Verifier); later rounds receive them;
+3. the timed calls, keeping the last result; in round 1, the memory call;
+4. a call on fresh inputs written into the same tensors, timed on its own;
+5. every checked call is compared with the references, and the inputs with what they were
+   before each call: a call that changed them is reported, and the values are put back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 import warnings
@@ -15,13 +24,26 @@ from typing import Any
 import torch
 
 from attnbench.case import Case
-from attnbench.correctness import Grads, check_correctness, output_problems
+from attnbench.correctness import (
+    Grads,
+    Verifier,
+    build_verifier,
+    changed_inputs,
+    merge_checks,
+    output_problems,
+    write_into,
+)
 from attnbench.implementation import AttentionFn, Implementation
 from attnbench.inputs import Inputs, make_inputs
 from attnbench.memory import measure_peak_memory
-from attnbench.results import Measurement
+from attnbench.process_state import Snapshot, changes, restore
+from attnbench.results import Correctness, Measurement
 from attnbench.suite import Measure
-from attnbench.timing import measure_latency, synchronize
+from attnbench.timing import measure_latency, synchronize, time_one_call
+
+
+class SettingsChangedInCall(Exception):
+    """The timed call changed process-wide settings: its timings are not comparable with others'."""
 
 
 def measure_case(
@@ -30,49 +52,131 @@ def measure_case(
     options: Mapping[str, Any],
     measure: Measure,
     seed: int = 0,
+    *,
+    verifier: Verifier | None = None,
+    settings: Snapshot | None = None,
 ) -> Measurement:
-    """Prepare (untimed), call once to check the result, then time and measure memory.
+    """One round; ``verifier``: round 1's references (None in round 1); ``settings``: the
+    process-wide settings the call must run under (None: not watched).
 
     Exceptions propagate: the worker turns them into an ``error`` or ``oom`` row.
     """
     device = torch.device(case.device)
     inputs = make_inputs(case, seed)
+    watch = _SettingsWatch(settings)
     with warnings.catch_warnings(record=True) as caught:  # the implementation's notes for the row
         warnings.simplefilter("always")
         attention = implementation.prepare(case, options)
+        watch.put_back("prepare")
         call = attention_call(attention, inputs, case.backward)
         started = time.perf_counter()
         result = call()
         synchronize(device)
         first_call_s = time.perf_counter() - started
-    notes = _own_warnings(caught, implementation)
+        watch.put_back("the first call")  # lazy set-up may touch settings once; not every call
+    notes = [*_own_warnings(caught, implementation), *watch.notes]
 
-    out, grads = result if case.backward else (result, None)
+    checks: list[Correctness] = []
+    out, grads = _split(result, case)
     problems = output_problems(out, grads, case)
-    correctness = None
-    if not problems and measure.correctness is not None:
-        correctness = check_correctness(
-            implementation, case, options, inputs, out, grads, measure.correctness, seed
-        )
-        problems.extend(correctness.failures)
+    comparable = not problems
+    problems += _restore_inputs(inputs, case, seed)
+    if verifier is None and comparable and measure.correctness is not None:
+        verifier, verifier_notes = build_verifier(implementation, case, options, measure.correctness, seed)
+        notes += verifier_notes
+    if verifier is not None and comparable:
+        checks.append(verifier.check(out, grads, fresh=False, label="first call"))
     del result, out, grads
 
-    latency = measure_latency(call, device, measure.latency, first_call_s) if measure.latency else None
+    latency = None
+    if measure.latency:
+        latency, last = measure_latency(call, device, measure.latency, first_call_s)
+        watch.refuse_changes("the timed calls")
+        problems += _check_call(last, case, verifier, checks, fresh=False, label="last timed call")
+        del last
     memory = measure_peak_memory(call, device) if measure.memory else None
+    problems += _restore_inputs(inputs, case, seed)
+
+    if verifier is not None:  # a call on fresh values in the same tensors: a cache cannot know them
+        fresh = make_inputs(case, verifier.fresh_seed)
+        write_into(inputs, fresh)
+        fresh_call_s, result = time_one_call(call, device)
+        watch.refuse_changes("a call on fresh inputs")
+        problems += _check_call(result, case, verifier, checks, fresh=True, label="a call on fresh inputs")
+        del result
+        problems += changed_inputs(inputs, fresh)
+        if latency is not None:
+            latency = dataclasses.replace(latency, fresh_call_s=(fresh_call_s,))
+
+    correctness = merge_checks(checks) if checks else None
+    if correctness is not None:
+        problems += correctness.failures
     return Measurement(
         status="incorrect" if problems else "ok",
-        reasons=tuple(problems),
+        reasons=tuple(dict.fromkeys(problems)),
         correctness=correctness,
         latency=latency,
         memory=memory,
-        notes=notes,
+        notes=tuple(dict.fromkeys(notes)),
+        verifier=verifier,
     )
+
+
+def _split(result: Any, case: Case) -> tuple[Any, Grads | None]:
+    return result if case.backward else (result, None)
+
+
+def _check_call(
+    result: Any, case: Case, verifier: Verifier | None, checks: list[Correctness], fresh: bool, label: str
+) -> list[str]:
+    out, grads = _split(result, case)
+    problems = [f"{problem} ({label})" for problem in output_problems(out, grads, case)]
+    if not problems and verifier is not None:
+        checks.append(verifier.check(out, grads, fresh=fresh, label=label))
+    return problems
+
+
+def _restore_inputs(inputs: Inputs, case: Case, seed: int) -> list[str]:
+    """What the calls changed in their inputs; the values are put back for the next calls."""
+    pristine = make_inputs(case, seed)
+    problems = changed_inputs(inputs, pristine)
+    if problems:
+        write_into(inputs, pristine)
+    return problems
+
+
+class _SettingsWatch:
+    """Compares the process-wide settings with those the point must run under."""
+
+    def __init__(self, expected: Snapshot | None) -> None:
+        self.expected = expected
+        self.notes: list[str] = []
+
+    def put_back(self, what: str) -> None:
+        if self.expected is None:
+            return
+        changed = restore(self.expected)
+        if changed:
+            self.notes.append(f"{what} changed process-wide settings ({'; '.join(changed)}); put back")
+
+    def refuse_changes(self, what: str) -> None:
+        if self.expected is None:
+            return
+        changed = changes(self.expected)
+        if changed:
+            raise SettingsChangedInCall(
+                f"{what} changed process-wide settings ({'; '.join(changed)}): timed under other settings than "
+                "the other implementations, so its figures are not comparable"
+            )
 
 
 def _own_warnings(caught: list[warnings.WarningMessage], implementation: Implementation) -> tuple[str, ...]:
     """The warnings the implementation's own module gave (which path it took, a fallback), not
     those from deep inside torch."""
-    module_file = inspect.getsourcefile(type(implementation))
+    try:
+        module_file = inspect.getsourcefile(type(implementation))
+    except TypeError:  # defined where no source file is (an interactive session)
+        return ()
     return tuple(dict.fromkeys(str(w.message) for w in caught if w.filename == module_file))
 
 

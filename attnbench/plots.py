@@ -23,7 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from attnbench.analysis import Metric, ParetoPoint, ScalingFit, metric_value  # noqa: E402
+from attnbench.analysis import Metric, ParetoPoint, ScalingFit, can_be_baseline, metric_value  # noqa: E402
 from attnbench.case import Case  # noqa: E402
 from attnbench.grid import describe_group  # noqa: E402
 from attnbench.results import Row  # noqa: E402
@@ -122,7 +122,8 @@ def pareto_plot(points: Sequence[ParetoPoint], group: Case, palette: Palette, fo
 
 def speedup_plot(curves: dict[str, list[Row]], baseline: str, group: Case, palette: Palette, folder: Path) -> Plot:
     figure, axes = plt.subplots(figsize=(8, 5.2))
-    base = {row.case.seq_len: value for row in curves[baseline] if (value := metric_value(row, "latency"))}
+    base = {row.case.seq_len: value for row in curves[baseline]
+            if can_be_baseline(row) and (value := metric_value(row, "latency"))}
     for name, points in sorted(curves.items()):
         ratios = [(row.case.seq_len, base[row.case.seq_len] / value) for row in points
                   if (value := metric_value(row, "latency")) and row.case.seq_len in base]
@@ -153,11 +154,11 @@ def exponent_plot(fits: Sequence[ScalingFit], group: Case, folder: Path) -> Plot
             if fit is None:
                 continue
             colour = "tab:red" if fit.verdict == "does not hold" else "tab:blue"
-            error = 2 * fit.stderr if fit.stderr is not None else 0
-            axes.errorbar(fit.exponent, index, xerr=error, fmt="o", color=colour, capsize=3)
+            allowance = fit.allowance if fit.allowance is not None else 0
+            axes.errorbar(fit.exponent, index, xerr=allowance, fmt="o", color=colour, capsize=3)
             if fit.declared_exponent is not None:
                 axes.plot(fit.declared_exponent, index, marker="D", markerfacecolor="none", color="0.2", markersize=8)
-        axes.set_title(f"{metric}: measured (o, ±2σ) vs declared (◇)", fontsize=9)
+        axes.set_title(f"{metric}: measured (o, ± allowance) vs declared (◇)", fontsize=9)
         axes.set_xlabel("exponent k in cost ∝ n^k")
         axes.set_xlim(-0.1, 2.6)
         axes.grid(axis="x", alpha=0.3)
@@ -167,7 +168,8 @@ def exponent_plot(fits: Sequence[ScalingFit], group: Case, folder: Path) -> Plot
     stem = f"{group_slug(group)}-exponents"
     _save(figure, folder, stem)
     return Plot("Scaling exponents: declared vs measured", stem,
-                "Red: the measured exponent exceeds the declared one beyond noise (verdict 'does not hold').")
+                "Bars: the allowance (0.2 plus the fit's 95% confidence half-width); a declaration (◇) left of "
+                "its bar does not hold (red). Fits of fewer than 3 points have no bar and no verdict.")
 
 
 def _guides(axes: Axes, curves: dict[str, list[Row]], metric: Metric, values: list[float]) -> None:

@@ -31,6 +31,12 @@ class TerminalProgress:
         if self.bar is not None:
             self.bar.set_description(f"{implementation} N={case.seq_len}")
 
+    def close(self) -> None:
+        """End the bar (a sweep stopped early leaves it short of its total)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def finished(self, row: Row) -> None:
         self.done += 1
         if self.bar is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 KEY_BLOCK = 1024
+QUERY_BLOCK = 512  # query rows per block when every row is needed (dk, dv at sampled keys)
 
 # (query positions (S, 1), key positions (1, K)) -> bool (S, K): True where a query may attend
 # to a key, as FlexAttention's mask_mod. Structured implementations describe their pattern so.
@@ -34,7 +35,7 @@ class ReferenceGrads:
 
 
 def sample_rows(seq_len: int, max_rows: int, seed: int) -> torch.Tensor:
-    """Sorted query positions to check: all of them, or a seeded sample with both ends."""
+    """Sorted positions to check: all of them, or a seeded sample with both ends."""
     if seq_len <= max_rows:
         return torch.arange(seq_len)
     generator = torch.Generator().manual_seed(seed)
@@ -112,6 +113,36 @@ def softmax_attention_grads(
             dk[:, :, start:stop] += grad_scores.transpose(-1, -2) @ q_rows  # q_rows carries the scale
     dq *= head_dim**-0.5
     return ReferenceGrads(dq=dq.reshape(batch, heads, len(rows), head_dim), dk=dk, dv=dv)
+
+
+def softmax_attention_key_grads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, key_rows: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dk and dv of sum(out * grad_out) at key positions ``key_rows``: (B, KV, S, D) each.
+
+    dk_j and dv_j sum over every query row, so this needs the log-sum-exp and rowsum(dO ∘ O) of
+    all rows: a full float64 forward pass, in blocks of query rows (never an N×N matrix).
+    """
+    batch, heads, seq_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    keys, values = k[:, :, key_rows], v[:, :, key_rows]  # (B, KV, S, D)
+    dk = torch.zeros_like(keys)
+    dv = torch.zeros_like(values)
+    for start in range(0, seq_len, QUERY_BLOCK):
+        rows = torch.arange(start, min(start + QUERY_BLOCK, seq_len))
+        forward = softmax_attention(q, k, v, rows, causal)
+        q_rows, row_positions = _grouped_rows(q, k, rows, head_dim)  # (B, KV, G·r, D), scaled
+        grad_rows = _group(grad_out[:, :, rows], kv_heads)
+        delta = (grad_rows * _group(forward.out, kv_heads)).sum(dim=-1, keepdim=True)
+        scores = q_rows @ keys.transpose(-1, -2)  # (B, KV, G·r, S)
+        if causal:
+            scores = scores.masked_fill(key_rows.unsqueeze(0) > row_positions.unsqueeze(1), float("-inf"))
+        probabilities = torch.exp(scores - forward.lse.reshape(batch, kv_heads, groups * len(rows), 1))
+        dv += probabilities.transpose(-1, -2) @ grad_rows
+        grad_scores = probabilities * (grad_rows @ values.transpose(-1, -2) - delta)
+        dk += grad_scores.transpose(-1, -2) @ q_rows  # q_rows carries the scale
+    return dk, dv
 
 
 def _grouped_rows(

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import pluggy
 
-from attnbench import hookspecs
+from attnbench import hookspecs, process_state
+from attnbench.containment import PluginFault, contained
 from attnbench.implementation import Implementation, contract_violations
 
 # Set to any value to load only the built-ins (as pytest's PYTEST_DISABLE_PLUGIN_AUTOLOAD does).
@@ -41,6 +42,14 @@ class LoadProblem:
         return f"plugin {self.plugin!r}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class PluginSource:
+    """Where a plugin comes from, recorded with each run so that runs can be told apart by it."""
+
+    distribution: str  # e.g. "attnbench" for the built-ins, the package name for a third party
+    version: str
+
+
 class Registry:
     """The implementations available to a run, by unique name, in registration order."""
 
@@ -48,6 +57,9 @@ class Registry:
         self._implementations: dict[str, Implementation] = {}
         self._plugin_of: dict[str, str] = {}
         self.problems: list[LoadProblem] = []
+        # Process-wide settings a plugin changed while loading (put back): reported, not fatal.
+        self.settings_changed: list[LoadProblem] = []
+        self.sources: dict[str, PluginSource] = {}
         self._current_plugin = "<python>"
 
     def add(self, implementation: Implementation) -> None:
@@ -79,6 +91,10 @@ class Registry:
     def plugin_of(self, name: str) -> str:
         return self._plugin_of[name]
 
+    def source_of(self, name: str) -> PluginSource | None:
+        """The distribution and version of the plugin that registered implementation ``name``."""
+        return self.sources.get(self._plugin_of.get(name, ""))
+
     def __contains__(self, name: object) -> bool:
         return name in self._implementations
 
@@ -104,54 +120,85 @@ def load_registry(
     """Register built-ins, then third-party entry points; a broken plugin never stops the rest.
 
     Entry points are loaded unless ``entry_points`` is False or, when it is None, the
-    environment variable ATTNBENCH_DISABLE_PLUGIN_AUTOLOAD is set.
+    environment variable ATTNBENCH_DISABLE_PLUGIN_AUTOLOAD is set. Importing a plugin and its
+    hook are contained (attnbench.containment): whatever they raise, even SystemExit, is a
+    problem reported against that plugin; process-wide settings they change are put back.
     """
     if entry_points is None:
         entry_points = not os.environ.get(DISABLE_AUTOLOAD_VARIABLE)
     registry = Registry()
     manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
+    settings = process_state.snapshot()
+    builtin_source = PluginSource("attnbench", _version("attnbench"))
 
     for module_name in builtins:
         plugin_name = module_name.rpartition(".")[2]
-        _register(manager, registry, plugin_name, lambda module_name=module_name: importlib.import_module(module_name))
+        loaded = _register(manager, registry, plugin_name, lambda module_name=module_name: importlib.import_module(module_name))
+        if loaded:
+            registry.sources[plugin_name] = builtin_source
+        _put_back(registry, plugin_name, settings, "importing it")
     if entry_points:
         for entry_point in _attnbench_entry_points():
-            _register(manager, registry, entry_point.name, entry_point.load)
+            if _register(manager, registry, entry_point.name, entry_point.load):
+                registry.sources[entry_point.name] = _source(entry_point)
+            _put_back(registry, entry_point.name, settings, "importing it")
 
     hook = manager.hook.attnbench_register_implementations
     for hook_impl in hook.get_hookimpls():
         plugin_name = manager.get_name(hook_impl.plugin) or repr(hook_impl.plugin)
         arguments = {"registry": registry}
         with registry.adding_for(plugin_name):
-            try:
-                hook_impl.function(*(arguments[name] for name in hook_impl.argnames))
-            except Exception as error:  # a plugin's bug must not stop the others
-                registry.problems.append(
-                    LoadProblem(plugin_name, f"attnbench_register_implementations raised {_describe(error)}")
-                )
+            outcome = contained(lambda: hook_impl.function(*(arguments[name] for name in hook_impl.argnames)),
+                                "attnbench_register_implementations")
+        if isinstance(outcome, PluginFault):  # a plugin's bug must not stop the others
+            registry.problems.append(LoadProblem(plugin_name, outcome.message))
+        _put_back(registry, plugin_name, settings, "its registration hook")
     return registry
 
 
-def _register(manager: pluggy.PluginManager, registry: Registry, plugin_name: str, load) -> None:
-    try:
-        plugin = load()
-    except Exception as error:
-        registry.problems.append(LoadProblem(plugin_name, f"failed to import: {_describe(error)}"))
-        return
+def _put_back(registry: Registry, plugin_name: str, settings: process_state.Snapshot, what: str) -> None:
+    changed = process_state.restore(settings)
+    if changed:
+        registry.settings_changed.append(
+            LoadProblem(plugin_name, f"{what} changed process-wide settings ({'; '.join(changed)}); put back")
+        )
+
+
+def _register(manager: pluggy.PluginManager, registry: Registry, plugin_name: str, load) -> bool:
+    plugin = contained(load, "import")
+    if isinstance(plugin, PluginFault):
+        registry.problems.append(LoadProblem(plugin_name, f"failed to import: {plugin.summary}" if not plugin.timed_out else f"failed to import: {plugin.message}"))
+        return False
     if manager.is_registered(plugin) or plugin_name in dict(manager.list_name_plugin()):
         registry.problems.append(LoadProblem(plugin_name, "a plugin with this name is already loaded; skipped"))
-        return
+        return False
     try:
         manager.register(plugin, name=plugin_name)
     except Exception as error:  # pluggy rejects hooks with unknown names or arguments
         registry.problems.append(LoadProblem(plugin_name, f"rejected by pluggy: {_describe(error)}"))
-        return
+        return False
     if not manager.get_hookcallers(plugin):
         manager.unregister(plugin)
         registry.problems.append(
             LoadProblem(plugin_name, "defines no attnbench_register_implementations hook")
         )
+        return False
+    return True
+
+
+def _source(entry_point: importlib.metadata.EntryPoint) -> PluginSource:
+    dist = getattr(entry_point, "dist", None)
+    if dist is None:
+        return PluginSource("unknown", "unknown")
+    return PluginSource(dist.metadata["Name"] or "unknown", dist.version or "unknown")
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _attnbench_entry_points() -> list[importlib.metadata.EntryPoint]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from attnbench.analysis import (
     ParetoPoint,
     ScalingFit,
     Throughput,
+    can_be_baseline,
     crossovers,
     curves,
     metric_value,
@@ -30,6 +32,7 @@ from attnbench.plots import Palette, Plot, exponent_plot, pareto_plot, scaling_p
 from attnbench.results import NOISY_RELATIVE_IQR, Row
 from attnbench.run_folder import RunFolder
 from attnbench.table import tidy_frame
+from attnbench.text import markdown_cell
 from attnbench.units import format_bytes, format_seconds
 
 CSV_FILE = "table.csv"
@@ -69,6 +72,7 @@ def build_sections(run: RunFolder, plots_folder: Path) -> list[Section]:
     fits = scaling_fits(rows, declared)
     achieved = throughputs(rows, declared, run.matmul_flops)
     sections = [
+        Section("Flagged points", (_flag_table(rows),)),
         Section("Scaling verdicts", (_verdict_table(fits),)),
         Section("Crossovers against the best exact implementation", (_crossover_table(crossovers(rows, declared)),)),
         Section("Throughput of exact implementations", (_throughput_table(achieved, run.matmul_flops),)),
@@ -92,14 +96,28 @@ def build_sections(run: RunFolder, plots_folder: Path) -> list[Section]:
 
 
 def _baseline(group_curves: Mapping[str, list[Row]], declared: Mapping[str, Declared]) -> str | None:
-    """The exact implementation measured at the most seq_lens (then the fastest overall)."""
+    """The exact implementation measured at the most seq_lens (then the fastest overall), counting
+    only points correct at the default tolerance."""
     candidates = []
     for name, points in group_curves.items():
         if name in declared and declared[name].exact:
-            times = [value for row in points if (value := metric_value(row, "latency")) is not None]
+            times = [value for row in points if can_be_baseline(row) and (value := metric_value(row, "latency"))]
             if times:
                 candidates.append((-len(times), sum(times), name))
     return min(candidates)[2] if candidates else None
+
+
+def _flag_table(rows: Sequence[Row]) -> Table:
+    lines = tuple(
+        (row.implementation, describe_group(group_key(row.case)), str(row.case.seq_len), flag.kind, flag.message)
+        for row in sorted(rows, key=lambda r: (r.implementation, describe_group(group_key(r.case)), r.case.seq_len))
+        for flag in row.flags
+    )
+    note = ("What the harness found beside the figures. implausible_speed and fresh_inputs_slower: the latency is "
+            "not a result and is left out of every comparison; loose_tolerance: correct only at a tolerance looser "
+            "than the dtype's default, never a baseline; under_load: other processes kept CPUs busy while it was "
+            "timed; memory_outside_torch: the process peak far above torch's count (verdicts use the larger).")
+    return Table("Flags", ("implementation", "case", "N", "flag", "what"), lines, note)
 
 
 def _verdict_table(fits: Sequence[ScalingFit]) -> Table:
@@ -108,9 +126,10 @@ def _verdict_table(fits: Sequence[ScalingFit]) -> Table:
          fit.verdict)
         for fit in sorted(fits, key=lambda f: (describe_group(f.group), f.implementation, f.metric))
     )
-    note = ("Least-squares fit of log(median latency) and log(allocator peak) on log(N) over each curve's largest "
-            "measured points (up to 4); ± is one standard error. A declaration holds unless the measured exponent "
-            "exceeds it by more than 0.2 + 2σ.")
+    note = ("Least-squares fit (scipy.stats.linregress) of log(median latency) and log(peak memory) on log(N) over "
+            "each curve's largest measured points (up to 4; at least 3 for a verdict); ± is one standard error, of "
+            "the regression combined with a bootstrap over each point's latency samples. A declaration holds unless "
+            "the measured exponent exceeds it by more than 0.2 plus the 95% confidence half-width (Student's t).")
     return Table("Declared vs measured complexity", ("implementation", "case", "metric", "declared", "measured",
                                                       "verdict"), lines, note)
 
@@ -145,13 +164,21 @@ def _results_table(group_curves: Mapping[str, list[Row]]) -> Table:
             peak = row.memory.peak_bytes if row.memory else None
             lines.append((
                 name, str(row.case.seq_len), row.status,
-                format_seconds(row.latency.median_s) if row.latency else "",
+                _latency_cell(row),
                 format_bytes(peak) if peak is not None else "",
                 f"{error:.2e}" if error is not None and math.isfinite(error) else "",
-                "; ".join((*row.reasons, *row.notes))[:200],
+                "; ".join((*(flag.message for flag in row.flags), *row.reasons, *row.notes))[:300],
             ))
     headers = ("implementation", "N", "status", "median", "peak memory", "rel. error", "reasons, notes")
     return Table("Every point", headers, tuple(lines))
+
+
+def _latency_cell(row: Row) -> str:
+    if row.latency is None:
+        return ""
+    if row.latency_voided:
+        return "no result (flagged)"
+    return format_seconds(row.latency.median_s)
 
 
 def _pareto_table(points: Sequence[ParetoPoint]) -> Table:
@@ -185,6 +212,15 @@ def _heading(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
         ("worker allocator", env.get("worker_allocator") or "not recorded"),
         ("latency rounds", _rounds_text(run.rows)),
         ("rows", f"{len(run.rows)} ({', '.join(f'{s} {n}' for s, n in Counter(r.status for r in run.rows).items())})"),
+        ("flagged", ", ".join(f"{kind} {n}" for kind, n in Counter(f.kind for r in run.rows for f in r.flags).items())
+         or "none"),
+        ("load while timed", _timed_load_text(run.rows)),
+        ("matmul yardstick", _yardstick_text(env)),
+        ("correctness checks", "query rows (and key rows for dk, dv) drawn per point after its first call; the "
+                               "first call, the last timed call of every round and a call on fresh inputs compared "
+                               "with float64 references of the inputs as made; inputs compared after every call"),
+        ("plugins", ", ".join(f"{name}: {info.get('distribution')} {info.get('version')}"
+                              for name, info in env.get("plugins", {}).items()) or "not recorded"),
     ]
     return f"attnbench report — {run.suite_name} — {run.run_id}", facts
 
@@ -200,6 +236,23 @@ def _rounds_text(rows: Sequence[Row]) -> str:
             f"median; {spread} of {len(timed)} points with rounds more than {NOISY_RELATIVE_IQR:.0%} apart")
 
 
+def _timed_load_text(rows: Sequence[Row]) -> str:
+    loads = [row.latency.load for row in rows if row.latency is not None and row.latency.load is not None]
+    if not loads:
+        return "not recorded"
+    return (f"other processes kept {statistics.median(loads):.2f} CPUs busy (median over points), at most "
+            f"{max(loads):.2f}")
+
+
+def _yardstick_text(env: Mapping[str, object]) -> str:
+    samples = env.get("matmul_flops_samples") or {}
+    best = env.get("matmul_flops") or {}
+    if not best:
+        return "not measured"
+    return ", ".join(f"{key}: best {value / 1e9:.1f} GFLOP/s of {len(samples.get(key, [])) or 1} measurement(s)"
+                     for key, value in best.items())
+
+
 def _load_text(env: Mapping[str, object]) -> str:
     load = env.get("load_average")
     text = f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)" if load else "not recorded"
@@ -208,8 +261,8 @@ def _load_text(env: Mapping[str, object]) -> str:
 
 
 def _markdown(heading: str, facts: list[tuple[str, str]], sections: Sequence[Section]) -> str:
-    out = [f"# {heading}", ""]
-    out += [f"- **{key}**: {value}" for key, value in facts]
+    out = [f"# {markdown_cell(heading)}", ""]
+    out += [f"- **{key}**: {markdown_cell(value)}" for key, value in facts]
     for section in sections:
         out += ["", f"## {section.title}"]
         for plot in section.plots:
@@ -221,7 +274,7 @@ def _markdown(heading: str, facts: list[tuple[str, str]], sections: Sequence[Sec
                 continue
             out.append("| " + " | ".join(table.headers) + " |")
             out.append("|" + "---|" * len(table.headers))
-            out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table.rows]
+            out += ["| " + " | ".join(markdown_cell(cell) for cell in row) + " |" for row in table.rows]
             if table.note:
                 out += ["", table.note]
     return "\n".join(out) + "\n"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attnbench import flags
 from attnbench.analysis import Declared
 from attnbench.errors import UserError
 from attnbench.implementation import Implementation, complexity_exponent
@@ -76,6 +77,9 @@ def load_run(location: Path, fallback: Mapping[str, Declared] | None = None) -> 
     environment = _read_json(folder / ENVIRONMENT_FILE) or {}
     stored = _read_json(folder / IMPLEMENTATIONS_FILE)
     declared = {name: Declared(**info) for name, info in stored.items()} if stored else dict(fallback or {})
+    # Flagged again with the run's final yardstick: the best matmul rate measured in the whole run.
+    exact = {name: info.exact for name, info in declared.items()}
+    rows = flags.refresh(rows, exact, environment.get("matmul_flops", {}))
     return RunFolder(folder, tuple(rows), environment, declared)
 
 

@@ -15,12 +15,16 @@ import yaml
 
 from attnbench.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, INPUTS, MODES, Mode
 from attnbench.errors import UserError, did_you_mean
-from attnbench.implementation import option_problem
+from attnbench.containment import contained
+from attnbench.implementation import invalid_option_values, option_problem
 from attnbench.registry import Registry
 
 T = TypeVar("T")
 
 SUITE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+# Both ends of the sequence are always among the rows checked.
+MIN_CORRECTNESS_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,12 @@ class Sweep:
 
 @dataclass(frozen=True)
 class CorrectnessSettings:
-    # Query rows compared with the float64 reference; all rows when seq_len is not larger.
+    # Query rows compared with the float64 reference (all rows when seq_len is not larger), and
+    # in training mode as many key rows for dk and dv; drawn afresh for every point.
     rows: int = 256
+    # dk and dv at sampled key rows need a float64 pass over every query row (quadratic in N):
+    # on as many (batch, kv head) pairs as fit this budget, none when one does not.
+    max_reference_gflop: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,7 @@ def load_suite(path: str | Path, registry: Registry) -> Suite:
         sweep=_sweep(check, top.get("sweep", {})),
         measure=_measure(check, top.get("measure", {})),
         limits=_limits(check, top.get("limits", {})),
-        seed=check.integer(top["seed"], "seed", minimum=0) if "seed" in top else 0,
+        seed=check.integer(top["seed"], "seed", minimum=0, maximum=MAX_SEED) if "seed" in top else 0,
         output=Path(check.text(top["output"], "output")) if "output" in top else Path("results"),
     )
 
@@ -162,7 +170,11 @@ def _options(check: _Checker, node: Any, registry: Registry) -> dict[str, dict[s
             problem = option_problem(implementation, key, value)
             if problem:
                 check.fail(f"options.{name}.{key}", problem)
-        for key, problem in implementation.invalid_options({**implementation.default_options, **given}).items():
+        # The plugin's own check runs contained: if it fails, the run reports it against that
+        # plugin (error rows for its points) rather than refusing the suite.
+        problems = contained(lambda: invalid_option_values(implementation, {**implementation.default_options, **given}),
+                             f"invalid_options of {name}")
+        for key, problem in problems.items() if isinstance(problems, dict) else ():
             check.fail(f"options.{name}.{key}", problem)
         result[name] = dict(given)
     return result
@@ -213,8 +225,9 @@ def _measure(check: _Checker, node: Any) -> Measure:
             expected = f"expected true, false or a mapping of settings ({', '.join(allowed)})"
             check.fail(f"measure.{name}", f"{expected}, got {_show(value)}")
         given = check.mapping(value, f"measure.{name}", allowed)
+        minimum = {"rows": MIN_CORRECTNESS_ROWS} if name == "correctness" else {}
         parsed = {
-            key: check.integer(value, f"measure.{name}.{key}", minimum=1)
+            key: check.integer(value, f"measure.{name}.{key}", minimum=minimum.get(key, 1))
             if isinstance(getattr(default, key), int)
             else check.number(value, f"measure.{name}.{key}")
             for key, value in given.items()
@@ -364,12 +377,15 @@ class _Checker:
                 self.fail(f"{path}[{index}]", f"{_show(node[index])} is listed twice")
         return tuple(values)
 
-    def integer(self, node: Any, path: str, minimum: int) -> int:
+    def integer(self, node: Any, path: str, minimum: int, maximum: int | None = None) -> int:
         if not isinstance(node, int) or isinstance(node, bool):
             kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             self.fail(path, f"expected {kind}, got {_show(node)}")
         if node < minimum:
             self.fail(path, f"must be at least {minimum}, got {node}")
+        if maximum is not None and node > maximum:
+            self.fail(path, f"must be at most {maximum} (2^64 - 1), got {node}" if maximum == MAX_SEED
+                      else f"must be at most {maximum}, got {node}")
         return node
 
     def number(self, node: Any, path: str) -> float:

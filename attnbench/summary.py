@@ -27,7 +27,8 @@ def summary_table(rows: Sequence[Row]) -> str:
 
 
 # Errors are against float64 softmax attention: max abs and relative Frobenius of the output;
-# in training mode also the largest max abs error of dq, dk, dv.
+# in training mode also the largest max abs error of dq, dk, dv. A status ending in "!" has flags
+# (in the note); a median shown as "flagged" is no result (implausible speed, cached outputs).
 HEADERS = ("implementation", "N", "status", "median", "IQR", "peak mem", "peak RSS", "max abs err", "rel err", "note")
 
 
@@ -35,14 +36,14 @@ def _cells(row: Row, with_grads: bool) -> list[str]:
     latency, memory, correctness = row.latency, row.memory, row.correctness
     out_error = correctness.exact.get("out") if correctness else None
     grad_errors = [f.max_abs for name, f in correctness.exact.items() if name != "out"] if correctness else []
-    note = "; ".join((*row.reasons, *row.notes))
+    note = "; ".join((*(flag.message for flag in row.flags), *row.reasons, *row.notes))
     if latency is not None and latency.noisy and row.status == "ok":
         note = f"noisy: {_noise(latency)}" + (f"; {note}" if note else "")
     cells = [
         row.implementation,
         str(row.case.seq_len),
-        row.status,
-        format_seconds(latency.median_s) if latency else "",
+        row.status + ("!" if row.flags else ""),
+        ("flagged" if row.latency_voided else format_seconds(latency.median_s)) if latency else "",
         f"{100 * latency.iqr_s / latency.median_s:.0f}%" if latency else "",
         _bytes(memory.allocator_peak_bytes) if memory else "",
         _bytes(memory.rss_peak_bytes) if memory else "",

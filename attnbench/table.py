@@ -40,5 +40,10 @@ def tidy_frame(rows: Sequence[Row]) -> pd.DataFrame:
             "options": json.dumps(dict(row.options), sort_keys=True),
             "reasons": "; ".join(row.reasons),
             "notes": "; ".join(row.notes),
+            "flags": "; ".join(flag.kind for flag in row.flags),
+            "latency_is_result": latency is not None and not row.latency_voided,
+            "load_cpus": latency.load if latency else None,
+            "fresh_call_ratio": latency.fresh_call_ratio if latency else None,
+            "within_default_tolerance": correctness.within_default_tolerance if correctness else None,
         })
     return pd.DataFrame.from_records(records)

@@ -1,7 +1,12 @@
-"""Latency of a call: torch.utils.benchmark on the CPU, CUDA events on the GPU."""
+"""Latency of a call: torch.utils.benchmark on the CPU, CUDA events on the GPU.
+
+The timed statement keeps the last call's result, so that it can be checked afterwards: an
+implementation cannot be right on the checked calls and wrong (or cached) on the timed ones.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -11,8 +16,17 @@ from typing import Any
 import torch
 import torch.utils.benchmark as benchmark
 
+from attnbench.cpu_load import other_load, read_clock
 from attnbench.results import NOISY_RELATIVE_IQR, Latency
 from attnbench.suite import LatencySettings
+
+
+class LastResult:
+    """Wraps the timed call so that the last result is kept (one list store per call)."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self.call = call
+        self.kept: list[Any] = [None]
 
 
 def synchronize(device: torch.device) -> None:
@@ -25,15 +39,31 @@ def synchronize(device: torch.device) -> None:
 
 def measure_latency(
     call: Callable[[], Any], device: torch.device, settings: LatencySettings, first_call_s: float
-) -> Latency:
+) -> tuple[Latency, Any]:
+    """The latency, with the load other processes put on the CPUs meanwhile, and the last result."""
+    last = LastResult(call)
+    start = read_clock()
     if device.type == "cpu":
-        return _cpu_latency(call, settings, first_call_s)
-    return _device_latency(call, device, settings, first_call_s)
+        latency = _cpu_latency(last, settings, first_call_s)
+    else:
+        latency = _device_latency(last, device, settings, first_call_s)
+    load = other_load(start, read_clock())
+    result, last.kept[0] = last.kept[0], None
+    return dataclasses.replace(latency, round_loads=(load,)), result
 
 
-def _cpu_latency(call: Callable[[], Any], settings: LatencySettings, first_call_s: float) -> Latency:
+def time_one_call(call: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """One call, timed as the samples are (CUDA events on a GPU), and its result."""
+    last = LastResult(call)
+    time_block = _cuda_event_timer(last, device) if device.type == "cuda" else _synchronized_timer(last, device)
+    seconds = time_block(1)
+    return seconds, last.kept[0]
+
+
+def _cpu_latency(last: LastResult, settings: LatencySettings, first_call_s: float) -> Latency:
     # num_threads must be given: Timer defaults to one thread, which is not how anyone runs.
-    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    timer = benchmark.Timer(stmt="kept[0] = call()", globals={"call": last.call, "kept": last.kept},
+                            num_threads=torch.get_num_threads())
     # Adaptive: a block size that amortises the timer, then blocks until IQR/median is small
     # (after min_run_time) or max_run_time is spent.
     measurement = timer.adaptive_autorange(
@@ -53,10 +83,10 @@ def _cpu_latency(call: Callable[[], Any], settings: LatencySettings, first_call_
 
 
 def _device_latency(
-    call: Callable[[], Any], device: torch.device, settings: LatencySettings, first_call_s: float
+    last: LastResult, device: torch.device, settings: LatencySettings, first_call_s: float
 ) -> Latency:
     """The same adaptive rule as on the CPU, timed by CUDA events (or a synchronised clock on MPS)."""
-    time_block = _cuda_event_timer(call, device) if device.type == "cuda" else _synchronized_timer(call, device)
+    time_block = _cuda_event_timer(last, device) if device.type == "cuda" else _synchronized_timer(last, device)
     one_call = time_block(1)
     calls_per_sample = max(1, math.ceil(1e-3 / max(one_call, 1e-9)))  # samples of >= 1 ms
     samples: list[float] = []
@@ -74,15 +104,16 @@ def _device_latency(
     return Latency(tuple(samples), (calls_per_sample,), first_call_s, timer)
 
 
-def _cuda_event_timer(call: Callable[[], Any], device: torch.device) -> Callable[[int], float]:
+def _cuda_event_timer(last: LastResult, device: torch.device) -> Callable[[int], float]:
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
+    call, kept = last.call, last.kept
 
     def time_block(calls: int) -> float:
         synchronize(device)
         start.record()
         for _ in range(calls):
-            call()
+            kept[0] = call()
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
@@ -90,12 +121,14 @@ def _cuda_event_timer(call: Callable[[], Any], device: torch.device) -> Callable
     return time_block
 
 
-def _synchronized_timer(call: Callable[[], Any], device: torch.device) -> Callable[[int], float]:
+def _synchronized_timer(last: LastResult, device: torch.device) -> Callable[[int], float]:
+    call, kept = last.call, last.kept
+
     def time_block(calls: int) -> float:
         synchronize(device)
         begin = time.perf_counter()
         for _ in range(calls):
-            call()
+            kept[0] = call()
         synchronize(device)
         return time.perf_counter() - begin
 

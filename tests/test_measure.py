@@ -19,7 +19,7 @@ TRAINING = small_case(mode="forward_backward", kv_heads=2)  # the toys are not c
 @pytest.mark.parametrize(
     "behaviour, words",
     [
-        (toys.returns_query, "out vs float64 softmax attention: max abs error"),
+        (toys.returns_query, "out vs float64 softmax attention (first call): max abs error"),
         (toys.returns_nan, "output contains NaN or Inf"),
         (toys.wrong_shape, "output shape (2, 4, 127, 32) (expected (2, 4, 128, 32))"),
     ],
@@ -35,7 +35,7 @@ def test_a_backward_bug_is_caught_in_training_mode():
     assert measure_case(toy, small_case(), {}, CORRECTNESS_ONLY).status == "ok"  # forward is right
     measurement = measure_case(toy, TRAINING, {}, CORRECTNESS_ONLY)
     assert measurement.status == "incorrect"
-    assert [reason.split(" vs ")[0] for reason in measurement.reasons] == ["dq"]
+    assert {reason.split(" vs ")[0] for reason in measurement.reasons} == {"dq"}
     assert measurement.correctness.exact["dk"].passed and measurement.correctness.exact["dv"].passed
 
 
@@ -89,11 +89,21 @@ def test_an_approximation_that_departs_from_its_own_reference_is_incorrect():
 TRAINING_FULL_HEADS = small_case(mode="forward_backward")
 
 
-def test_large_sequences_are_checked_on_sampled_rows():
+def test_large_sequences_are_checked_on_sampled_rows_and_sampled_key_rows():
     settings = dataclasses.replace(CORRECTNESS_ONLY, correctness=CorrectnessSettings(rows=16))
     measurement = measure_case(toys.Toy("toy", toys.exact_attention), TRAINING_FULL_HEADS, {}, settings)
-    assert measurement.correctness.rows_checked == 16
-    assert set(measurement.correctness.exact) == {"out", "dq"}  # dk, dv need every row
+    correctness = measurement.correctness
+    assert measurement.status == "ok" and correctness.rows_checked == 16 and correctness.key_rows_checked == 16
+    assert set(correctness.exact) == {"out", "dq", "dk", "dv"}
+    assert all(figures.max_abs < 1e-5 for figures in correctness.exact.values())
+
+
+def test_key_row_gradients_beyond_the_budget_are_not_checked_and_say_so():
+    settings = dataclasses.replace(CORRECTNESS_ONLY, correctness=CorrectnessSettings(rows=16, max_reference_gflop=1e-6))
+    measurement = measure_case(toys.Toy("toy", toys.exact_attention), TRAINING_FULL_HEADS, {}, settings)
+    assert set(measurement.correctness.exact) == {"out", "dq"} and measurement.correctness.key_rows_checked == 0
+    assert any(note.startswith("dk, dv not checked: their float64 reference needs every query row")
+               for note in measurement.notes)
 
 
 def test_latency_and_memory_are_measured_when_asked():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import toys
 from attnbench.registry import Registry
@@ -77,18 +78,20 @@ def test_implementations_of_a_case_take_turns_in_rounds(tmp_path, write_suite):
 
 
 def test_a_point_predicted_over_the_memory_cap_is_skipped_not_run(tmp_path, write_suite, registry):
-    # naive at H=8 holds 2 × 8·N²·4 bytes: 16 MiB at N=512, so 256 MiB at N=2048 > a 102 MiB cap
-    # (which leaves ample room for the inputs and the reference at N=512).
+    # naive at H=8 holds 2 × 8·N²·4 bytes: 16 MiB at N=512, so 256 MiB at N=2048 > a 154 MiB cap
+    # (which leaves room for the inputs and the references at N=2048).
     suite = load_suite(
         write_suite("implementations: [naive, flash]\nsweep: {seq_len: [128, 256, 512, 2048], heads: 8}\n"
-                    "limits: {memory_gb: 0.1}\n" + FAST),
+                    "limits: {memory_gb: 0.15}\n" + FAST),
         registry,
     )
     rows = run_suite(suite, registry, output=tmp_path).rows
     naive = {row.case.seq_len: row for row in rows if row.implementation == "naive"}
     assert [naive[n].status for n in (128, 256, 512)] == ["ok", "ok", "ok"], [r.reasons for r in naive.values()]
     assert naive[2048].status == "skipped"
-    assert "predicted peak memory 256.0 MiB > memory cap 102.4 MiB" in naive[2048].reasons[0]
+    # Extrapolated from the peaks measured at N=256 and 512 (the process peak, which varies a little).
+    predicted = re.match(r"predicted peak memory (\d+\.\d) MiB > memory cap 153\.6 MiB", naive[2048].reasons[0])
+    assert predicted and 153.6 < float(predicted.group(1)) < 400, naive[2048].reasons
     assert naive[2048].wall_time_s == 0  # never started
     assert all(row.status == "ok" for row in rows if row.implementation == "flash")
 

@@ -14,14 +14,15 @@ from attnbench.timing import measure_latency
 
 def test_raw_samples_are_kept():
     x = torch.randn(64, 64)
-    latency = measure_latency(lambda: x @ x, torch.device("cpu"), LatencySettings(0.05, 0.2, 3), first_call_s=0.0)
+    latency, last = measure_latency(lambda: x @ x, torch.device("cpu"), LatencySettings(0.05, 0.2, 3), first_call_s=0.0)
+    assert torch.equal(last, x @ x)  # the last timed call's result is kept, for checking
     assert len(latency.samples_s) >= 3 and latency.calls_per_sample[0] >= 1
     assert all(sample > 0 for sample in latency.samples_s)
     assert latency.timer.startswith("torch.utils.benchmark")
 
 
 def test_slow_calls_still_give_the_minimum_number_of_samples():
-    latency = measure_latency(lambda: time.sleep(0.03), torch.device("cpu"), LatencySettings(0.01, 0.02, 4), 0.0)
+    latency, _ = measure_latency(lambda: time.sleep(0.03), torch.device("cpu"), LatencySettings(0.01, 0.02, 4), 0.0)
     assert len(latency.samples_s) >= 4 and latency.calls_per_sample == (1,)
     assert all(sample >= 0.03 for sample in latency.samples_s)
 
