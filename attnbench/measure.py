@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -91,17 +92,19 @@ def measure_case(
     latency = None
     if measure.latency:
         latency, last = measure_latency(call, device, measure.latency, first_call_s)
-        watch.refuse_changes("the timed calls")
         problems += _check_call(last, case, verifier, checks, fresh=False, label="last timed call")
         del last
     memory = measure_peak_memory(call, device) if measure.memory else None
     problems += _restore_inputs(inputs, case, seed)
 
-    if verifier is not None:  # a call on fresh values in the same tensors: a cache cannot know them
-        fresh = make_inputs(case, verifier.fresh_seed)
+    if verifier is not None or latency is not None:
+        # A call on fresh values in the same tensors (a cache cannot know them), timed alone; the
+        # settings are compared right after it (the timer puts back the thread count it set,
+        # which would hide a change the timed calls made).
+        fresh = make_inputs(case, verifier.fresh_seed if verifier else secrets.randbits(63))
         write_into(inputs, fresh)
         fresh_call_s, result = time_one_call(call, device)
-        watch.refuse_changes("a call on fresh inputs")
+        watch.refuse_changes("its calls")
         problems += _check_call(result, case, verifier, checks, fresh=True, label="a call on fresh inputs")
         del result
         problems += changed_inputs(inputs, fresh)

@@ -35,7 +35,8 @@ def bounded_block(value: Any, limit: int = DETAIL_CHARS) -> str:
     text = _escape_controls(safe_str(value).replace("\r\n", "\n"), keep="\n\t")
     if len(text) <= limit:
         return text
-    return f"[… {len(text) - limit} characters cut …]\n" + text[-limit:]
+    marker = f"[… {len(text)} characters, the first ones cut …]\n"
+    return marker + text[len(text) - (limit - len(marker)):]  # at most ``limit`` in all: cutting again changes nothing
 
 
 def markdown_cell(text: str) -> str:
