@@ -75,3 +75,56 @@ def test_pareto_front_keeps_only_the_unbeaten(run):
     assert front[("quadratic", 4096)]  # slower than tiled, but more accurate (1e-7 against 2e-7)
     assert not front[("linear", 4096)] and not front[("liar", 4096)]  # slower and less accurate than tiled
     assert ("flaky", 4096) not in front  # did not run
+
+
+def test_two_points_give_no_verdict(tmp_path):
+    rows = [r for r in curve("two", lambda n: 3e-9 * n**2.4, lambda n: 4096 * n, 0.1) if r.case.seq_len >= 4096]
+    run = load_run(write_run(tmp_path / "run", rows, {"two": declared(True, "n^2", "n")}))
+    fit = _fit(run, "two", "latency")
+    assert fit.exponent == pytest.approx(2.4) and fit.stderr is None and fit.verdict == "undetermined"
+    assert fit.sentence() == "declared n^2, measured n^2.40 (only 2 points: no verdict) over 4096–8192: undetermined"
+
+
+def test_the_uncertainty_of_a_fit_includes_the_spread_of_the_measurements(tmp_path):
+    import random
+
+    from synthetic_runs import row
+
+    rng = random.Random(0)
+
+    def noisy_curve(name, spread):
+        return [row(name, n, 1e-9 * n**2, 4096 * n, 0.1,
+                    samples=[1e-9 * n**2 * rng.lognormvariate(0, spread) for _ in range(9)]) for n in (1024, 2048, 4096, 8192)]
+
+    rows = noisy_curve("tight", 0.001) + noisy_curve("loose", 0.3)
+    run = load_run(write_run(tmp_path / "run", rows, {name: declared(True, "n^2", "n") for name in ("tight", "loose")}))
+    tight, loose = _fit(run, "tight", "latency"), _fit(run, "loose", "latency")
+    assert tight.stderr < 0.01 < 0.05 < loose.stderr  # the residuals of four points alone could not say so
+    assert loose.allowance > tight.allowance > 0.2
+
+
+def test_a_point_correct_only_at_a_loose_tolerance_is_never_the_baseline(tmp_path):
+    from dataclasses import replace
+
+    from attnbench.analysis import crossovers
+
+    rows = [
+        *curve("honest", lambda n: 1e-9 * n**2, lambda n: 4096 * n, 1e-7),
+        *[replace(r, correctness=replace(r.correctness, within_default_tolerance=False))
+          for r in curve("loose", lambda n: 1e-10 * n**2, lambda n: 4096 * n, 1e-4)],
+        *curve("linear", lambda n: 4e-6 * n, lambda n: 8192 * n, 0.3),
+    ]
+    declarations = {"honest": declared(True, "n^2", "n"), "loose": declared(True, "n^2", "n"),
+                    "linear": declared(False, "n", "n")}
+    run = load_run(write_run(tmp_path / "run", rows, declarations, matmul=1e14))
+    found = {(c.implementation, c.metric): c for c in crossovers(run.rows, run.declared)}
+    # Against honest (1e-9·n²), linear (4e-6·n) wins from n = 4000; the 10× faster 'loose' would move it.
+    assert found[("linear", "latency")].seq_len == pytest.approx(4000, rel=1e-6)
+
+
+def test_a_point_faster_than_the_matmul_yardstick_is_flagged_and_no_result(tmp_path):
+    rows = curve("fast", lambda n: 1e-12 * n**2, lambda n: 4096 * n, 1e-7)  # 4·8·64/1e-12 = 2 PFLOP/s
+    run = load_run(write_run(tmp_path / "run", rows, {"fast": declared(True, "n^2", "n")}, matmul=1e12))
+    assert all(r.latency_voided and r.flags[0].kind == "implausible_speed" for r in run.rows)
+    assert "is 204800% of the device's best measured matmul (1000 GFLOP/s); not a result" in run.rows[0].flags[0].message
+    assert _fit(run, "fast", "latency").exponent is None  # no latency to fit

@@ -79,3 +79,43 @@ def test_history_tables_and_plots_every_run(tmp_path, capsys):
     assert "20260101T000000Z-aaaaaaa" in out and "20260103T000000Z-aaaaaaa" in out and "N=4096" in out
     assert list((tmp_path / "suite" / "history").glob("history-slowed-*.png"))
     assert main(["history", str(tmp_path / "suite"), "nope"]) == 2
+
+
+def test_a_point_that_was_ok_and_is_not_now_is_a_regression(tmp_path, capsys):
+    base = _run(tmp_path, "20260101T000000Z-aaaaaaa")
+    rows = load_run(base).rows
+    crashed = [replace(r, status="crashed", latency=None, reasons=("worker killed by SIGSEGV",))
+               if r.implementation == "steady" else r for r in rows]
+    broken = write_run(tmp_path / "20260102T000000Z-ccccccc", crashed, DECLARED)
+    comparison = compare_runs(load_run(base), load_run(broken))
+    assert {(c.implementation, c.case.seq_len) for c in comparison.status_regressions} == {
+        ("steady", n) for n in (1024, 2048, 4096)}
+    assert main(["compare", str(base), str(broken), "--fail-on-regression"]) == 1
+    out = capsys.readouterr().out
+    assert "status ok -> crashed REGRESSED" in out and "3 point(s) that were ok and are not now" in out
+
+
+def test_runs_with_no_point_in_common_are_an_error(tmp_path, capsys):
+    base = _run(tmp_path, "20260101T000000Z-aaaaaaa")
+    other = write_run(tmp_path / "20260102T000000Z-ddddddd",
+                      [replace(r, implementation="other") for r in load_run(base).rows], {})
+    assert main(["compare", str(base), str(other), "--fail-on-regression"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the runs have no point in common" in err
+
+
+def test_a_row_without_latency_samples_is_named_in_one_line(tmp_path, capsys):
+    import json
+
+    base = _run(tmp_path, "20260101T000000Z-aaaaaaa")
+    lines = (base / "rows.jsonl").read_text().splitlines()
+    broken = json.loads(lines[1])
+    broken["latency"]["samples_s"], broken["latency"]["round_sizes"] = [], []
+    lines[1] = json.dumps(broken)
+    (base / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    for argv in (["compare", str(base), str(base)], ["report", str(base)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert "line 2 (slowed B=1 H=8 N=1024 D=64 float32 cpu forward) is not a result row (ValueError: a latency " \
+               "with no samples)" in err

@@ -142,3 +142,39 @@ def test_the_suite_sets_the_workers_thread_count(tmp_path, write_suite):
     result = run_suite(suite, toy_registry, output=tmp_path)
     assert result.rows[0].notes == ("threads=1",)
     assert result.environment.torch_threads == 1
+
+
+def test_a_busy_machine_is_said_before_the_sweep_and_its_points_are_flagged(tmp_path, write_suite, registry,
+                                                                            monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    events = []
+
+    class Progress:
+        def started(self, total):
+            events.append("started")
+
+        def point(self, implementation, case):
+            pass
+
+        def finished(self, row):
+            pass
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 7.5, 7.5))
+    suite = load_suite(write_suite("implementations: [naive]\nsweep: {seq_len: 256, heads: 2}\n"
+                                   "measure: {correctness: {rows: 8}, latency: {min_run_time_s: 0.5, "
+                                   "max_run_time_s: 1, rounds: 1}, threads: 1}\n"), registry)
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        result = run_suite(suite, registry, output=tmp_path, progress=Progress(), warn=events.append)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert events[0].startswith("the machine is busy (load average 7.5") and events[1] == "started"
+    (row,) = result.rows
+    assert row.latency.load > 0.5
+    assert [flag.kind for flag in row.flags if flag.kind == "under_load"] == ["under_load"]
+    assert not row.latency_voided  # shown with the figure, which is still a measurement

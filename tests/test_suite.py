@@ -126,6 +126,12 @@ BAD_SUITES = [
     ("field name with a line break", 'limits: {"\\n": null}', ["limits.'\\n': unknown field"]),
     ("a list as a field name", "[]: 1\n", ["a list cannot be a field name", "line 1"]),
     ("option name with a line break", 'options: {naive: {"a\\nb": 1}}', ["options.naive.a\\nb: unknown option"]),
+    # Issue 12's validation gaps.
+    ("nan option", "options: {performer: {epsilon: .nan}}",
+     ["options.performer.epsilon: expected a finite value, got nan (nan and inf are not allowed)"]),
+    ("inf option", "options: {sparse: {window: .inf}}", ["options.sparse.window: expected a finite value, got inf"]),
+    ("seed beyond 2^64", f"seed: {2**64}", [f"seed: must be at most {2**64 - 1} (2^64 - 1), got {2**64}"]),
+    ("one correctness row", "measure: {correctness: {rows: 1}}", ["measure.correctness.rows: must be at least 2, got 1"]),
 ]
 
 
@@ -139,6 +145,30 @@ def test_bad_suite_is_one_clear_line(registry, write_suite, problem, text, expec
     assert "\n" not in message
     for words in expected:
         assert words in message, f"{words!r} not in {message!r}"
+
+
+def test_an_invalid_options_that_fails_is_the_plugins_problem_not_the_suites(registry, write_suite):
+    from adversaries.faults import OptionsRaise
+
+    from attnbench.registry import Registry
+
+    plugins = Registry()
+    plugins.add(registry.get("naive"))
+    plugins.add(OptionsRaise())
+    suite = load_suite(write_suite("options: {options_raise: {}}\n"), plugins)  # loads: the run reports it
+    assert suite.implementations == ("naive", "options_raise")
+
+
+def test_a_very_large_sweep_says_its_size_before_it_starts(registry, write_suite, tmp_path, monkeypatch):
+    from attnbench import runner
+
+    said = []
+    monkeypatch.setattr(runner, "_new_run_dir", lambda *args: (_ for _ in ()).throw(RuntimeError("stop here")))
+    suite = load_suite(write_suite("sweep: {seq_len: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], heads: [1, 2, 3, 4, 5], "
+                                   "batch: [1, 2, 3, 4, 5], causal: [false, true]}\n"), registry)
+    with pytest.raises(RuntimeError, match="stop here"):
+        runner.run_suite(suite, registry, output=tmp_path, warn=said.append)
+    assert len(said) == 1 and "this sweep has 4000 points (implementations × cases); at least" in said[0]
 
 
 def test_python_tags_are_refused_and_never_executed(registry, write_suite, tmp_path):
