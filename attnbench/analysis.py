@@ -82,7 +82,10 @@ class ScalingFit:
     def measured(self) -> str:
         if self.exponent is None:
             return "fewer than 2 measured points"
-        spread = f" ± {self.stderr:.2f}" if self.stderr is not None else f" (only {len(self.seq_lens)} points: no verdict)"
+        if self.stderr is None:
+            spread = f" (only {len(self.seq_lens)} points: no verdict)"
+        else:
+            spread = f" ± {self.stderr:.2f}"
         return f"n^{self.exponent:.2f}{spread} over {self.seq_lens[0]}–{self.seq_lens[-1]}"
 
     def sentence(self) -> str:

@@ -25,8 +25,10 @@ from attnbench.suite import Suite, load_suite
 from attnbench.summary import format_table, summary_table
 from attnbench.text import one_line
 
-# The shape `attnbench list` asks each implementation about, per device and dtype.
+# The shape `attnbench list` asks each implementation about, per device and dtype, and how long
+# its not_supported_reasons may take to answer.
 LIST_PROBE = dict(batch=1, heads=8, kv_heads=8, seq_len=1024, head_dim=64, causal=False, mode="forward")
+LIST_TIMEOUT_S = 10.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,9 +253,13 @@ def _support_on(implementation: Implementation, device: str) -> list[str]:
     for name, dtype in DTYPES.items():
         case = Case(dtype=dtype, device=device, **LIST_PROBE)
         # A plugin's bug (an exception, a hang, a wrong return type) shows here, not as a broken listing.
-        reasons = contained(lambda case=case: plugin_reasons(implementation, case), "not_supported_reasons")
+        reasons = contained(lambda case=case: plugin_reasons(implementation, case), "not_supported_reasons",
+                            LIST_TIMEOUT_S)
         if isinstance(reasons, PluginFault):
-            reasons = [reasons.message]
+            refusals.append(one_line(f"{name}: {reasons.message}"))
+            if reasons.timed_out:  # one hang is enough to know; the listing goes on
+                break
+            continue
         if reasons:
             refusals.append(one_line(f"{name}: {'; '.join(reasons)}"))
         else:

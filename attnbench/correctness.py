@@ -198,7 +198,7 @@ def _key_sample(
     key_rows = sample_rows(case.seq_len, settings.rows, int(torch.randint(2**62, (1,), generator=generator)))
     groups = case.heads // case.kv_heads
     # A float64 forward pass over every query row of one kv head's group, plus the key-row part.
-    per_pair = 4.0 * groups * case.seq_len**2 * case.head_dim + 6.0 * groups * case.seq_len * len(key_rows) * case.head_dim
+    per_pair = 2.0 * groups * case.seq_len * case.head_dim * (2 * case.seq_len + 3 * len(key_rows))
     pairs = case.batch * case.kv_heads
     affordable = min(pairs, int(settings.max_reference_gflop * 1e9 // per_pair))
     if affordable == 0:

@@ -16,6 +16,7 @@ import torch
 
 from attnbench.allocator import worker_allocator_policy
 from attnbench.process_state import TIMING_VARIABLES
+
 PACKAGES = ("attnbench", "torch", "pluggy", "numpy", "pyyaml", "xformers")
 
 

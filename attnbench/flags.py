@@ -98,5 +98,6 @@ def _memory(row: Row) -> list[Flag]:
     gap = memory.rss_peak_bytes - memory.allocator_peak_bytes
     if gap <= MEMORY_GAP_BYTES or memory.rss_peak_bytes <= 2 * memory.allocator_peak_bytes:
         return []
-    return [Flag("memory_outside_torch", f"memory outside torch's allocator: process peak {format_bytes(memory.rss_peak_bytes)}"
-                                         f" against {format_bytes(memory.allocator_peak_bytes)} counted by torch")]
+    process, counted = format_bytes(memory.rss_peak_bytes), format_bytes(memory.allocator_peak_bytes)
+    return [Flag("memory_outside_torch",
+                 f"memory outside torch's allocator: process peak {process} against {counted} counted by torch")]

@@ -13,10 +13,12 @@ import os
 # the workers' exits leaked its semaphores (resource_tracker warnings at the end of a run).
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-from attnbench import worker  # noqa: E402, F401  (imports torch and the measuring code)
 # multiprocessing re-runs the parent's main script in each worker (the `attnbench` console
 # script imports the CLI, and with it scipy): loaded here once, it costs a worker nothing.
-from attnbench import cli  # noqa: E402, F401
+from attnbench import (
+    cli,  # noqa: E402, F401
+    worker,  # noqa: E402, F401  (imports torch and the measuring code)
+)
 from attnbench.memory import initialise_profiler  # noqa: E402
 
 initialise_profiler()

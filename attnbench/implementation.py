@@ -58,8 +58,9 @@ TOLERANCE_CAP_RTOL = 0.1
 def capped_tolerance(declared: Tolerance, dtype: torch.dtype) -> tuple[Tolerance, str]:
     """The tolerance a point is judged with, and a note when the declared one was over the cap."""
     default = DEFAULT_TOLERANCES[dtype]
-    cap = Tolerance(atol=default.atol * TOLERANCE_CAP_FACTOR.atol,
-                    rtol=min(default.rtol * TOLERANCE_CAP_FACTOR.rtol, TOLERANCE_CAP_RTOL))
+    # Rounded to 6 digits: 1e-6 × 10 is 9.999999999999999e-06 in binary, below a declared 1e-5.
+    cap = Tolerance(atol=float(f"{default.atol * TOLERANCE_CAP_FACTOR.atol:.6g}"),
+                    rtol=float(f"{min(default.rtol * TOLERANCE_CAP_FACTOR.rtol, TOLERANCE_CAP_RTOL):.6g}"))
     if not isinstance(declared, Tolerance) or not all(
         isinstance(value, (int, float)) and value >= 0 for value in (declared.atol, declared.rtol)
     ):

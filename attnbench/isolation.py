@@ -118,7 +118,9 @@ class _Tail:
         return b"".join(self.chunks).decode(errors="replace")[-LOG_TAIL_CHARS:]
 
 
-def _wait(process: multiprocessing.process.BaseProcess, receiver, output, tail: _Tail, timeout_s: float) -> Outcome | None:
+def _wait(
+    process: multiprocessing.process.BaseProcess, receiver, output, tail: _Tail, timeout_s: float
+) -> Outcome | None:
     """The worker's outcome; a Failure on timeout or too much output; None when it died without one."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -134,7 +135,7 @@ def load_registry(
 
     for module_name in builtins:
         plugin_name = module_name.rpartition(".")[2]
-        loaded = _register(manager, registry, plugin_name, lambda module_name=module_name: importlib.import_module(module_name))
+        loaded = _register(manager, registry, plugin_name, functools.partial(importlib.import_module, module_name))
         if loaded:
             registry.sources[plugin_name] = builtin_source
         _put_back(registry, plugin_name, settings, "importing it")
@@ -149,8 +150,8 @@ def load_registry(
         plugin_name = manager.get_name(hook_impl.plugin) or repr(hook_impl.plugin)
         arguments = {"registry": registry}
         with registry.adding_for(plugin_name):
-            outcome = contained(lambda: hook_impl.function(*(arguments[name] for name in hook_impl.argnames)),
-                                "attnbench_register_implementations")
+            call = functools.partial(hook_impl.function, *(arguments[name] for name in hook_impl.argnames))
+            outcome = contained(call, "attnbench_register_implementations")
         if isinstance(outcome, PluginFault):  # a plugin's bug must not stop the others
             registry.problems.append(LoadProblem(plugin_name, outcome.message))
         _put_back(registry, plugin_name, settings, "its registration hook")
@@ -168,7 +169,8 @@ def _put_back(registry: Registry, plugin_name: str, settings: process_state.Snap
 def _register(manager: pluggy.PluginManager, registry: Registry, plugin_name: str, load) -> bool:
     plugin = contained(load, "import")
     if isinstance(plugin, PluginFault):
-        registry.problems.append(LoadProblem(plugin_name, f"failed to import: {plugin.summary}" if not plugin.timed_out else f"failed to import: {plugin.message}"))
+        reason = plugin.message if plugin.timed_out else plugin.summary
+        registry.problems.append(LoadProblem(plugin_name, f"failed to import: {reason}"))
         return False
     if manager.is_registered(plugin) or plugin_name in dict(manager.list_name_plugin()):
         registry.problems.append(LoadProblem(plugin_name, "a plugin with this name is already loaded; skipped"))

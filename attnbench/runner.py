@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -150,8 +151,8 @@ def _resolve_options(
     options, broken = {}, {}
     for implementation in implementations:
         given = suite.options.get(implementation.name, {})
-        resolved = contained(lambda implementation=implementation, given=given: effective_options(implementation, given),
-                             "invalid_options", passthrough=(UserError,))
+        resolved = contained(functools.partial(effective_options, implementation, given), "invalid_options",
+                             passthrough=(UserError,))
         if isinstance(resolved, PluginFault):
             broken[implementation.name] = resolved.message
         else:

@@ -5,6 +5,7 @@ Every mistake becomes one UserError line: ``<file>: <field path>: <problem> (all
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 
 from attnbench.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, INPUTS, MODES, Mode
-from attnbench.errors import UserError, did_you_mean
 from attnbench.containment import contained
+from attnbench.errors import UserError, did_you_mean
 from attnbench.implementation import invalid_option_values, option_problem
 from attnbench.registry import Registry
 
@@ -172,7 +173,8 @@ def _options(check: _Checker, node: Any, registry: Registry) -> dict[str, dict[s
                 check.fail(f"options.{name}.{key}", problem)
         # The plugin's own check runs contained: if it fails, the run reports it against that
         # plugin (error rows for its points) rather than refusing the suite.
-        problems = contained(lambda: invalid_option_values(implementation, {**implementation.default_options, **given}),
+        merged = {**implementation.default_options, **given}
+        problems = contained(functools.partial(invalid_option_values, implementation, merged),
                              f"invalid_options of {name}")
         for key, problem in problems.items() if isinstance(problems, dict) else ():
             check.fail(f"options.{name}.{key}", problem)

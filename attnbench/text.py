@@ -42,7 +42,7 @@ def bounded_block(value: Any, limit: int = DETAIL_CHARS) -> str:
 def markdown_cell(text: str) -> str:
     """Text for a Markdown table cell: no HTML, no emphasis or links, no column breaks."""
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    for special in "\\`*_[]|":
+    for special in "\\`*[]|":
         text = text.replace(special, "\\" + special)
     return " ".join(text.split())
 

@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from adversaries import cheats, faults
+
 from attnbench.registry import Registry
 from attnbench.report import write_reports
 from attnbench.results import read_rows
@@ -122,7 +122,8 @@ def test_a_declared_tolerance_is_capped_and_a_loose_one_shown(sweep):
 def test_process_wide_settings_are_put_back_or_the_point_refused(sweep):
     prepared = sweep[1][("threads_in_prepare", "forward")]
     assert prepared.status == "ok"
-    assert any(note.startswith("prepare changed process-wide settings (torch threads 1 -> 2") for note in prepared.notes)
+    put_back = "prepare changed process-wide settings (torch threads 1 -> 2"
+    assert any(note.startswith(put_back) for note in prepared.notes)
     called = sweep[1][("threads_in_call", "forward")]
     assert called.status == "error"
     assert "its calls changed process-wide settings (torch threads 1 -> 2)" in called.reasons[0]

@@ -94,7 +94,8 @@ def test_the_uncertainty_of_a_fit_includes_the_spread_of_the_measurements(tmp_pa
 
     def noisy_curve(name, spread):
         return [row(name, n, 1e-9 * n**2, 4096 * n, 0.1,
-                    samples=[1e-9 * n**2 * rng.lognormvariate(0, spread) for _ in range(9)]) for n in (1024, 2048, 4096, 8192)]
+                    samples=[1e-9 * n**2 * rng.lognormvariate(0, spread) for _ in range(9)])
+                for n in (1024, 2048, 4096, 8192)]
 
     rows = noisy_curve("tight", 0.001) + noisy_curve("loose", 0.3)
     run = load_run(write_run(tmp_path / "run", rows, {name: declared(True, "n^2", "n") for name in ("tight", "loose")}))
@@ -126,5 +127,6 @@ def test_a_point_faster_than_the_matmul_yardstick_is_flagged_and_no_result(tmp_p
     rows = curve("fast", lambda n: 1e-12 * n**2, lambda n: 4096 * n, 1e-7)  # 4·8·64/1e-12 = 2 PFLOP/s
     run = load_run(write_run(tmp_path / "run", rows, {"fast": declared(True, "n^2", "n")}, matmul=1e12))
     assert all(r.latency_voided and r.flags[0].kind == "implausible_speed" for r in run.rows)
-    assert "is 204800% of the device's best measured matmul (1000 GFLOP/s); not a result" in run.rows[0].flags[0].message
+    message = run.rows[0].flags[0].message
+    assert "is 204800% of the device's best measured matmul (1000 GFLOP/s); not a result" in message
     assert _fit(run, "fast", "latency").exponent is None  # no latency to fit

@@ -56,10 +56,13 @@ def test_quick_suite_end_to_end(tmp_path):
 
 
 def test_flags_override_the_suite(tmp_path):
-    run = _attnbench("run", "suites/quick.yaml", "--output", str(tmp_path), "--implementations", "flash")
+    suite = tmp_path / "small.yaml"
+    suite.write_text("implementations: [naive, flash]\nsweep: {seq_len: 64, heads: 2, device: mps}\n"
+                     "measure: {correctness: {rows: 8}, latency: {min_run_time_s: 0.01, max_run_time_s: 0.02}}\n")
+    run = _attnbench("run", str(suite), "--output", str(tmp_path), "--implementations", "flash", "--device", "cpu")
     assert run.returncode == 0, run.stderr
-    rows = read_rows(next(tmp_path.glob("quick/*/rows.jsonl")))
-    assert {row.implementation for row in rows} == {"flash"}
+    rows = read_rows(next(tmp_path.glob("small/*/rows.jsonl")))
+    assert [(row.implementation, row.case.device, row.status) for row in rows] == [("flash", "cpu", "ok")]
 
 
 def test_bad_flags_are_one_line_and_exit_2():

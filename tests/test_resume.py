@@ -22,7 +22,7 @@ implementations: [naive, flash]
 sweep: {seq_len: [64, 128, 256, 512], heads: 2, head_dim: 32, causal: [false, true]}
 measure:
   correctness: {rows: 16}
-  latency: {min_run_time_s: 0.1, max_run_time_s: 0.15, min_samples: 3}
+  latency: {min_run_time_s: 0.1, max_run_time_s: 0.15, min_samples: 3, rounds: 1}
   memory: false
 """
 POINTS = 2 * 4 * 2

@@ -131,7 +131,8 @@ BAD_SUITES = [
      ["options.performer.epsilon: expected a finite value, got nan (nan and inf are not allowed)"]),
     ("inf option", "options: {sparse: {window: .inf}}", ["options.sparse.window: expected a finite value, got inf"]),
     ("seed beyond 2^64", f"seed: {2**64}", [f"seed: must be at most {2**64 - 1} (2^64 - 1), got {2**64}"]),
-    ("one correctness row", "measure: {correctness: {rows: 1}}", ["measure.correctness.rows: must be at least 2, got 1"]),
+    ("one correctness row", "measure: {correctness: {rows: 1}}",
+     ["measure.correctness.rows: must be at least 2, got 1"]),
 ]
 
 

@@ -316,8 +316,8 @@ class WeirdWarning(Adversary):
         return exact
 
 
-CHEATS = (ZeroesV, DoublesQ, CachesFirstOutput, CachesByAddress, CachesByVersion, ExactThenNoise, ExactThenNaN, MostlyZeroRows,
-          WrongKeyGradients, ZerosAtHugeTolerance, SlightlyOff, ThreadsInPrepare, ThreadsInCall,
+CHEATS = (ZeroesV, DoublesQ, CachesFirstOutput, CachesByAddress, CachesByVersion, ExactThenNoise, ExactThenNaN,
+          MostlyZeroRows, WrongKeyGradients, ZerosAtHugeTolerance, SlightlyOff, ThreadsInPrepare, ThreadsInCall,
           LeavesProcessesBehind, NumpyMemory, Chatty, KillsItsGroup, HugeMessage, WeirdWarning)
 
 
