@@ -60,10 +60,7 @@ def run_isolated(job: object, timeout_s: float, threads: int | None = None) -> I
         outcome = _wait(process, receiver, output, tail, timeout_s)
     finally:
         if process.pid is not None:
-            left_running = sandbox.end_point_processes(process.pid, known_children)
-            if process.is_alive():
-                process.kill()
-            process.join()
+            left_running = sandbox.end_point_processes(process.pid, known_children, lambda: _stop(process))
         tail.drain(output)
         receiver.close()
         output.close()
@@ -143,6 +140,12 @@ def _wait(
                 return Failure("error", (f"the worker's result could not be read ({type(error).__name__}: {error})",))
         if process.sentinel in ready:
             return None
+
+
+def _stop(process: multiprocessing.process.BaseProcess) -> None:
+    if process.is_alive():  # (killed with its group already, unless it never got to lead one)
+        process.kill()
+    process.join()
 
 
 def _unpicklable(fault: PluginFault) -> Failure:

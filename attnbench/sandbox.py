@@ -19,6 +19,7 @@ import ctypes.util
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,13 +106,15 @@ def own_children() -> set[int]:
     return {process.pid for process in _processes() if process.parent == me}
 
 
-def end_point_processes(worker: int, known_children: set[int]) -> int:
+def end_point_processes(worker: int, known_children: set[int], wait_for_worker: Callable[[], None]) -> int:
     """Kill the worker's process group and the processes it let escape; the number of processes
     other than the worker and its guard that were still there (0 for a well-behaved point).
 
-    ``known_children``: this process's children before the worker started (never touched).
+    ``known_children``: this process's children before the worker started (never touched);
+    ``wait_for_worker``: returns once the worker is gone (its own children are re-parented then).
     """
     if not PROC.exists():
+        wait_for_worker()
         return 0
     guard = GUARD_NAME.decode()
     left = {p.pid for p in _processes() if p.group == worker and p.pid != worker and p.name != guard and not p.zombie}
@@ -119,6 +122,7 @@ def end_point_processes(worker: int, known_children: set[int]) -> int:
         os.killpg(worker, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    wait_for_worker()
     return len(left | _kill_escapees(worker, known_children))
 
 
@@ -141,7 +145,7 @@ def _kill_escapees(worker: int, known_children: set[int]) -> set[int]:
         group_alive = any(p.group == worker and not p.zombie for p in processes)
         if not group_alive and all(orphan.zombie for orphan in orphans) or time.monotonic() > deadline:
             return found
-        time.sleep(0.01)
+        time.sleep(0.002)
 
 
 def _kill(pid: int) -> None:
