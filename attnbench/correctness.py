@@ -186,10 +186,6 @@ def build_verifier(
     return verifier, notes
 
 
-def merge_checks(parts: list[Correctness]) -> Correctness:
-    return Correctness.merge(parts) if len(parts) > 1 else parts[0]
-
-
 def _key_sample(
     case: Case, settings: CorrectnessSettings, seed: int
 ) -> tuple[torch.Tensor, tuple[tuple[int, int], ...], str]:

@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
+import torch
+
 from attnbench import sandbox, worker
 from attnbench.containment import PLUGIN_CALL_TIMEOUT_S, PluginFault, contained
 from attnbench.worker import Failure, Outcome
@@ -48,7 +50,7 @@ def run_isolated(job: object, timeout_s: float, threads: int | None = None) -> I
     known_children = sandbox.own_children()
     receiver, sender = context.Pipe(duplex=False)
     output, output_sender = context.Pipe(duplex=False)
-    threads = threads or _torch_threads()
+    threads = threads or torch.get_num_threads()
     process = context.Process(target=worker.child_main, args=(sender, output_sender, payload, threads), daemon=True)
     started = time.perf_counter()
     tail = _Tail()
@@ -163,12 +165,6 @@ def _death(exitcode: int | None) -> Failure:
         hint = " (not sent by attnbench: most likely the kernel's out-of-memory killer)" if name == "SIGKILL" else ""
         return Failure("crashed", (f"worker killed by {name}{hint}",))
     return Failure("crashed", (f"worker exited with code {exitcode} before sending a result",))
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 _fork_server: multiprocessing.context.BaseContext | None = None

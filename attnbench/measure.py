@@ -30,7 +30,6 @@ from attnbench.correctness import (
     Verifier,
     build_verifier,
     changed_inputs,
-    merge_checks,
     output_problems,
     write_into,
 )
@@ -111,7 +110,7 @@ def measure_case(
         if latency is not None:
             latency = dataclasses.replace(latency, fresh_call_s=(fresh_call_s,))
 
-    correctness = merge_checks(checks) if checks else None
+    correctness = Correctness.merge(checks) if checks else None
     if correctness is not None:
         problems += correctness.failures
     return Measurement(
