@@ -24,7 +24,7 @@ from multiprocessing.connection import wait
 import torch
 
 from attnbench import sandbox, worker
-from attnbench.containment import PLUGIN_CALL_TIMEOUT_S, PluginFault, contained
+from attnbench.containment import PLUGIN_CALL_TIMEOUT_S, PluginFault, contained, deferred_interrupts
 from attnbench.worker import Failure, Outcome
 
 LOG_TAIL_CHARS = 2000
@@ -61,11 +61,12 @@ def run_isolated(job: object, timeout_s: float, threads: int | None = None) -> I
         output_sender.close()
         outcome = _wait(process, receiver, output, tail, timeout_s)
     finally:
-        if process.pid is not None:
-            left_running = sandbox.end_point_processes(process.pid, known_children, lambda: _stop(process))
-        tail.drain(output)
-        receiver.close()
-        output.close()
+        with deferred_interrupts():  # a Ctrl-C or SIGTERM now must not leave the worker's processes behind
+            if process.pid is not None:
+                left_running = sandbox.end_point_processes(process.pid, known_children, lambda: _stop(process))
+            tail.drain(output)
+            receiver.close()
+            output.close()
     wall_time_s = time.perf_counter() - started
     if outcome is None:
         outcome = _death(process.exitcode)

@@ -94,7 +94,9 @@ def run_suite(
     _announce_size(suite, len(cases) * len(implementations), warn)
 
     if resume is not None:
-        lock = _lock_run_folder(resume, f"--resume {resume}")
+        if not (resume / ROWS_FILE).exists() or not (resume / SUITE_COPY).exists():
+            raise UserError(f"--resume {resume}: not a run folder (no {ROWS_FILE} or {SUITE_COPY})")
+        lock = _lock_run_folder(resume, f"--resume {resume}")  # before its rows are read
         run_dir = resume
         environment, done = _resumed(run_dir, suite, warn)
     else:
@@ -185,8 +187,6 @@ def _resumed(run_dir: Path, suite: Suite, warn: Callable[[str], None]) -> tuple[
     """The run's environment and finished rows, after checking that the suite and the code are
     the ones it started with; a torn last line (a kill mid-write) is cut off."""
     rows_path = run_dir / ROWS_FILE
-    if not rows_path.exists() or not (run_dir / SUITE_COPY).exists():
-        raise UserError(f"--resume {run_dir}: not a run folder (no {ROWS_FILE} or {SUITE_COPY})")
     if (run_dir / SUITE_COPY).read_text() != suite.path.read_text():
         raise UserError(f"--resume {run_dir}: {suite.path} has changed since this run started (its copy is "
                         f"{run_dir / SUITE_COPY}); start a new run instead of mixing two suites")

@@ -148,3 +148,16 @@ def test_rows_from_a_newer_schema_are_refused_in_one_line(tmp_path, capsys, comm
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert "line 1 was written by a newer attnbench (row schema 99; this version reads schemas 1 to 3)" in err
+
+
+def test_resume_of_a_folder_that_is_no_run_is_one_line_and_leaves_it_as_it_was(tmp_path, capsys):
+    from attnbench.cli import main
+
+    suite = tmp_path / "resume.yaml"
+    suite.write_text(SUITE)
+    folder = tmp_path / "not-a-run"
+    folder.mkdir()
+    assert main(["run", str(suite), "--resume", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a run folder (no rows.jsonl or suite.yaml)" in err
+    assert list(folder.iterdir()) == []
