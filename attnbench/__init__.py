@@ -13,11 +13,11 @@ The public plugin API:
         registry.add(MyAttention())
 """
 
-from attnbench.case import Case
-from attnbench.errors import NotSupported, UserError
-from attnbench.hookspecs import hookimpl
-from attnbench.implementation import AttentionFn, Implementation, Tolerance
-from attnbench.registry import Registry
+from attnbench.contract.case import Case
+from attnbench.contract.errors import NotSupported, UserError
+from attnbench.contract.hookspecs import hookimpl
+from attnbench.contract.implementation import AttentionFn, Implementation, Tolerance
+from attnbench.contract.registry import Registry
 
 __version__ = "0.1.0"
 

@@ -10,20 +10,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from attnbench.analysis import Declared, scaling_fits
-from attnbench.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices
-from attnbench.compare import ALPHA, CHANGE_HEADERS, DEFAULT_THRESHOLD, compare_runs, format_changes
-from attnbench.containment import Interrupted, PluginFault, contained, install_interrupt_handlers
-from attnbench.errors import UserError, did_you_mean
-from attnbench.grid import describe_group
-from attnbench.implementation import Implementation, plugin_reasons
-from attnbench.progress import TerminalProgress
-from attnbench.registry import Registry, load_registry
-from attnbench.run_folder import declared_of, load_run
-from attnbench.runner import run_suite
-from attnbench.suite import Suite, load_suite
-from attnbench.summary import format_table, summary_table
-from attnbench.text import one_line
+from attnbench.analysis.compare import ALPHA, CHANGE_HEADERS, DEFAULT_THRESHOLD, compare_runs, format_changes
+from attnbench.analysis.curves import Declared, scaling_fits
+from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices
+from attnbench.contract.errors import UserError, did_you_mean
+from attnbench.contract.implementation import Implementation, plugin_reasons
+from attnbench.contract.registry import Registry, load_registry
+from attnbench.execution.runner import run_suite
+from attnbench.presenting.progress import TerminalProgress
+from attnbench.presenting.summary import format_table, summary_table
+from attnbench.settings.grid import describe_group
+from attnbench.settings.suite import Suite, load_suite
+from attnbench.storage.run_folder import declared_of, load_run
+from attnbench.support.containment import Interrupted, PluginFault, contained, install_interrupt_handlers
+from attnbench.support.text import one_line
 
 # The shape `attnbench list` asks each implementation about, per device and dtype, and how long
 # its not_supported_reasons may take to answer.
@@ -112,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
     if result.rows:
         print(summary_table(result.rows))
         print(f"\nresults: {result.rows_path}")
-        from attnbench.report import write_reports  # (matplotlib and pandas: see _report)
+        from attnbench.presenting.report import write_reports  # (matplotlib and pandas: see _report)
 
         written = write_reports(load_run(result.run_dir))
         print(f"report: {written[2]} (and {', '.join(path.name for path in written[:2])}, plots/)")
@@ -140,7 +140,7 @@ def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
 def _report(args: argparse.Namespace) -> int:
     # Imported here: matplotlib and pandas add about a second to start-up, which only the
     # commands that draw should pay (not `list`, nor `run` before its sweep).
-    from attnbench.report import write_reports
+    from attnbench.presenting.report import write_reports
 
     run = load_run(args.run_dir, fallback=_declared_from_registry())
     written = write_reports(run)
@@ -177,7 +177,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from attnbench.history import histories, suite_runs, write_history_plot  # draws: see _report
+    from attnbench.analysis.history import histories, suite_runs, write_history_plot  # draws: see _report
 
     runs = suite_runs(args.suite_results)
     folder = args.plots or args.suite_results / "history"

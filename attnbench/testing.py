@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from attnbench.case import Case
-from attnbench.errors import NotSupported
-from attnbench.implementation import Implementation, contract_violations, effective_options
-from attnbench.measure import measure_case
-from attnbench.results import Measurement
-from attnbench.suite import CorrectnessSettings, Measure
+from attnbench.contract.case import Case
+from attnbench.contract.errors import NotSupported
+from attnbench.contract.implementation import Implementation, contract_violations, effective_options
+from attnbench.measuring.measure import measure_case
+from attnbench.settings.suite import CorrectnessSettings, Measure
+from attnbench.storage.results import Measurement
 
 CORRECTNESS_ONLY = Measure(correctness=CorrectnessSettings(), latency=None, memory=False)
 

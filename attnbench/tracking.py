@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from attnbench.case import DTYPES, Case, Mode
-from attnbench.errors import NotSupported
-from attnbench.implementation import Implementation, effective_options, reasons_not_to_run
-from attnbench.inputs import make_inputs
-from attnbench.measure import attention_call, measure_case
-from attnbench.registry import Registry, load_registry
-from attnbench.suite import CorrectnessSettings, Measure
-from attnbench.timing import synchronize
+from attnbench.contract.case import DTYPES, Case, Mode
+from attnbench.contract.errors import NotSupported
+from attnbench.contract.implementation import Implementation, effective_options, reasons_not_to_run
+from attnbench.contract.registry import Registry, load_registry
+from attnbench.measuring.inputs import make_inputs
+from attnbench.measuring.measure import attention_call, measure_case
+from attnbench.measuring.timing import synchronize
+from attnbench.settings.suite import CorrectnessSettings, Measure
 
 
 def point(

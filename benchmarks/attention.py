@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable
 
 try:  # imported here, so that asv's fork server holds torch and each benchmark starts warm
-    from attnbench.errors import NotSupported
+    from attnbench.contract.errors import NotSupported
     from attnbench.tracking import point, point_figures, prepared_call
 except ImportError as error:  # a commit from before attnbench.tracking: every point is n/a
     MISSING = f"this commit has no attnbench.tracking ({error})"

@@ -15,10 +15,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from attnbench.analysis import crossover_between, loglog_slope
-from attnbench.results import Row, read_rows
-from attnbench.summary import format_table
-from attnbench.units import format_bytes, format_seconds
+from attnbench.analysis.curves import crossover_between, loglog_slope
+from attnbench.presenting.summary import format_table
+from attnbench.storage.results import Row, read_rows
+from attnbench.support.units import format_bytes, format_seconds
 
 PAIRS = (("performer", "lucidrains_performer"), ("nystrom", "lucidrains_nystrom"), ("sparse", "lucidrains_local"))
 BASELINE = "flash"

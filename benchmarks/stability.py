@@ -15,11 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from attnbench.registry import load_registry
-from attnbench.results import Row
-from attnbench.runner import run_suite
-from attnbench.suite import load_suite
-from attnbench.summary import format_table
+from attnbench.contract.registry import load_registry
+from attnbench.execution.runner import run_suite
+from attnbench.presenting.summary import format_table
+from attnbench.settings.suite import load_suite
+from attnbench.storage.results import Row
 
 
 def main(argv: list[str]) -> int:

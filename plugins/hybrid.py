@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from attnbench_plugins.performer import random_projection
 
 import attnbench
 from attnbench import AttentionFn, Case
-from attnbench_plugins.performer import random_projection
 
 
 class HybridAttention(attnbench.Implementation):

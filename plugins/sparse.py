@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import attnbench
 from attnbench import AttentionFn, Case
-from attnbench.reference import softmax_attention
+from attnbench.measuring.reference import softmax_attention
 
 BACKENDS = ("auto", "flex", "blocked")
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from attnbench.registry import Registry, load_registry
+from attnbench.contract.registry import Registry, load_registry
 
 REPO = Path(__file__).resolve().parent.parent
 

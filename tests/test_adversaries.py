@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from adversaries import cheats, faults
 
-from attnbench.registry import Registry
-from attnbench.report import write_reports
-from attnbench.results import read_rows
-from attnbench.run_folder import load_run
-from attnbench.runner import run_suite
-from attnbench.suite import load_suite
+from attnbench.contract.registry import Registry
+from attnbench.execution.runner import run_suite
+from attnbench.presenting.report import write_reports
+from attnbench.settings.suite import load_suite
+from attnbench.storage.results import read_rows
+from attnbench.storage.run_folder import load_run
 
 TEMPORARY = Path(tempfile.gettempdir())
 SUITE = """

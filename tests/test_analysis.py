@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
-from attnbench.analysis import attention_flops, crossovers, pareto, scaling_fits, throughputs
-from attnbench.run_folder import load_run
-from attnbench.testing import small_case
-
 from synthetic_runs import curve, declared, standard_run, write_run
+
+from attnbench.analysis.curves import attention_flops, crossovers, pareto, scaling_fits, throughputs
+from attnbench.storage.run_folder import load_run
+from attnbench.testing import small_case
 
 
 @pytest.fixture
@@ -107,7 +106,7 @@ def test_the_uncertainty_of_a_fit_includes_the_spread_of_the_measurements(tmp_pa
 def test_a_point_correct_only_at_a_loose_tolerance_is_never_the_baseline(tmp_path):
     from dataclasses import replace
 
-    from attnbench.analysis import crossovers
+    from attnbench.analysis.curves import crossovers
 
     rows = [
         *curve("honest", lambda n: 1e-9 * n**2, lambda n: 4096 * n, 1e-7),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from attnbench.errors import NotSupported
-from attnbench.measure import measure_case
+from attnbench.contract.errors import NotSupported
+from attnbench.measuring.measure import measure_case
 from attnbench.testing import CORRECTNESS_ONLY, check_implementation, small_case, small_cases
 
 
@@ -32,8 +32,8 @@ def test_a_shape_that_does_not_tile_the_sequence_is_unsupported(registry):
 
 
 def test_a_malformed_shape_is_a_suite_error(registry, write_suite):
-    from attnbench.errors import UserError
-    from attnbench.suite import load_suite
+    from attnbench.contract.errors import UserError
+    from attnbench.settings.suite import load_suite
 
     with pytest.raises(UserError, match=r"options\.axial\.shape: expected null or \[rows, cols\]"):
         load_suite(write_suite("options: {axial: {shape: [4, 0]}}\n"), registry)

@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-from attnbench.registry import DISABLE_AUTOLOAD_VARIABLE
-from attnbench.results import read_rows
-
 from conftest import REPO
+
+from attnbench.contract.registry import DISABLE_AUTOLOAD_VARIABLE
+from attnbench.storage.results import read_rows
 
 
 def _attnbench(*args: str, cwd=REPO) -> subprocess.CompletedProcess:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from attnbench.cli import main
-from attnbench.compare import compare_runs
-from attnbench.run_folder import load_run
-
 from synthetic_runs import declared, row, write_run
+
+from attnbench.analysis.compare import compare_runs
+from attnbench.cli import main
+from attnbench.storage.run_folder import load_run
 
 DECLARED = {"steady": declared(True, "n^2", "n"), "slowed": declared(True, "n^2", "n")}
 

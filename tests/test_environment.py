@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnbench.environment import capture_environment
+from attnbench.storage.environment import capture_environment
 
 
 def test_environment_records_versions_threads_and_timing_settings(monkeypatch):
@@ -22,7 +22,7 @@ def test_environment_records_versions_threads_and_timing_settings(monkeypatch):
 def test_a_busy_machine_is_warned_about():
     import dataclasses
 
-    from attnbench.environment import capture_environment
+    from attnbench.storage.environment import capture_environment
 
     environment = capture_environment()
     assert environment.load_average is not None and len(environment.load_average) == 3
@@ -33,7 +33,7 @@ def test_a_busy_machine_is_warned_about():
 
 
 def test_the_workers_allocator_policy_is_recorded_and_a_users_choice_kept(monkeypatch):
-    from attnbench.allocator import worker_allocator_policy
+    from attnbench.measuring.allocator import worker_allocator_policy
 
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):

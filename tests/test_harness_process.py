@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO
 from test_adversaries import marked_processes
 
-from attnbench.registry import DISABLE_AUTOLOAD_VARIABLE
-from attnbench.results import read_rows
+from attnbench.contract.registry import DISABLE_AUTOLOAD_VARIABLE
+from attnbench.storage.results import read_rows
 
 TESTS = Path(__file__).resolve().parent
 QUICK = """
@@ -186,9 +186,9 @@ def test_a_bad_output_location_is_one_line_before_anything_is_measured(tmp_path)
 def test_a_full_disk_is_one_line_before_anything_is_measured(tmp_path, write_suite, registry, monkeypatch):
     import shutil
 
-    from attnbench.errors import UserError
-    from attnbench.runner import run_suite
-    from attnbench.suite import load_suite
+    from attnbench.contract.errors import UserError
+    from attnbench.execution.runner import run_suite
+    from attnbench.settings.suite import load_suite
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2**20))

@@ -8,8 +8,8 @@ import statistics
 import pytest
 import torch
 
-from attnbench.inputs import make_inputs
-from attnbench.reference import softmax_attention
+from attnbench.measuring.inputs import make_inputs
+from attnbench.measuring.reference import softmax_attention
 from attnbench.testing import check_implementation, small_case, small_cases
 
 

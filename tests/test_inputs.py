@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnbench.inputs import make_inputs
+from attnbench.measuring.inputs import make_inputs
 from attnbench.testing import small_case
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 import toys
-from attnbench.isolation import run_isolated
-from attnbench.results import Measurement
+
+from attnbench.execution.local.isolation import run_isolated
+from attnbench.execution.local.worker import Failure, Job
+from attnbench.storage.results import Measurement
 from attnbench.testing import CORRECTNESS_ONLY, small_case
-from attnbench.worker import Failure, Job
 
 
 def _run(behaviour, timeout_s: float = 60, memory_cap_bytes: int | None = 2**30):

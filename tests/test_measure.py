@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 import torch
-
 import toys
+
 from attnbench import Implementation
-from attnbench.measure import measure_case
-from attnbench.suite import CorrectnessSettings, LatencySettings, Measure
+from attnbench.measuring.measure import measure_case
+from attnbench.settings.suite import CorrectnessSettings, LatencySettings, Measure
 from attnbench.testing import CORRECTNESS_ONLY, small_case
 
 TRAINING = small_case(mode="forward_backward", kv_heads=2)  # the toys are not causal

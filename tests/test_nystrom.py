@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from attnbench.inputs import make_inputs
-from attnbench.reference import softmax_attention
+from attnbench.measuring.inputs import make_inputs
+from attnbench.measuring.reference import softmax_attention
 from attnbench.testing import check_implementation, small_case, small_cases
 
 
@@ -40,7 +40,7 @@ def test_a_converged_pseudo_inverse_in_float32_is_not_called_a_bug(registry):
     """Many landmarks and iterations: an ill-conditioned kernel, inverted in float32, still
     agrees with the float64 formula within nystrom's tolerance. (Its gradients through 30
     iterations do not, by far: training mode reports that as incorrect, rightly.)"""
-    from attnbench.measure import measure_case
+    from attnbench.measuring.measure import measure_case
     from attnbench.testing import CORRECTNESS_ONLY
 
     case = small_case(seq_len=256, head_dim=64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnbench.inputs import make_inputs
+from attnbench.measuring.inputs import make_inputs
 from attnbench.testing import check_implementation, small_case, small_cases
 
 
@@ -65,8 +65,8 @@ def test_orthogonal_features_are_no_worse_than_independent_ones(registry):
 
 
 def test_invalid_options_are_refused(registry, write_suite):
-    from attnbench.errors import UserError
-    from attnbench.suite import load_suite
+    from attnbench.contract.errors import UserError
+    from attnbench.settings.suite import load_suite
 
     with pytest.raises(UserError, match=r"options\.performer\.features: must be at least 1, got 0"):
         load_suite(write_suite("options: {performer: {features: 0}}\n"), registry)

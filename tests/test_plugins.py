@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from attnbench.isolation import run_isolated
-from attnbench.suite import Measure
+from attnbench.execution.local.isolation import run_isolated
+from attnbench.execution.local.worker import Job
+from attnbench.settings.suite import Measure
 from attnbench.testing import check_implementation, small_case, small_cases
-from attnbench.worker import Job
 
 
 @pytest.mark.parametrize("name", ["naive", "flash"])
@@ -61,7 +61,7 @@ def test_causal_outputs_never_depend_on_later_tokens(registry, name):
     """Changing keys and values from position 70 on leaves outputs before 70 as they were."""
     import torch
 
-    from attnbench.inputs import make_inputs
+    from attnbench.measuring.inputs import make_inputs
 
     case = small_case(seq_len=128, causal=True, dtype=torch.float64)
     implementation = registry.get(name)

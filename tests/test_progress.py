@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from attnbench.progress import TerminalProgress
-from attnbench.results import Row
+from attnbench.presenting.progress import TerminalProgress
+from attnbench.storage.results import Row
 from attnbench.testing import small_case
 
 

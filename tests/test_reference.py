@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import attnbench.reference as reference
-from attnbench.reference import sample_rows, softmax_attention, softmax_attention_grads
+import attnbench.measuring.reference as reference
+from attnbench.measuring.reference import sample_rows, softmax_attention, softmax_attention_grads
 
 
 @pytest.mark.parametrize("causal", [False, True])

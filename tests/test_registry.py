@@ -9,11 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 import attnbench
-from attnbench.registry import BUILTIN_PLUGINS, DISABLE_AUTOLOAD_VARIABLE, Registry, load_registry
-
-from conftest import REPO
+from attnbench.contract.registry import BUILTIN_PLUGINS, DISABLE_AUTOLOAD_VARIABLE, Registry, load_registry
 
 GOOD_IMPLEMENTATION = """
 import attnbench, torch

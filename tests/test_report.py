@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 
 import pandas as pd
+from synthetic_runs import SEQ_LENS, standard_run
 
 from attnbench.cli import main
-from attnbench.report import write_reports
-from attnbench.run_folder import load_run
-
-from synthetic_runs import SEQ_LENS, standard_run
+from attnbench.presenting.report import write_reports
+from attnbench.storage.run_folder import load_run
 
 
 def test_every_report_file_is_written_from_the_rows(tmp_path):

@@ -7,11 +7,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
-from attnbench.report import write_reports
-from attnbench.run_folder import load_run
-
 from synthetic_runs import standard_run
+
+from attnbench.presenting.report import write_reports
+from attnbench.storage.run_folder import load_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Flags for a sandboxed CI box with no network: no first-run UI, no background connections.

@@ -10,11 +10,10 @@ import sys
 import time
 
 import pytest
-
-from attnbench.registry import DISABLE_AUTOLOAD_VARIABLE
-from attnbench.results import read_rows
-
 from conftest import REPO
+
+from attnbench.contract.registry import DISABLE_AUTOLOAD_VARIABLE
+from attnbench.storage.results import read_rows
 
 SUITE = """
 name: resume
@@ -83,8 +82,9 @@ def test_resume_refuses_a_changed_suite(tmp_path):
 
 
 def test_a_corrupt_line_is_named_and_a_torn_last_line_ignored(tmp_path, capsys):
-    from attnbench.cli import main
     from synthetic_runs import standard_run
+
+    from attnbench.cli import main
 
     folder = standard_run(tmp_path / "results" / "synthetic" / "run")
     rows_path = folder / "rows.jsonl"
@@ -107,7 +107,7 @@ def _rewrite_rows(rows_path, change) -> None:
 def test_rows_of_the_first_schema_are_still_read(tmp_path):
     from synthetic_runs import standard_run
 
-    from attnbench.results import SCHEMA_VERSION
+    from attnbench.storage.results import SCHEMA_VERSION
 
     folder = standard_run(tmp_path / "run")
     rows_path = folder / "rows.jsonl"

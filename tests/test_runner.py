@@ -6,10 +6,11 @@ import json
 import re
 
 import toys
-from attnbench.registry import Registry
-from attnbench.results import Row, read_rows
-from attnbench.runner import ENVIRONMENT_FILE, SUITE_COPY, run_suite
-from attnbench.suite import load_suite
+
+from attnbench.contract.registry import Registry
+from attnbench.execution.runner import ENVIRONMENT_FILE, SUITE_COPY, run_suite
+from attnbench.settings.suite import load_suite
+from attnbench.storage.results import Row, read_rows
 
 FAST = "measure: {correctness: {rows: 64}, latency: {min_run_time_s: 0.01, max_run_time_s: 0.05}}\n"
 
@@ -120,13 +121,13 @@ def test_a_device_this_machine_lacks_is_unsupported_with_the_reason(tmp_path, wr
 
 
 def test_rows_survive_a_round_trip_through_json_even_with_nan(tmp_path):
-    from attnbench.results import Correctness, ErrorFigures
+    from attnbench.storage.results import Correctness, ErrorFigures
     from attnbench.testing import small_case
 
     row = Row(run_id="r", implementation="x", case=small_case(), status="incorrect",
               correctness=Correctness(4, {"out": ErrorFigures(float("nan"), float("inf"), 1e-3)}, None, "exact"))
     path = tmp_path / "rows.jsonl"
-    from attnbench.results import write_rows
+    from attnbench.storage.results import write_rows
 
     write_rows(path, [row])
     (back,) = read_rows(path)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnbench.inputs import make_inputs
-from attnbench.measure import measure_case
-from attnbench.reference import softmax_attention
+from attnbench.measuring.inputs import make_inputs
+from attnbench.measuring.measure import measure_case
+from attnbench.measuring.reference import softmax_attention
 from attnbench.testing import CORRECTNESS_ONLY, check_implementation, small_case, small_cases
 
 PATTERNS = [
@@ -39,7 +39,7 @@ def test_flex_training_on_the_cpu_is_unsupported_and_auto_says_which_path_it_too
     sparse = registry.get("sparse")
     training = small_case(mode="forward_backward")
     forced = {**sparse.default_options, "backend": "flex"}
-    from attnbench.errors import NotSupported
+    from attnbench.contract.errors import NotSupported
 
     with pytest.raises(NotSupported, match="backend=flex: FlexAttention has no backward on the CPU"):
         measure_case(sparse, training, forced, CORRECTNESS_ONLY)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from attnbench.stats import mann_whitney_p, smallest_p
+from attnbench.analysis.stats import mann_whitney_p, smallest_p
 
 
 def test_exact_small_samples():

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from attnbench.cli import main
-from attnbench.errors import UserError
-from attnbench.grid import expand
-from attnbench.suite import LatencySettings, load_suite
-
-from conftest import REPO
+from attnbench.contract.errors import UserError
+from attnbench.settings.grid import expand
+from attnbench.settings.suite import LatencySettings, load_suite
 
 
 def test_a_minimal_suite_takes_defaults(registry, write_suite):
@@ -151,7 +150,7 @@ def test_bad_suite_is_one_clear_line(registry, write_suite, problem, text, expec
 def test_an_invalid_options_that_fails_is_the_plugins_problem_not_the_suites(registry, write_suite):
     from adversaries.faults import OptionsRaise
 
-    from attnbench.registry import Registry
+    from attnbench.contract.registry import Registry
 
     plugins = Registry()
     plugins.add(registry.get("naive"))
@@ -161,7 +160,7 @@ def test_an_invalid_options_that_fails_is_the_plugins_problem_not_the_suites(reg
 
 
 def test_a_very_large_sweep_says_its_size_before_it_starts(registry, write_suite, tmp_path, monkeypatch):
-    from attnbench import runner
+    from attnbench.execution import runner
 
     said = []
     monkeypatch.setattr(runner, "_new_run_dir", lambda *args: (_ for _ in ()).throw(RuntimeError("stop here")))

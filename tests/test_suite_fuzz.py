@@ -6,8 +6,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attnbench.errors import UserError
-from attnbench.suite import Suite, load_suite
+from attnbench.contract.errors import UserError
+from attnbench.settings.suite import Suite, load_suite
 
 FIELDS = ["name", "description", "implementations", "options", "sweep", "measure", "limits", "seed", "output",
           "seq_len", "heads", "kv_heads", "batch", "head_dim", "dtype", "device", "causal", "mode", "inputs",

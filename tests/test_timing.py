@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from attnbench.results import Latency
-from attnbench.suite import LatencySettings
-from attnbench.timing import measure_latency
+from attnbench.measuring.timing import measure_latency
+from attnbench.settings.suite import LatencySettings
+from attnbench.storage.results import Latency
 
 
 def test_raw_samples_are_kept():
@@ -53,8 +53,8 @@ def test_round_sizes_must_account_for_every_sample():
 
 
 def test_the_summary_says_why_a_latency_is_noisy():
-    from attnbench.results import Row
-    from attnbench.summary import summary_table
+    from attnbench.presenting.summary import summary_table
+    from attnbench.storage.results import Row
     from attnbench.testing import small_case
 
     quiet_rounds_apart = Latency.merge([Latency((3.0, 3.0, 3.0), (1,), 0, "t"), Latency((2.0, 2.0, 2.0), (1,), 0, "t")])

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 import types
 
+import attnbench_plugins.xformers_attention as plugin
 import pytest
 import torch.nn.functional as F
 
-import attnbench_plugins.xformers_attention as plugin
 from attnbench.testing import check_implementation, small_case, small_cases
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnbench.allocator import steady_cpu_allocator
-from attnbench.errors import NotSupported
+from attnbench.contract.errors import NotSupported
+from attnbench.measuring.allocator import steady_cpu_allocator
 from attnbench.tracking import point, point_figures, prepared_call, registry
 
 SEQ_LENS = (256, 1024)

@@ -1,0 +1,291 @@
+"""What a run's rows say, without measuring again: scaling fits and verdicts against the declared
+complexity, crossover lengths, achieved throughput, and the error-latency Pareto front.
+
+Everything here is computed from the rows and the run's metadata (declared complexity,
+exactness, the matmul throughput measured once per run), so ``attnbench report`` can rebuild
+it from a stored run folder.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from scipy import stats
+
+from attnbench.contract.case import Case
+from attnbench.measuring.flops import attention_flops, matmul_key
+from attnbench.settings.grid import group_key
+from attnbench.storage.results import Row
+
+Metric = Literal["latency", "memory"]
+METRICS: tuple[Metric, ...] = ("latency", "memory")
+
+FIT_POINTS = 4  # the largest measured seq_lens a fit uses: asymptotic behaviour, not start-up costs
+MIN_FIT_POINTS = 3  # two points give a slope but no error estimate: no verdict from them
+# A declared exponent holds unless the measured one exceeds it by more than this margin plus the
+# fit's 95% confidence half-width (Student's t on n − 2 degrees of freedom times the standard
+# error): on a CPU, cache and allocator effects bend curves by about a tenth.
+EXPONENT_MARGIN = 0.2
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 999
+# Seeded, so that a report rebuilt from the same rows says the same (scipy renamed the argument).
+_SEED_ARGUMENT = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What an implementation says of itself, kept with each run (``implementations.json``)."""
+
+    exact: bool
+    time_complexity: str
+    memory_complexity: str
+    time_exponent: float
+    memory_exponent: float
+
+
+@dataclass(frozen=True)
+class ScalingFit:
+    implementation: str
+    group: Case  # the fixed axes (seq_len blank)
+    metric: Metric
+    seq_lens: tuple[int, ...]  # the points fitted
+    exponent: float | None  # least-squares slope of log(metric) on log(seq_len)
+    # Its standard error: the regression's (scipy.stats.linregress) combined with the spread of the
+    # measurements themselves (a bootstrap over each point's latency samples); None below 3 points.
+    stderr: float | None
+    declared: str | None  # e.g. "n^2"; None when the run did not record it
+    declared_exponent: float | None
+
+    @property
+    def allowance(self) -> float | None:
+        """How far above the declaration the measured exponent may be before the verdict fails."""
+        if self.stderr is None:
+            return None
+        t = stats.t.ppf(0.5 + CONFIDENCE / 2, len(self.seq_lens) - 2)
+        return EXPONENT_MARGIN + float(t) * self.stderr
+
+    @property
+    def verdict(self) -> Literal["holds", "does not hold", "undetermined"]:
+        if self.exponent is None or self.declared_exponent is None or self.allowance is None:
+            return "undetermined"
+        if self.exponent > self.declared_exponent + self.allowance:
+            return "does not hold"
+        return "holds"
+
+    @property
+    def measured(self) -> str:
+        if self.exponent is None:
+            return "fewer than 2 measured points"
+        if self.stderr is None:
+            spread = f" (only {len(self.seq_lens)} points: no verdict)"
+        else:
+            spread = f" ± {self.stderr:.2f}"
+        return f"n^{self.exponent:.2f}{spread} over {self.seq_lens[0]}–{self.seq_lens[-1]}"
+
+    def sentence(self) -> str:
+        """'declared n, measured n^1.93 ± 0.04 over 2048–16384: does not hold'."""
+        declared = self.declared or "unknown"
+        return f"declared {declared}, measured {self.measured}: {self.verdict}"
+
+
+@dataclass(frozen=True)
+class Crossover:
+    implementation: str
+    group: Case
+    metric: Metric
+    against: str  # "best exact": the fastest (or leanest) exact implementation at each seq_len
+    seq_len: float | None  # interpolated; None when not within the measured range
+    text: str
+
+
+@dataclass(frozen=True)
+class Throughput:
+    row: Row
+    flops: float
+    achieved_flops: float  # per second
+    fraction_of_matmul: float | None  # of the run's measured matmul throughput on that device and dtype
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    row: Row
+    error: float  # relative Frobenius error of the output against float64 exact attention
+    on_front: bool  # no other implementation is both faster and more accurate at this point
+
+
+def curves(rows: Sequence[Row]) -> dict[tuple[str, Case], list[Row]]:
+    """Rows per (implementation, fixed axes), ascending in seq_len."""
+    by_curve: dict[tuple[str, Case], list[Row]] = defaultdict(list)
+    for row in rows:
+        by_curve[(row.implementation, group_key(row.case))].append(row)
+    return {key: sorted(points, key=lambda row: row.case.seq_len) for key, points in by_curve.items()}
+
+
+def metric_value(row: Row, metric: Metric) -> float | None:
+    """Median latency (s) or peak memory (bytes) of a row that ran; None otherwise, and None for a
+    latency the harness flagged as no result (implausible speed, cached outputs)."""
+    if row.status not in ("ok", "incorrect"):
+        return None
+    if metric == "latency":
+        return row.latency.median_s if row.latency and not row.latency_voided else None
+    peak = row.memory.peak_bytes if row.memory else None
+    return float(peak) if peak else None
+
+
+def scaling_fits(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[ScalingFit]:
+    fits = []
+    for (name, group), points in curves(rows).items():
+        info = declared.get(name)
+        for metric in METRICS:
+            fitted = [row for row in points if metric_value(row, metric)][-FIT_POINTS:]
+            measured = [(row.case.seq_len, metric_value(row, metric)) for row in fitted]
+            exponent, stderr = loglog_slope(measured) if len(measured) >= 2 else (None, None)
+            if stderr is not None and metric == "latency":
+                stderr = math.hypot(stderr, _measurement_spread(fitted))
+            text = None if info is None else (info.time_complexity if metric == "latency" else info.memory_complexity)
+            exponent_declared = None if info is None else (
+                info.time_exponent if metric == "latency" else info.memory_exponent
+            )
+            fits.append(ScalingFit(name, group, metric, tuple(n for n, _ in measured), exponent, stderr, text,
+                                   exponent_declared))
+    return fits
+
+
+def crossovers(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[Crossover]:
+    """For each approximate implementation: from which seq_len it beats the best exact one."""
+    by_curve = curves(rows)
+    results = []
+    for group in dict.fromkeys(group for _, group in by_curve):
+        exact = [points for (name, g), points in by_curve.items() if g == group and _is_exact(name, declared)]
+        for (name, g), points in by_curve.items():
+            if g != group or _is_exact(name, declared) or name not in declared:
+                continue
+            for metric in METRICS:
+                best = _best_per_seq_len(exact, metric)
+                mine = {row.case.seq_len: value for row in points if (value := metric_value(row, metric))}
+                seq_len, text = crossover_between(mine, best, "faster" if metric == "latency" else "leaner")
+                results.append(Crossover(name, group, metric, "best exact", seq_len, text))
+    return results
+
+
+def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_flops: Mapping[str, float]) -> list[
+    Throughput
+]:
+    """Achieved FLOP/s of exact implementations, counted as FlashAttention's benchmarks count."""
+    results = []
+    for row in rows:
+        if not _is_exact(row.implementation, declared) or metric_value(row, "latency") is None:
+            continue  # (a flagged latency is no result: its throughput is in the flag's message)
+        flops = attention_flops(row.case)
+        achieved = flops / row.latency.median_s
+        peak = matmul_flops.get(matmul_key(row.case.device, row.case.dtype_name))
+        results.append(Throughput(row, flops, achieved, achieved / peak if peak else None))
+    return results
+
+
+def pareto(rows: Sequence[Row]) -> list[ParetoPoint]:
+    """At each point (fixed axes and seq_len), who is not beaten on both error and latency."""
+    by_point: dict[Case, list[tuple[Row, float]]] = defaultdict(list)
+    for row in rows:
+        error = output_error(row)
+        if metric_value(row, "latency") is not None and error is not None and math.isfinite(error):
+            by_point[row.case].append((row, error))
+    points = []
+    for entries in by_point.values():
+        for row, error in entries:
+            beaten = any(
+                other.latency.median_s <= row.latency.median_s and other_error <= error
+                and (other.latency.median_s < row.latency.median_s or other_error < error)
+                for other, other_error in entries if other is not row
+            )
+            points.append(ParetoPoint(row, error, not beaten))
+    return points
+
+
+def output_error(row: Row) -> float | None:
+    """Relative Frobenius error of the output against float64 exact attention (NaN if it was NaN)."""
+    figures = row.correctness.exact.get("out") if row.correctness else None
+    return figures.rel_fro if figures else None
+
+
+def _is_exact(name: str, declared: Mapping[str, Declared]) -> bool:
+    return name in declared and declared[name].exact
+
+
+def can_be_baseline(row: Row) -> bool:
+    """Only a point of an exact implementation that is correct at the dtype's default tolerance
+    (not merely at a looser one it declared) is what others are compared with."""
+    correctness = row.correctness
+    return row.status == "ok" and (correctness is None or correctness.within_default_tolerance is not False)
+
+
+def _best_per_seq_len(curves_: list[list[Row]], metric: Metric) -> dict[int, float]:
+    best: dict[int, float] = {}
+    for points in curves_:
+        for row in points:
+            value = metric_value(row, metric) if can_be_baseline(row) else None
+            if value is not None and value < best.get(row.case.seq_len, math.inf):
+                best[row.case.seq_len] = value
+    return best
+
+
+def crossover_between(mine: dict[int, float], best: dict[int, float], better: str) -> tuple[float | None, str]:
+    """The seq_len where log(mine / best) turns negative, interpolated linearly in log(seq_len)."""
+    if not mine:
+        return None, "not measured here (no point ran)"
+    common = sorted(set(mine) & set(best))
+    if not common:
+        return None, "no exact implementation measured at the same seq_len"
+    ratios = [(n, math.log(mine[n] / best[n])) for n in common]
+    if all(r < 0 for _, r in ratios):
+        return float(common[0]), f"{better} at every measured seq_len (from {common[0]} or less)"
+    # The last sign change from not better to better: where it stays better from then on.
+    for (n0, r0), (n1, r1) in reversed(list(zip(ratios, ratios[1:], strict=False))):
+        if r0 >= 0 > r1 and all(r < 0 for n, r in ratios if n >= n1):
+            log_n = math.log(n0) + (math.log(n1) - math.log(n0)) * r0 / (r0 - r1)
+            return math.exp(log_n), f"{better} from ~{math.exp(log_n):.0f} (between {n0} and {n1})"
+    return None, f"not {better} within the measured range ({common[0]}–{common[-1]})"
+
+
+def loglog_slope(points: Sequence[tuple[int, float]]) -> tuple[float, float | None]:
+    """Least-squares slope of log(value) on log(seq_len) (scipy.stats.linregress), and its
+    standard error from the residuals (None below three points: two always fit exactly)."""
+    fit = stats.linregress([math.log(n) for n, _ in points], [math.log(value) for _, value in points])
+    return float(fit.slope), (float(fit.stderr) if len(points) >= MIN_FIT_POINTS else None)
+
+
+def _measurement_spread(rows: Sequence[Row]) -> float:
+    """Standard error of the latency slope from the measurements' own spread: each round's samples
+    resampled (scipy.stats.bootstrap), each point's value its fastest round's median, as reported."""
+    xs = np.log([row.case.seq_len for row in rows])
+    rounds = [[np.log(samples) for samples in row.latency.rounds] for row in rows]
+    resampled = [(point, index) for point, point_rounds in enumerate(rounds)
+                 for index, samples in enumerate(point_rounds) if len(samples) >= 2]
+    if not resampled:
+        return 0.0
+    fixed = [[float(np.median(samples)) for samples in point_rounds] for point_rounds in rounds]
+
+    def slope(*medians_of: np.ndarray, axis: int = -1) -> np.ndarray:
+        medians = [np.median(sample, axis=axis) for sample in medians_of]
+        shape = np.shape(medians[0])
+        per_point = []
+        for point, point_rounds in enumerate(fixed):
+            values = [np.full(shape, value) for value in point_rounds]
+            for (where, index), median in zip(resampled, medians, strict=True):
+                if where == point:
+                    values[index] = median
+            per_point.append(np.min(values, axis=0))
+        ys = np.stack(per_point, axis=-1)
+        centred = xs - xs.mean()
+        return (centred * (ys - ys.mean(axis=-1, keepdims=True))).sum(axis=-1) / (centred**2).sum()
+
+    samples = tuple(rounds[point][index] for point, index in resampled)
+    result = stats.bootstrap(samples, slope, n_resamples=BOOTSTRAP_RESAMPLES, vectorized=True, paired=False,
+                             method="percentile", **{_SEED_ARGUMENT: np.random.default_rng(0)})
+    return float(result.standard_error)

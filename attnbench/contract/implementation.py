@@ -1,0 +1,247 @@
+"""The contract an attention implementation fulfils, and the checks the registry applies to it."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attnbench.contract.case import Case, device_unavailable_reason
+from attnbench.contract.errors import UserError, did_you_mean
+from attnbench.support.text import one_line
+
+# (q, k, v) -> out, all (batch, heads, seq_len, head_dim); k and v may have fewer heads.
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_\-]{0,31}$")
+# Growth in seq_len: "1", "n", "n log n", "n^1.5", "n^2", "n^2 log n".
+COMPLEXITY_PATTERN = re.compile(r"^(1|n(\^(?P<power>\d+(\.\d+)?))?(?P<log> log n)?)$")
+COMPLEXITIES_ALLOWED = '"1", "n", "n log n", "n^1.5", "n^2" (n^<number>, optionally followed by " log n")'
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """An output passes when max|out - ref| <= atol + rtol * max|ref|.
+
+    Judged against the largest reference magnitude rather than elementwise, so that entries
+    near zero (common in attention outputs and gradients) do not demand absolute precision.
+    """
+
+    atol: float
+    rtol: float
+
+    def bound(self, reference_max_abs: float) -> float:
+        return self.atol + self.rtol * reference_max_abs
+
+
+# For inputs ~ N(0, 1). naive and flash on the CPU (outputs up to N=32768, gradients up to
+# N=2048) use at most a quarter of these bounds; a real bug (a wrong scale, mask or gradient)
+# misses them by orders of magnitude.
+DEFAULT_TOLERANCES: Mapping[torch.dtype, Tolerance] = {
+    torch.float32: Tolerance(atol=1e-6, rtol=1e-5),
+    torch.float16: Tolerance(atol=1e-3, rtol=4e-3),
+    torch.bfloat16: Tolerance(atol=8e-3, rtol=3e-2),
+}
+
+
+# What a plugin may declare, at most: a tolerance loose enough to pass zeros (rtol near 1, or an
+# atol as large as the outputs) would make an exact claim meaningless. Float32 allows Nyström's
+# rtol of 1e-3 against its own reference (a badly conditioned pseudo-inverse), no more.
+TOLERANCE_CAP_FACTOR = Tolerance(atol=10.0, rtol=100.0)  # times the dtype's default
+TOLERANCE_CAP_RTOL = 0.1
+
+
+def capped_tolerance(declared: Tolerance, dtype: torch.dtype) -> tuple[Tolerance, str]:
+    """The tolerance a point is judged with, and a note when the declared one was over the cap."""
+    default = DEFAULT_TOLERANCES[dtype]
+    # Rounded to 6 digits: 1e-6 × 10 is 9.999999999999999e-06 in binary, below a declared 1e-5.
+    cap = Tolerance(atol=float(f"{default.atol * TOLERANCE_CAP_FACTOR.atol:.6g}"),
+                    rtol=float(f"{min(default.rtol * TOLERANCE_CAP_FACTOR.rtol, TOLERANCE_CAP_RTOL):.6g}"))
+    if not isinstance(declared, Tolerance) or not all(
+        isinstance(value, (int, float)) and value >= 0 for value in (declared.atol, declared.rtol)
+    ):
+        return cap, f"declared tolerance {declared!r} is not a Tolerance of two non-negative numbers; judged at the cap"
+    judged = Tolerance(atol=min(declared.atol, cap.atol), rtol=min(declared.rtol, cap.rtol))
+    if judged == declared:
+        return judged, ""
+    name = str(dtype).removeprefix("torch.")
+    return judged, (f"declared {name} tolerance atol={declared.atol:g}, rtol={declared.rtol:g} is over the cap "
+                    f"(atol <= {cap.atol:g}, rtol <= {cap.rtol:g}); judged at atol={judged.atol:g}, "
+                    f"rtol={judged.rtol:g}")
+
+
+def complexity_exponent(text: str) -> float:
+    """The power of n in a declared complexity; log factors count as no extra power."""
+    match = COMPLEXITY_PATTERN.match(text)
+    if match is None:
+        raise ValueError(f"complexity {text!r} is not one of {COMPLEXITIES_ALLOWED}")
+    if text == "1":
+        return 0.0
+    return float(match.group("power") or 1)
+
+
+class Implementation:
+    """Base class of every attention implementation. Subclass it and set the attributes.
+
+    ``prepare`` does everything that is not the attention itself (random features, masks,
+    compilation) and returns the callable that is timed. ``reference`` optionally computes,
+    in float64, exactly what the implementation approximates (e.g. attention under its
+    sparsity mask), so a bug can be told apart from the approximation.
+    """
+
+    name: str = ""
+    description: str = ""
+    exact: bool
+    time_complexity: str
+    memory_complexity: str
+    default_options: Mapping[str, Any] = {}
+    tolerances: Mapping[torch.dtype, Tolerance] = DEFAULT_TOLERANCES
+
+    def not_supported_reasons(self, case: Case) -> list[str]:
+        """Empty when the case can run; else each reason names the value and what is allowed."""
+        return []
+
+    def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
+        """Option name -> what is wrong with its value and what is allowed; empty when all are valid.
+
+        Called with the defaults and the suite's options merged; types are already checked.
+        """
+        return {}
+
+    def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
+        raise NotImplementedError(f"{type(self).__name__} does not implement prepare()")
+
+    def reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        case: Case,
+        options: Mapping[str, Any],
+        rows: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Float64 output at query positions ``rows`` of what this computes exactly, or None.
+
+        Inputs are float64 (batch, heads, seq_len, head_dim); the result is
+        (batch, heads, len(rows), head_dim). Without an override, outputs are judged
+        against full softmax attention when ``exact`` and only reported otherwise.
+        """
+        return None
+
+    def tolerance(self, dtype: torch.dtype) -> Tolerance:
+        return self.tolerances.get(dtype, DEFAULT_TOLERANCES[dtype])
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+def contract_violations(obj: object) -> list[str]:
+    """What is wrong with ``obj`` as an implementation; empty when it fulfils the contract."""
+    if not isinstance(obj, Implementation):
+        return [f"{obj!r} is not an attnbench.Implementation"]
+    problems: list[str] = []
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        problems.append(f"name={name!r} (allowed: lowercase letters, digits, '_' or '-', at most 32)")
+    if not isinstance(getattr(obj, "description", None), str):
+        problems.append("description must be a string")
+    if not isinstance(getattr(obj, "exact", None), bool):
+        problems.append(f"exact={getattr(obj, 'exact', None)!r} (allowed: True or False)")
+    for attribute in ("time_complexity", "memory_complexity"):
+        value = getattr(obj, attribute, None)
+        if not (isinstance(value, str) and COMPLEXITY_PATTERN.match(value)):
+            problems.append(f"{attribute}={value!r} (allowed: {COMPLEXITIES_ALLOWED})")
+    if not isinstance(obj.default_options, Mapping) or not all(
+        isinstance(key, str) for key in obj.default_options
+    ):
+        problems.append("default_options must be a mapping from option names to default values")
+    if type(obj).prepare is Implementation.prepare:
+        problems.append("prepare(case, options) is not implemented")
+    return problems
+
+
+def option_problem(implementation: Implementation, key: str, value: Any) -> str | None:
+    """Why ``key: value`` is not a valid option of ``implementation``, or None when it is.
+
+    An option's type is that of its default (an int default also takes no bool; a float
+    default also takes an int); a None default takes any value.
+    """
+    defaults = implementation.default_options
+    if key not in defaults:
+        allowed = ", ".join(defaults) if defaults else "none"
+        return f"unknown option for {implementation.name} (allowed: {allowed}){did_you_mean(key, defaults)}"
+    if not _finite(value):
+        return f"expected a finite value, got {value!r} (nan and inf are not allowed)"
+    default = defaults[key]
+    for default_type, accepted, description in _OPTION_TYPES:
+        if isinstance(default, default_type):
+            if isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted):
+                return None
+            return f"expected {description}, got {value!r}"
+    return None
+
+
+def _finite(value: Any) -> bool:
+    """No nan or inf anywhere in the value (lists and mappings included)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(item) for item in value)
+    if isinstance(value, Mapping):
+        return all(_finite(item) for item in value.values())
+    return True
+
+
+_OPTION_TYPES: tuple[tuple[type, tuple[type, ...], str], ...] = (
+    (bool, (bool,), "true or false"),  # before int: bool is an int in Python
+    (int, (int,), "an integer"),
+    (float, (int, float), "a number"),
+    (str, (str,), "a string"),
+    ((list, tuple), (list, tuple), "a list"),
+)
+
+
+class BrokenPromise(Exception):
+    """A plugin's method returned something the contract does not allow."""
+
+
+def plugin_reasons(implementation: Implementation, case: Case) -> list[str]:
+    """The implementation's own reasons for refusing the case, checked to be a list of strings."""
+    reasons = implementation.not_supported_reasons(case)
+    if not isinstance(reasons, (list, tuple)) or not all(isinstance(reason, str) and reason for reason in reasons):
+        raise BrokenPromise(f"not_supported_reasons returned {one_line(repr(reasons), 200)} "
+                            "(expected a list of non-empty strings)")
+    return list(reasons)
+
+
+def reasons_not_to_run(implementation: Implementation, case: Case) -> list[str]:
+    """Why the implementation cannot take the case here: the device is missing, or its own reasons."""
+    unavailable = device_unavailable_reason(case.device)
+    return [unavailable] if unavailable else plugin_reasons(implementation, case)
+
+
+def effective_options(implementation: Implementation, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The implementation's defaults with ``given`` laid over them; a bad option is a UserError."""
+    for key, value in given.items():
+        problem = option_problem(implementation, key, value)
+        if problem:
+            raise UserError(f"options.{implementation.name}.{key}: {problem}")
+    options = {**implementation.default_options, **given}
+    for key, problem in invalid_option_values(implementation, options).items():
+        raise UserError(f"options.{implementation.name}.{key}: {problem}")
+    return options
+
+
+def invalid_option_values(implementation: Implementation, options: Mapping[str, Any]) -> dict[str, str]:
+    """The implementation's ``invalid_options``, checked to be a mapping of option names to strings."""
+    problems = implementation.invalid_options(options)
+    if not isinstance(problems, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in problems.items()
+    ):
+        raise BrokenPromise(f"invalid_options returned {one_line(repr(problems), 200)} "
+                            "(expected a mapping of option names to strings)")
+    return {key: one_line(value) for key, value in problems.items()}

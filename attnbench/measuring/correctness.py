@@ -1,0 +1,275 @@
+"""Compares an implementation's outputs (and gradients) with float64 references.
+
+Nothing a plugin sees predicts what is checked: the query rows (and, in training, the key rows
+for dk and dv) are drawn after its first call has returned, from a seed the worker draws then;
+the references come from the inputs as they were made, not as the call left them; and more than
+one call is checked: the first, the last timed call of every round and a call on fresh inputs
+written into the same tensors (``Verifier``, built in round 1 and handed to the later rounds).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attnbench.contract.case import Case
+from attnbench.contract.implementation import DEFAULT_TOLERANCES, Implementation, Tolerance, capped_tolerance
+from attnbench.measuring.inputs import Inputs, make_inputs
+from attnbench.measuring.reference import (
+    sample_rows,
+    softmax_attention,
+    softmax_attention_grads,
+    softmax_attention_key_grads,
+)
+from attnbench.settings.suite import CorrectnessSettings
+from attnbench.storage.results import Correctness, ErrorFigures
+
+# Tensors compared: the output, and in training mode the input gradients.
+Grads = Mapping[str, torch.Tensor]  # "dq", "dk", "dv" -> (B, heads, N, D)
+Tensors = dict[str, torch.Tensor]
+
+
+def output_problems(out: Any, grads: Grads | None, case: Case) -> list[str]:
+    """Why the result cannot even be compared: wrong type, shape, dtype, device, or not finite."""
+    expected_shape = (case.batch, case.heads, case.seq_len, case.head_dim)
+    if not isinstance(out, torch.Tensor):
+        return [f"output is a {type(out).__name__}, not a torch.Tensor"]
+    problems = []
+    if tuple(out.shape) != expected_shape:
+        problems.append(f"output shape {tuple(out.shape)} (expected {expected_shape})")
+    if out.dtype != case.dtype:
+        problems.append(f"output dtype {out.dtype} (expected {case.dtype})")
+    if out.device.type != torch.device(case.device).type:
+        problems.append(f"output on {out.device} (expected {case.device})")
+    tensors = {"output": out, **(grads or {})}
+    for name, tensor in tensors.items():
+        if tensor is None:
+            problems.append(f"{name} is None (the input does not reach the output)")
+        elif not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{name} contains NaN or Inf")
+    return problems
+
+
+def changed_inputs(inputs: Inputs, pristine: Inputs) -> list[str]:
+    """'the call changed its input v in place (4096 of 4096 values differ)' for each one it did
+    (grad_out too: a custom backward receives it)."""
+    problems = []
+    for name in ("q", "k", "v", "grad_out"):
+        if getattr(inputs, name) is None:
+            continue
+        now, then = getattr(inputs, name).detach(), getattr(pristine, name).detach()
+        if now.shape != then.shape or now.dtype != then.dtype:
+            problems.append(f"the call changed its input {name} in place (now {tuple(now.shape)} {now.dtype})")
+            continue
+        differ = int((now.cpu() != then.cpu()).sum())  # NaN != NaN: a NaN written in counts
+        if differ:
+            problems.append(f"the call changed its input {name} in place ({differ} of {now.numel()} values differ)")
+    return problems
+
+
+def write_into(inputs: Inputs, source: Inputs) -> None:
+    """Put ``source``'s values into the tensors of ``inputs`` (same storage, so a cache keyed on the
+    tensors' identity or address sees the same tensors with new values)."""
+    with torch.no_grad():
+        for name in ("q", "k", "v"):
+            getattr(inputs, name).copy_(getattr(source, name))
+        if inputs.grad_out is not None and source.grad_out is not None:
+            inputs.grad_out.copy_(source.grad_out)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """Float64 references of one set of inputs at the verifier's rows."""
+
+    exact: Tensors  # "out", "dq" at the query rows; "dk", "dv" at the key rows (or every row)
+    own: Tensors | None  # the implementation's own reference, when it has one
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """Everything needed to check any later call cheaply: the rows and the references."""
+
+    rows: torch.Tensor
+    rows_seed: int
+    key_rows: torch.Tensor | None  # None: dk, dv compared at every row (all rows checked) or not at all
+    key_pairs: tuple[tuple[int, int], ...]  # (batch, kv head) pairs at which dk, dv are compared
+    fresh_seed: int
+    judged_against: str | None  # "own", "exact" or None (an approximation: error reported only)
+    tolerance: Tolerance
+    default_tolerance: Tolerance
+    primary: Expected  # the suite's seeded inputs
+    fresh: Expected  # fresh inputs from fresh_seed
+
+    def check(self, out: torch.Tensor, grads: Grads | None, fresh: bool, label: str) -> Correctness:
+        """The figures of one call (on the primary or the fresh inputs), judged as the first was."""
+        expected = self.fresh if fresh else self.primary
+        actual = self._at_rows(out, grads)
+        judged_tolerance = self.tolerance if self.judged_against == "exact" else None
+        exact = _figures(actual, expected.exact, judged_tolerance)
+        own = _figures(actual, expected.own, self.tolerance) if expected.own is not None else None
+        judged = own if self.judged_against == "own" else exact if self.judged_against == "exact" else {}
+        what = "its own float64 reference" if self.judged_against == "own" else "float64 softmax attention"
+        tolerance = self.tolerance
+        failures = tuple(
+            f"{name} vs {what} ({label}): max abs error {figures.max_abs:.3g} > {figures.bound:.3g} "
+            f"(tolerance atol={tolerance.atol:g}, rtol={tolerance.rtol:g} of max |ref|)"
+            for name, figures in judged.items()
+            if not figures.passed
+        )
+        within_default = None
+        if self.judged_against == "exact":
+            defaults = _figures(actual, expected.exact, self.default_tolerance)
+            within_default = all(figures.passed for figures in defaults.values())
+        return Correctness(
+            rows_checked=len(self.rows), exact=exact, own=own, judged_against=self.judged_against,
+            failures=failures, rows_seed=self.rows_seed,
+            key_rows_checked=0 if "dk" not in exact else len(self.key_rows if self.key_rows is not None else self.rows),
+            fresh_seed=self.fresh_seed, calls_checked=1, tolerance=(tolerance.atol, tolerance.rtol),
+            within_default_tolerance=within_default,
+        )
+
+    def _at_rows(self, out: torch.Tensor, grads: Grads | None) -> Tensors:
+        """The call's tensors at the checked rows, in float64 on the CPU."""
+        rows = self.rows.to(out.device)
+        actual = {"out": out.detach()[:, :, rows]}
+        if grads is not None:
+            actual["dq"] = grads["dq"][:, :, rows]
+            if self.key_rows is None and len(self.rows) == out.shape[2]:
+                actual.update(dk=grads["dk"], dv=grads["dv"])
+            elif self.key_rows is not None:
+                key_rows = self.key_rows.to(out.device)
+                for name in ("dk", "dv"):
+                    actual[name] = torch.stack([grads[name][b, g, key_rows] for b, g in self.key_pairs])
+        return {name: tensor.detach().to("cpu", torch.float64) for name, tensor in actual.items()}
+
+
+def build_verifier(
+    implementation: Implementation, case: Case, options: Mapping[str, Any], settings: CorrectnessSettings, seed: int,
+) -> tuple[Verifier, list[str]]:
+    """Draws the rows (now, after the first call) and computes the references of the inputs as
+    ``make_inputs(case, seed)`` makes them; returns notes too (what could not be checked within
+    the budget, a declared tolerance over the cap)."""
+    rows_seed, fresh_seed = secrets.randbits(63), secrets.randbits(63)
+    rows = sample_rows(case.seq_len, settings.rows, rows_seed)
+    notes: list[str] = []
+    tolerance, capped = capped_tolerance(implementation.tolerance(case.dtype), case.dtype)
+    if capped:
+        notes.append(capped)
+    own_reference = type(implementation).reference is not Implementation.reference
+    judged_against = "own" if own_reference else "exact" if implementation.exact else None
+    key_rows, key_pairs = None, ()
+    if case.backward and len(rows) < case.seq_len:
+        key_rows, key_pairs, note = _key_sample(case, settings, rows_seed)
+        key_rows = key_rows if key_pairs else None
+        if note:
+            notes.append(note)
+
+    def expected(inputs: Inputs, with_key_grads: bool) -> Expected:
+        q, k, v = (tensor.detach().to("cpu", torch.float64) for tensor in (inputs.q, inputs.k, inputs.v))
+        grad_out = inputs.grad_out.to("cpu", torch.float64) if inputs.grad_out is not None else None
+        forward = softmax_attention(q, k, v, rows, case.causal)
+        exact: Tensors = {"out": forward.out}
+        if grad_out is not None:
+            grads = softmax_attention_grads(q, k, v, grad_out, rows, case.causal, forward)
+            exact["dq"] = grads.dq
+            if grads.dk is not None:
+                exact.update(dk=grads.dk, dv=grads.dv)
+            elif with_key_grads and key_rows is not None:
+                exact.update(_key_grads(q, k, v, grad_out, key_rows, key_pairs, case.causal))
+        own = _own_reference(implementation, case, options, q, k, v, grad_out, rows) if own_reference else None
+        return Expected(exact, own)
+
+    primary = expected(make_inputs(case, seed), with_key_grads=True)
+    # The fresh call is checked at the same rows, without the (quadratic) key-row gradients.
+    fresh = expected(make_inputs(case, fresh_seed), with_key_grads=False)
+    verifier = Verifier(rows, rows_seed, key_rows, key_pairs, fresh_seed, judged_against,
+                        tolerance, DEFAULT_TOLERANCES[case.dtype], primary, fresh)
+    return verifier, notes
+
+
+def _key_sample(
+    case: Case, settings: CorrectnessSettings, seed: int
+) -> tuple[torch.Tensor, tuple[tuple[int, int], ...], str]:
+    """Key rows and the (batch, kv head) pairs whose dk, dv fit the reference budget."""
+    generator = torch.Generator().manual_seed(seed ^ 0x5EED)
+    key_rows = sample_rows(case.seq_len, settings.rows, int(torch.randint(2**62, (1,), generator=generator)))
+    groups = case.heads // case.kv_heads
+    # A float64 forward pass over every query row of one kv head's group, plus the key-row part.
+    per_pair = 2.0 * groups * case.seq_len * case.head_dim * (2 * case.seq_len + 3 * len(key_rows))
+    pairs = case.batch * case.kv_heads
+    affordable = min(pairs, int(settings.max_reference_gflop * 1e9 // per_pair))
+    if affordable == 0:
+        return key_rows, (), (f"dk, dv not checked: their float64 reference needs every query row "
+                              f"({per_pair / 1e9:.0f} GFLOP for one kv head, over the budget of "
+                              f"measure.correctness.max_reference_gflop={settings.max_reference_gflop:g})")
+    order = torch.randperm(pairs, generator=generator)[:affordable].sort().values
+    chosen = tuple((int(index) // case.kv_heads, int(index) % case.kv_heads) for index in order)
+    note = "" if affordable == pairs else (f"dk, dv checked on {affordable} of {pairs} (batch, kv head) pairs, "
+                                           f"drawn at random, within measure.correctness.max_reference_gflop")
+    return key_rows, chosen, note
+
+
+def _key_grads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, key_rows: torch.Tensor,
+    pairs: tuple[tuple[int, int], ...], causal: bool,
+) -> Tensors:
+    """dk, dv at the key rows for each (batch, kv head) pair: (pairs, S, D) each."""
+    groups = q.shape[1] // k.shape[1]
+    dks, dvs = [], []
+    for b, g in pairs:
+        heads = slice(g * groups, (g + 1) * groups)
+        dk, dv = softmax_attention_key_grads(q[b:b + 1, heads], k[b:b + 1, g:g + 1], v[b:b + 1, g:g + 1],
+                                             grad_out[b:b + 1, heads], key_rows, causal)
+        dks.append(dk[0, 0])
+        dvs.append(dv[0, 0])
+    return {"dk": torch.stack(dks), "dv": torch.stack(dvs)}
+
+
+def _own_reference(
+    implementation: Implementation,
+    case: Case,
+    options: Mapping[str, Any],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_out: torch.Tensor | None,
+    rows: torch.Tensor,
+) -> Tensors | None:
+    """The implementation's own float64 reference; in training mode, with its gradients by autograd.
+
+    Gradients only when every row is checked: an approximation may mix query rows (Nyström's
+    landmarks average them), so its dq at one row depends on the upstream gradient of all rows.
+    """
+    with_grads = grad_out is not None and len(rows) == case.seq_len
+    leaves = [tensor.detach().requires_grad_(with_grads) for tensor in (q, k, v)]
+    with torch.set_grad_enabled(with_grads):
+        out = implementation.reference(*leaves, case, options, rows)
+    if out is None:
+        return None
+    own = {"out": out.detach()}
+    if with_grads:
+        dq, dk, dv = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+        own.update(dq=dq, dk=dk, dv=dv)
+    return own
+
+
+def _figures(
+    actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor | None], tolerance: Tolerance | None
+) -> dict[str, ErrorFigures]:
+    figures = {}
+    for name, reference in expected.items():
+        if reference is None or name not in actual:
+            continue
+        difference = actual[name] - reference
+        reference_max = float(reference.abs().max())
+        figures[name] = ErrorFigures(
+            max_abs=float(difference.abs().max()),
+            rel_fro=float(difference.norm() / reference.norm().clamp_min(torch.finfo(torch.float64).tiny)),
+            bound=tolerance.bound(reference_max) if tolerance is not None else None,
+        )
+    return figures
+

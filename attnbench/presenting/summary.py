@@ -1,0 +1,87 @@
+"""The terminal summary of a run: per group of fixed axes, implementation × seq_len."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from attnbench.settings.grid import describe_group, group_key
+from attnbench.storage.results import NOISY_RELATIVE_IQR, Latency, Row
+from attnbench.support.units import format_bytes, format_seconds
+
+NOTE_CHARS = 120
+
+
+def summary_table(rows: Sequence[Row]) -> str:
+    groups: dict[object, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(group_key(row.case), []).append(row)
+    sections = []
+    for group_rows in groups.values():
+        case = group_rows[0].case
+        heading = describe_group(case)
+        ordered = sorted(group_rows, key=lambda row: (row.implementation, row.case.seq_len))
+        headers = HEADERS if not case.backward else (*HEADERS[:-1], "grad err", HEADERS[-1])
+        table = [_cells(row, with_grads=case.backward) for row in ordered]
+        sections.append(heading + "\n" + format_table(headers, table))
+    return "\n\n".join(sections)
+
+
+# Errors are against float64 softmax attention: max abs and relative Frobenius of the output;
+# in training mode also the largest max abs error of dq, dk, dv. A status ending in "!" has flags
+# (in the note); a median shown as "flagged" is no result (implausible speed, cached outputs).
+HEADERS = ("implementation", "N", "status", "median", "IQR", "peak mem", "peak RSS", "max abs err", "rel err", "note")
+
+
+def _cells(row: Row, with_grads: bool) -> list[str]:
+    latency, memory, correctness = row.latency, row.memory, row.correctness
+    out_error = correctness.exact.get("out") if correctness else None
+    grad_errors = [f.max_abs for name, f in correctness.exact.items() if name != "out"] if correctness else []
+    note = "; ".join((*(flag.message for flag in row.flags), *row.reasons, *row.notes))
+    if latency is not None and latency.noisy and row.status == "ok":
+        note = f"noisy: {_noise(latency)}" + (f"; {note}" if note else "")
+    cells = [
+        row.implementation,
+        str(row.case.seq_len),
+        row.status + ("!" if row.flags else ""),
+        ("flagged" if row.latency_voided else format_seconds(latency.median_s)) if latency else "",
+        f"{100 * latency.iqr_s / latency.median_s:.0f}%" if latency else "",
+        _bytes(memory.allocator_peak_bytes) if memory else "",
+        _bytes(memory.rss_peak_bytes) if memory else "",
+        f"{out_error.max_abs:.2e}" if out_error else "",
+        f"{out_error.rel_fro:.2e}" if out_error else "",
+    ]
+    if with_grads:
+        cells.append(f"{max(grad_errors):.2e}" if grad_errors else "")
+    return [*cells, note if len(note) <= NOTE_CHARS else note[: NOTE_CHARS - 1] + "…"]
+
+
+def _bytes(value: int | None) -> str:
+    return format_bytes(value) if value is not None else ""
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain columns; text left-aligned, figures right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    numeric = [all(_looks_numeric(row[i]) for row in rows) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.rjust(width) if is_numeric else cell.ljust(width)
+            for cell, width, is_numeric in zip(cells, widths, numeric, strict=True)
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * width for width in widths]), *(line(row) for row in rows)])
+
+
+def _looks_numeric(cell: str) -> bool:
+    return cell == "" or cell[0].isdigit()
+
+
+def _noise(latency: Latency) -> str:
+    """What made the latency noisy: the spread within its best round, or between its rounds."""
+    parts = []
+    if latency.iqr_s > NOISY_RELATIVE_IQR * latency.median_s:
+        parts.append(f"IQR {latency.iqr_s / latency.median_s:.0%} of median")
+    if latency.round_spread > NOISY_RELATIVE_IQR:
+        parts.append(f"rounds {latency.round_spread:.0%} apart")
+    return ", ".join(parts)

@@ -1,0 +1,106 @@
+"""What the harness finds about a point from its own figures, shown beside them in every report.
+
+The runner flags each row as it finishes; ``attnbench report`` flags again with the run's final
+yardstick (the matmul throughput is re-measured during the run and the best kept): a flag
+written to rows.jsonl is kept, except that implausible speed is judged against the final,
+highest yardstick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from attnbench.contract.implementation import DEFAULT_TOLERANCES
+from attnbench.measuring.flops import attention_flops, matmul_key
+from attnbench.storage.results import Flag, Row
+from attnbench.support.units import format_bytes
+
+# Exact attention does the work of two matmuls and more; on the CPU it has reached 82% of the
+# matmul yardstick here. A quarter above it is beyond what the hardware allows.
+IMPLAUSIBLE_HEADROOM = 1.25
+# A call on fresh inputs this much slower than the timed calls (and by more than the floor, which
+# keeps microsecond calls out of it) means the timed calls did not compute what they returned.
+FRESH_CALL_FACTOR = 5.0
+FRESH_CALL_FLOOR_S = 50e-6
+# CPUs other processes kept busy, on average, while a point was timed.
+LOAD_CPUS = 0.5
+# Process memory beyond torch's count: more than this many times it, and by more than this many
+# bytes. Training steps of the built-ins reach twice the count (autograd's temporaries and the
+# heap's fragmentation); a plugin computing in numpy is tens of times above it.
+MEMORY_GAP_FACTOR = 3
+MEMORY_GAP_BYTES = 16 * 2**20
+
+
+def flags_of(row: Row, exact: bool, yardstick: Mapping[str, float]) -> tuple[Flag, ...]:
+    """Every flag the row's figures call for; ``yardstick``: matmul FLOP/s per "device/dtype"."""
+    found = [*_speed(row, exact, yardstick), *_fresh_calls(row), *_load(row), *_tolerance(row), *_memory(row)]
+    return tuple(found)
+
+
+def with_flags(row: Row, exact: bool, yardstick: Mapping[str, float]) -> Row:
+    """The row with its stored flags and any new ones (one of each kind). Implausible speed is
+    judged afresh: the yardstick only grows during a run, so the final one is the fairest."""
+    stored = tuple(flag for flag in row.flags if flag.kind != "implausible_speed")
+    kinds = {flag.kind for flag in stored}
+    found = stored + tuple(flag for flag in flags_of(row, exact, yardstick) if flag.kind not in kinds)
+    return dataclasses.replace(row, flags=found) if found != row.flags else row
+
+
+def refresh(rows: Sequence[Row], exact: Mapping[str, bool], yardstick: Mapping[str, float]) -> tuple[Row, ...]:
+    return tuple(with_flags(row, exact.get(row.implementation, False), yardstick) for row in rows)
+
+
+def _speed(row: Row, exact: bool, yardstick: Mapping[str, float]) -> list[Flag]:
+    peak = yardstick.get(matmul_key(row.case.device, row.case.dtype_name))
+    if not exact or row.latency is None or not peak:
+        return []
+    achieved = attention_flops(row.case) / row.latency.median_s
+    if achieved <= IMPLAUSIBLE_HEADROOM * peak:
+        return []
+    return [Flag("implausible_speed", f"implausible speed: {achieved / 1e9:.4g} GFLOP/s is {achieved / peak:.0%} of "
+                                      f"the device's best measured matmul ({peak / 1e9:.4g} GFLOP/s); not a result")]
+
+
+def _fresh_calls(row: Row) -> list[Flag]:
+    latency = row.latency
+    ratio = latency.fresh_call_ratio if latency is not None else None
+    if ratio is None or ratio <= FRESH_CALL_FACTOR:
+        return []
+    fresh = min(latency.fresh_call_s)
+    if fresh - latency.median_s <= FRESH_CALL_FLOOR_S:
+        return []
+    return [Flag("fresh_inputs_slower", f"a call on fresh inputs took {ratio:.3g}× the timed calls' median "
+                                        "(outputs cached between calls?); not a result")]
+
+
+def _load(row: Row) -> list[Flag]:
+    load = row.latency.load if row.latency is not None else None
+    if load is None or load <= LOAD_CPUS:
+        return []
+    return [Flag("under_load", f"measured under load: other processes kept {load:.1f} CPUs busy while it was timed")]
+
+
+def _tolerance(row: Row) -> list[Flag]:
+    correctness = row.correctness
+    if correctness is None or correctness.tolerance is None or correctness.judged_against is None:
+        return []
+    atol, rtol = correctness.tolerance
+    default = DEFAULT_TOLERANCES[row.case.dtype]
+    if atol <= default.atol and rtol <= default.rtol:
+        return []
+    factor = max(atol / default.atol, rtol / default.rtol)
+    return [Flag("loose_tolerance", f"loose tolerance: judged at atol={atol:g}, rtol={rtol:g}, {factor:.3g}× the "
+                                    f"{row.case.dtype_name} default")]
+
+
+def _memory(row: Row) -> list[Flag]:
+    memory = row.memory
+    if memory is None or memory.rss_peak_bytes is None or memory.allocator_peak_bytes is None:
+        return []
+    gap = memory.rss_peak_bytes - memory.allocator_peak_bytes
+    if gap <= MEMORY_GAP_BYTES or memory.rss_peak_bytes <= MEMORY_GAP_FACTOR * memory.allocator_peak_bytes:
+        return []
+    process, counted = format_bytes(memory.rss_peak_bytes), format_bytes(memory.allocator_peak_bytes)
+    return [Flag("memory_outside_torch",
+                 f"memory outside torch's allocator: process peak {process} against {counted} counted by torch")]
