@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from attnbench.analysis.compare import ALPHA, CHANGE_HEADERS, DEFAULT_THRESHOLD, compare_runs, format_changes
-from attnbench.analysis.curves import Declared, scaling_fits
+from attnbench.analysis.curves import scaling_fits
 from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices
 from attnbench.contract.errors import UserError, did_you_mean
 from attnbench.contract.implementation import Implementation, plugin_reasons
@@ -21,7 +21,7 @@ from attnbench.presenting.progress import TerminalProgress
 from attnbench.presenting.summary import format_table, summary_table
 from attnbench.settings.grid import describe_group
 from attnbench.settings.suite import Suite, load_suite
-from attnbench.storage.run_folder import declared_of, load_run
+from attnbench.storage.run_folder import Declared, declared_of, load_run
 from attnbench.support.containment import Interrupted, PluginFault, contained, install_interrupt_handlers
 from attnbench.support.text import one_line
 

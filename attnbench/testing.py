@@ -18,9 +18,9 @@ import torch
 from attnbench.contract.case import Case
 from attnbench.contract.errors import NotSupported
 from attnbench.contract.implementation import Implementation, contract_violations, effective_options
+from attnbench.measuring.figures import Measurement
 from attnbench.measuring.measure import measure_case
 from attnbench.settings.suite import CorrectnessSettings, Measure
-from attnbench.storage.results import Measurement
 
 CORRECTNESS_ONLY = Measure(correctness=CorrectnessSettings(), latency=None, memory=False)
 

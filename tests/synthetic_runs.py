@@ -6,10 +6,10 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from attnbench.analysis.curves import Declared
 from attnbench.contract.implementation import complexity_exponent
-from attnbench.storage.results import Correctness, ErrorFigures, Latency, Memory, Row, write_rows
-from attnbench.storage.run_folder import write_declared
+from attnbench.measuring.figures import Correctness, ErrorFigures, Latency, Memory
+from attnbench.storage.results import Row, write_rows
+from attnbench.storage.run_folder import Declared, write_declared
 from attnbench.testing import small_case
 
 SEQ_LENS = (512, 1024, 2048, 4096, 8192)

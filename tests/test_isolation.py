@@ -6,8 +6,9 @@ import pytest
 import toys
 
 from attnbench.execution.local.isolation import run_isolated
-from attnbench.execution.local.worker import Failure, Job
-from attnbench.storage.results import Measurement
+from attnbench.execution.local.worker import Job
+from attnbench.measuring.figures import Measurement
+from attnbench.measuring.outcome import Failure
 from attnbench.testing import CORRECTNESS_ONLY, small_case
 
 

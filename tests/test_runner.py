@@ -8,9 +8,10 @@ import re
 import toys
 
 from attnbench.contract.registry import Registry
-from attnbench.execution.runner import ENVIRONMENT_FILE, SUITE_COPY, run_suite
+from attnbench.execution.runner import run_suite
 from attnbench.settings.suite import load_suite
 from attnbench.storage.results import Row, read_rows
+from attnbench.storage.run_folder import ENVIRONMENT_FILE, SUITE_COPY
 
 FAST = "measure: {correctness: {rows: 64}, latency: {min_run_time_s: 0.01, max_run_time_s: 0.05}}\n"
 
@@ -121,7 +122,7 @@ def test_a_device_this_machine_lacks_is_unsupported_with_the_reason(tmp_path, wr
 
 
 def test_rows_survive_a_round_trip_through_json_even_with_nan(tmp_path):
-    from attnbench.storage.results import Correctness, ErrorFigures
+    from attnbench.measuring.figures import Correctness, ErrorFigures
     from attnbench.testing import small_case
 
     row = Row(run_id="r", implementation="x", case=small_case(), status="incorrect",

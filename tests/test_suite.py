@@ -161,9 +161,10 @@ def test_an_invalid_options_that_fails_is_the_plugins_problem_not_the_suites(reg
 
 def test_a_very_large_sweep_says_its_size_before_it_starts(registry, write_suite, tmp_path, monkeypatch):
     from attnbench.execution import runner
+    from attnbench.storage import run_folder
 
     said = []
-    monkeypatch.setattr(runner, "_new_run_dir", lambda *args: (_ for _ in ()).throw(RuntimeError("stop here")))
+    monkeypatch.setattr(run_folder, "new_run_folder", lambda *args: (_ for _ in ()).throw(RuntimeError("stop here")))
     suite = load_suite(write_suite("sweep: {seq_len: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], heads: [1, 2, 3, 4, 5], "
                                    "batch: [1, 2, 3, 4, 5], causal: [false, true]}\n"), registry)
     with pytest.raises(RuntimeError, match="stop here"):

@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
+from attnbench.measuring.figures import Latency
 from attnbench.measuring.timing import measure_latency
 from attnbench.settings.suite import LatencySettings
-from attnbench.storage.results import Latency
 
 
 def test_raw_samples_are_kept():

@@ -22,6 +22,7 @@ from attnbench.contract.case import Case
 from attnbench.measuring.flops import attention_flops, matmul_key
 from attnbench.settings.grid import group_key
 from attnbench.storage.results import Row
+from attnbench.storage.run_folder import Declared
 
 Metric = Literal["latency", "memory"]
 METRICS: tuple[Metric, ...] = ("latency", "memory")
@@ -36,17 +37,6 @@ CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 999
 # Seeded, so that a report rebuilt from the same rows says the same (scipy renamed the argument).
 _SEED_ARGUMENT = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
-
-
-@dataclass(frozen=True)
-class Declared:
-    """What an implementation says of itself, kept with each run (``implementations.json``)."""
-
-    exact: bool
-    time_complexity: str
-    memory_complexity: str
-    time_exponent: float
-    memory_exponent: float
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 
 from attnbench.contract.case import Case
 from attnbench.contract.implementation import DEFAULT_TOLERANCES, Implementation, Tolerance, capped_tolerance
+from attnbench.measuring.figures import Correctness, ErrorFigures
 from attnbench.measuring.inputs import Inputs, make_inputs
 from attnbench.measuring.reference import (
     sample_rows,
@@ -26,7 +27,6 @@ from attnbench.measuring.reference import (
     softmax_attention_key_grads,
 )
 from attnbench.settings.suite import CorrectnessSettings
-from attnbench.storage.results import Correctness, ErrorFigures
 
 # Tensors compared: the output, and in training mode the input gradients.
 Grads = Mapping[str, torch.Tensor]  # "dq", "dk", "dv" -> (B, heads, N, D)

@@ -34,16 +34,13 @@ from attnbench.measuring.correctness import (
     output_problems,
     write_into,
 )
+from attnbench.measuring.figures import Correctness, Measurement
 from attnbench.measuring.inputs import Inputs, make_inputs
 from attnbench.measuring.memory import measure_peak_memory
+from attnbench.measuring.outcome import SettingsChangedInCall, round_status
 from attnbench.measuring.timing import measure_latency, synchronize, time_one_call
 from attnbench.settings.suite import Measure
-from attnbench.storage.results import Correctness, Measurement
 from attnbench.support.process_state import Snapshot, changes, restore
-
-
-class SettingsChangedInCall(Exception):
-    """The timed call changed process-wide settings: its timings are not comparable with others'."""
 
 
 def measure_case(
@@ -114,7 +111,7 @@ def measure_case(
     if correctness is not None:
         problems += correctness.failures
     return Measurement(
-        status="incorrect" if problems else "ok",
+        status=round_status(problems),
         reasons=tuple(dict.fromkeys(problems)),
         correctness=correctness,
         latency=latency,

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from attnbench.measuring.figures import Memory
 from attnbench.measuring.timing import synchronize
-from attnbench.storage.results import Memory
 
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")

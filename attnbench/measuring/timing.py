@@ -17,8 +17,8 @@ import torch
 import torch.utils.benchmark as benchmark
 
 from attnbench.measuring.cpu_load import other_load, read_clock
+from attnbench.measuring.figures import NOISY_RELATIVE_IQR, Latency
 from attnbench.settings.suite import LatencySettings
-from attnbench.storage.results import NOISY_RELATIVE_IQR, Latency
 
 
 class LastResult:

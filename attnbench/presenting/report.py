@@ -27,10 +27,11 @@ from attnbench.analysis.curves import (
     scaling_fits,
     throughputs,
 )
+from attnbench.measuring.figures import NOISY_RELATIVE_IQR
 from attnbench.presenting.plots import Palette, Plot, exponent_plot, pareto_plot, scaling_plot, speedup_plot
 from attnbench.presenting.table import tidy_frame
 from attnbench.settings.grid import describe_group, group_key
-from attnbench.storage.results import NOISY_RELATIVE_IQR, Row
+from attnbench.storage.results import Row
 from attnbench.storage.run_folder import RunFolder
 from attnbench.support.text import markdown_cell
 from attnbench.support.units import format_bytes, format_seconds

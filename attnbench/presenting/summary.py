@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from attnbench.measuring.figures import NOISY_RELATIVE_IQR, Latency
 from attnbench.settings.grid import describe_group, group_key
-from attnbench.storage.results import NOISY_RELATIVE_IQR, Latency, Row
+from attnbench.storage.results import Row
 from attnbench.support.units import format_bytes, format_seconds
 
 NOTE_CHARS = 120

@@ -1,4 +1,7 @@
-"""A stored run: ``results/<suite>/<run-id>/`` with its rows and what the analysis needs besides.
+"""The run folder, and the one module that knows its layout: creating it, locking it, writing
+and reading its files, resuming it.
+
+``results/<suite>/<run-id>/``:
 
     rows.jsonl            one Row per (implementation, case)
     environment.json      versions, CPU, threads, timing settings, commit, matmul throughput
@@ -8,23 +11,41 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import shutil
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from attnbench.analysis.curves import Declared
 from attnbench.contract.errors import UserError
 from attnbench.contract.implementation import Implementation, complexity_exponent
+from attnbench.settings.suite import Suite
 from attnbench.storage import flags
-from attnbench.storage.results import Row, read_rows_tolerantly
+from attnbench.storage.environment import Environment, capture_environment, code_version
+from attnbench.storage.results import Row, RowWriter, read_rows_tolerantly
+from attnbench.support.units import format_bytes
 
 ROWS_FILE = "rows.jsonl"
 ENVIRONMENT_FILE = "environment.json"
 IMPLEMENTATIONS_FILE = "implementations.json"
 SUITE_COPY = "suite.yaml"
+# The least a run folder needs: rows, reports and plots of a large run take a few MiB.
+MIN_FREE_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What an implementation says of itself, kept with each run (``implementations.json``)."""
+
+    exact: bool
+    time_complexity: str
+    memory_complexity: str
+    time_exponent: float
+    memory_exponent: float
 
 
 @dataclass(frozen=True)
@@ -100,3 +121,116 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise UserError(f"{path}: not valid JSON ({error})") from None
+
+
+# --- creating, locking and resuming a run ----------------------------------------------------
+
+
+def resume_run(run_dir: Path, suite: Suite, warn: Callable[[str], None]) -> tuple[Environment, list[Row], IO[str]]:
+    """The run's environment, its finished rows and its lock, after checking that the suite and
+    the code are the ones it started with; a torn last line (a kill mid-write) is cut off."""
+    if not (run_dir / ROWS_FILE).exists() or not (run_dir / SUITE_COPY).exists():
+        raise UserError(f"--resume {run_dir}: not a run folder (no {ROWS_FILE} or {SUITE_COPY})")
+    lock = lock_run_folder(run_dir, f"--resume {run_dir}")  # before its rows are read
+    try:
+        environment, rows = _checked_for_resume(run_dir, suite, warn)
+    except BaseException:
+        lock.close()
+        raise
+    return environment, rows, lock
+
+
+def _checked_for_resume(run_dir: Path, suite: Suite, warn: Callable[[str], None]) -> tuple[Environment, list[Row]]:
+    rows_path = run_dir / ROWS_FILE
+    if (run_dir / SUITE_COPY).read_text() != suite.path.read_text():
+        raise UserError(f"--resume {run_dir}: {suite.path} has changed since this run started (its copy is "
+                        f"{run_dir / SUITE_COPY}); start a new run instead of mixing two suites")
+    stored = read_rows_tolerantly(rows_path)  # refuses unreadable rows before anything is measured
+    try:
+        environment = Environment.from_json(json.loads((run_dir / ENVIRONMENT_FILE).read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise UserError(f"--resume {run_dir}: {ENVIRONMENT_FILE} cannot be read ({type(error).__name__}: {error}); "
+                        "start a new run") from None
+    now = capture_environment()
+    then = environment.git_commit
+    if then != now.git_commit:
+        raise UserError(f"--resume {run_dir}: the code has changed since this run started (commit {then} then, "
+                        f"{now.git_commit} now); start a new run instead of mixing two versions")
+    if environment.git_dirty or now.git_dirty:
+        warn(f"--resume {run_dir}: uncommitted changes (then or now): whether the code changed cannot be told")
+    busy = now.busy_warning()
+    if busy:
+        warn(busy)
+    if stored.torn_tail:
+        with rows_path.open("r+b") as file:
+            file.truncate(stored.complete_bytes)
+    return environment, stored.rows
+
+
+def lock_run_folder(run_dir: Path, label: str) -> IO[str]:
+    """An exclusive lock on the run's rows file, held while this process measures into it: two
+    processes must never append the same points."""
+    try:
+        handle = (run_dir / ROWS_FILE).open("a")
+    except OSError as error:
+        raise UserError(f"{label}: cannot open {ROWS_FILE} there ({error.strerror or error})") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"{label}: another attnbench is measuring this run now (its {ROWS_FILE} is locked); "
+                        "wait for it to finish or stop it first") from None
+    return handle
+
+
+def new_run_folder(output: Path | None, suite: Suite) -> tuple[Path, IO[str]]:
+    """results/<suite>/<UTC time>-<short commit>/, created and locked; a bad output location is a
+    one-line error before anything is measured."""
+    base = output if output is not None else suite.output
+    label = f"--output {base}" if output is not None else f"{suite.path}: output {base}"
+    if base.exists() and not base.is_dir():
+        raise UserError(f"{label}: is a file, not a folder")
+    commit, _ = code_version()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_id = f"{stamp}-{commit[:7]}" if commit else stamp
+    candidate = base / suite.name / run_id
+    suffix = 1
+    while candidate.exists():
+        suffix += 1
+        candidate = base / suite.name / f"{run_id}-{suffix}"
+    try:
+        candidate.mkdir(parents=True)
+    except OSError as error:
+        raise UserError(f"{label}: cannot create the run folder there ({error.strerror or error})") from None
+    free = shutil.disk_usage(candidate).free
+    if free < MIN_FREE_BYTES:
+        _remove_empty(candidate)
+        raise UserError(f"{label}: the disk is full ({format_bytes(free)} free; a run needs at least "
+                        f"{format_bytes(MIN_FREE_BYTES)})")
+    return candidate, lock_run_folder(candidate, label)
+
+
+def write_run_files(run_dir: Path, environment: Environment, implementations: Sequence[Implementation],
+                     suite: Suite) -> None:
+    try:
+        write_environment(run_dir, environment)
+        write_declared(run_dir, declared_of(implementations))
+        shutil.copyfile(suite.path, run_dir / SUITE_COPY)
+    except OSError as error:
+        raise UserError(f"{run_dir}: cannot write the run's files ({error.strerror or error})") from None
+
+
+def write_environment(run_dir: Path, environment: Environment) -> None:
+    (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(environment.to_json(), indent=2) + "\n")
+
+
+def _remove_empty(folder: Path) -> None:
+    for path in (folder, folder.parent):
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
+def row_writer(run_dir: Path) -> RowWriter:
+    return RowWriter(run_dir / ROWS_FILE)

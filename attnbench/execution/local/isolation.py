@@ -15,7 +15,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from multiprocessing.connection import wait
 import torch
 
 from attnbench.execution.local import sandbox, worker
-from attnbench.execution.local.worker import Failure, Outcome
+from attnbench.measuring import outcome as outcome_of
+from attnbench.measuring.outcome import Outcome
 from attnbench.support.containment import PLUGIN_CALL_TIMEOUT_S, PluginFault, contained, deferred_interrupts
 
 LOG_TAIL_CHARS = 2000
@@ -44,7 +44,7 @@ def run_isolated(job: object, timeout_s: float, threads: int | None = None) -> I
     """Run ``job.run`` in a fresh worker with ``threads`` torch threads (default: this process's)."""
     payload = contained(lambda: pickle.dumps(job), "pickling the implementation for a worker", PLUGIN_CALL_TIMEOUT_S)
     if isinstance(payload, PluginFault):
-        return IsolatedResult(_unpicklable(payload), 0.0, "")
+        return IsolatedResult(outcome_of.unsendable(payload.message, payload.detail), 0.0, "")
     context = _context()
     sandbox.become_subreaper()
     known_children = sandbox.own_children()
@@ -69,7 +69,7 @@ def run_isolated(job: object, timeout_s: float, threads: int | None = None) -> I
             output.close()
     wall_time_s = time.perf_counter() - started
     if outcome is None:
-        outcome = _death(process.exitcode)
+        outcome = outcome_of.died(process.exitcode)
     notes = []
     if left_running:
         notes.append(f"{left_running} process(es) it started were still running when the point ended; killed")
@@ -126,21 +126,20 @@ def _wait(
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return Failure("timeout", (f"no result within the case timeout of {timeout_s:g} s; worker killed",))
+            return outcome_of.timed_out(timeout_s)
         watched = [receiver, process.sentinel, *([output] if tail.open else [])]
         ready = wait(watched, timeout=remaining)
         if output in ready:
             tail.read(output)
             if tail.total > OUTPUT_CAP_BYTES:
-                return Failure("error", (f"the worker wrote more than {OUTPUT_CAP_BYTES // 2**20} MiB to stdout/stderr;"
-                                         " stopped (its timings would measure the printing)",))
+                return outcome_of.output_flood(OUTPUT_CAP_BYTES)
         if receiver in ready or (process.sentinel in ready and receiver.poll(0)):
             try:
                 return receiver.recv()
             except (EOFError, OSError):  # the pipe closed: the worker is gone
                 return None
             except Exception as error:  # noqa: BLE001 (an outcome that does not unpickle here)
-                return Failure("error", (f"the worker's result could not be read ({type(error).__name__}: {error})",))
+                return outcome_of.unreadable_result(error)
         if process.sentinel in ready:
             return None
 
@@ -149,23 +148,6 @@ def _stop(process: multiprocessing.process.BaseProcess) -> None:
     if process.is_alive():  # (killed with its group already, unless it never got to lead one)
         process.kill()
     process.join()
-
-
-def _unpicklable(fault: PluginFault) -> Failure:
-    return Failure(
-        "error",
-        (f"the implementation cannot be sent to a worker process ({fault.message}); "
-         "define its class and what prepare() needs at module level",),
-        fault.detail,
-    )
-
-
-def _death(exitcode: int | None) -> Failure:
-    if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
-        hint = " (not sent by attnbench: most likely the kernel's out-of-memory killer)" if name == "SIGKILL" else ""
-        return Failure("crashed", (f"worker killed by {name}{hint}",))
-    return Failure("crashed", (f"worker exited with code {exitcode} before sending a result",))
 
 
 _fork_server: multiprocessing.context.BaseContext | None = None

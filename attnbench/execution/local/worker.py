@@ -18,46 +18,25 @@ import resource
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from attnbench.contract.case import Case
-from attnbench.contract.errors import NotSupported
 from attnbench.contract.implementation import Implementation, plugin_reasons
 from attnbench.execution.local import sandbox
+from attnbench.measuring import outcome as outcome_of
 from attnbench.measuring.allocator import steady_cpu_allocator
 from attnbench.measuring.correctness import Verifier
+from attnbench.measuring.figures import Measurement
 from attnbench.measuring.matmul import matmul_flops
-from attnbench.measuring.measure import SettingsChangedInCall, measure_case
+from attnbench.measuring.measure import measure_case
+from attnbench.measuring.outcome import Failure, Outcome, Yardstick
 from attnbench.settings.suite import Measure
-from attnbench.storage.results import Measurement
 from attnbench.support import process_state
-from attnbench.support.text import one_line, safe_str
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A job that did not run to the end."""
-
-    status: Literal["unsupported", "oom", "error", "timeout", "crashed"]
-    reasons: tuple[str, ...]
-    detail: str = ""
-    notes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Yardstick:
-    """The device's matmul throughput, measured in a worker as the points are."""
-
-    flops: float
-
-
-Outcome = Measurement | Failure | Yardstick
 
 
 @dataclass(frozen=True)
@@ -75,7 +54,7 @@ class Job:
     def run(self, settings: process_state.Snapshot) -> Outcome:
         reasons = plugin_reasons(self.implementation, self.case)
         if reasons:
-            return Failure("unsupported", tuple(reasons))
+            return outcome_of.unsupported(reasons)
         _apply_memory_cap(self.case.device, self.memory_cap_bytes)
         return measure_case(self.implementation, self.case, self.options, self.measure, self.seed,
                             verifier=self.verifier, settings=settings)
@@ -108,7 +87,7 @@ def child_main(connection: Connection, output: Connection, payload: bytes, threa
             outcome = _with_note(outcome, f"importing the plugin changed process-wide settings "
                                           f"({'; '.join(changed)}); put back")
     except BaseException as error:  # everything becomes a row, even SystemExit or KeyboardInterrupt
-        outcome = failure_from_exception(error, unpickling=job is None)
+        outcome = outcome_of.from_exception(error, unpickling=job is None)
     left = threading.active_count() - python_threads
     if left > 0:
         outcome = _with_note(outcome, f"{left} thread(s) it started were still running at the end (stopped with "
@@ -116,31 +95,6 @@ def child_main(connection: Connection, output: Connection, payload: bytes, threa
     connection.send(outcome)
     connection.close()
     signal.pause()  # the parent counts what the point left running, then ends the whole session
-
-
-def failure_from_exception(error: BaseException, unpickling: bool = False) -> Failure:
-    if isinstance(error, NotSupported):
-        return Failure("unsupported", (one_line(error),))
-    detail = "".join(traceback.format_exception(error))
-    summary = f"{type(error).__name__}: {_first_line(error)}"
-    if unpickling:
-        return Failure("error", (f"the implementation could not be rebuilt in the worker process ({summary}); "
-                                 "its class and what it holds must be importable there",), detail)
-    if isinstance(error, SettingsChangedInCall):
-        return Failure("error", (safe_str(error),), detail)
-    if is_out_of_memory(error):
-        return Failure("oom", (summary,), detail)
-    return Failure("error", (summary,), detail)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    # The CPU allocator raises a plain RuntimeError when malloc fails (e.g. under RLIMIT_DATA).
-    message = safe_str(error)
-    return isinstance(error, RuntimeError) and (
-        "can't allocate memory" in message or "not enough memory" in message
-    )
 
 
 def _with_note(outcome: Outcome, note: str) -> Outcome:
@@ -179,8 +133,3 @@ def _redirect_output(output: Connection) -> None:
     os.dup2(output.fileno(), 1)
     os.dup2(output.fileno(), 2)
     output.close()
-
-
-def _first_line(error: BaseException) -> str:
-    lines = safe_str(error).strip().splitlines()
-    return lines[0] if lines else ""

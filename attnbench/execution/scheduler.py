@@ -1,0 +1,140 @@
+"""The scheduler of one case: which points run, in which rounds and order, and how rounds merge.
+
+Each implementation's first round checks correctness, times it and measures its memory; the
+later rounds time it and check its last timed call and a call on fresh inputs, the
+implementations taking turns in an order that rotates each round, so that implementations
+compared with each other are measured side by side. A point that fails in any round ends there
+with that failure. The executor runs the rounds; attnbench.measuring.outcome names the statuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from attnbench.contract.case import Case, device_unavailable_reason
+from attnbench.contract.implementation import Implementation
+from attnbench.execution.executor import Executor, Finished, ImplementationRef, PointRound
+from attnbench.execution.skips import SkipPredictor
+from attnbench.measuring import outcome
+from attnbench.measuring.correctness import Verifier
+from attnbench.measuring.figures import Correctness, Latency, Measurement
+from attnbench.measuring.outcome import Failure
+from attnbench.settings.suite import Measure, Suite
+from attnbench.storage.results import Row
+
+
+@dataclass(frozen=True)
+class CaseContext:
+    """What every case of a sweep shares."""
+
+    suite: Suite
+    executor: Executor
+    skips: SkipPredictor
+    refs: Mapping[str, ImplementationRef]  # implementation name -> its plugin and name
+    options: Mapping[str, Mapping[str, Any]]  # implementation name -> its effective options
+    broken: Mapping[str, str]  # implementation name -> why its options could not be checked
+    run_id: str
+    threads: int
+
+
+def run_case(case: Case, implementations: Sequence[Implementation], context: CaseContext) -> Iterator[Row]:
+    """The rows of one case, each as soon as it is final."""
+    suite = context.suite
+    latency = suite.measure.latency
+    rounds = latency.rounds if latency else 1
+    first_round = dataclasses.replace(suite.measure, latency=latency.per_round() if latency else None)
+    later_round = dataclasses.replace(first_round, correctness=None, memory=False)
+    cap = context.executor.memory_cap_bytes(suite.limits, case.device)
+
+    points: dict[str, _Point] = {}
+    for implementation in implementations:
+        point = _Point(implementation.name, case, context.options.get(implementation.name, {}), context.run_id, rounds)
+        refusal = outcome.refused(context.broken.get(implementation.name), device_unavailable_reason(case.device),
+                                  context.skips.skip_reason(implementation, case, cap))
+        if refusal:
+            yield point.failed(refusal, log_tail="")
+            continue
+        points[point.implementation] = point
+        context.executor.submit(point.unit(first_round, context))
+
+    timed: list[_Point] = []
+    for finished in context.executor.finished():
+        point = points[finished.unit.implementation.name]
+        ended = point.add(finished)
+        if ended:
+            yield ended
+        elif rounds == 1:
+            yield point.finished_row()
+        else:
+            timed.append(point)
+
+    for round_index in range(1, rounds):
+        turn = round_index % len(timed) if timed else 0
+        for point in timed[turn:] + timed[:turn]:
+            context.executor.submit(point.unit(later_round, context))
+        for finished in context.executor.finished():
+            point = points[finished.unit.implementation.name]
+            ended = point.add(finished)
+            if ended:
+                timed.remove(point)
+                yield ended
+    for point in timed:
+        yield point.finished_row()
+
+
+@dataclass
+class _Point:
+    """One (implementation, case) while its rounds are measured."""
+
+    implementation: str
+    case: Case
+    options: Mapping[str, Any]
+    run_id: str
+    rounds: int
+    measurements: list[Measurement] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    verifier: Verifier | None = None
+
+    def unit(self, measure: Measure, context: CaseContext) -> PointRound:
+        return PointRound(context.refs[self.implementation], self.case, self.options, measure, context.suite.limits,
+                          context.suite.seed, context.threads, self.verifier)
+
+    def add(self, finished: Finished) -> Row | None:
+        """Takes one round's outcome; the point's final row when it failed there."""
+        self.wall_time_s += finished.wall_time_s
+        self.notes.extend(finished.notes)
+        result = finished.outcome
+        if isinstance(result, Measurement):
+            self.measurements.append(result)
+            self.verifier = self.verifier or result.verifier
+            return None
+        failure = result if isinstance(result, Failure) else outcome.unexpected_result(result)
+        if self.measurements:
+            where = f" (in round {len(self.measurements) + 1} of {self.rounds})"
+            failure = dataclasses.replace(failure, reasons=tuple(reason + where for reason in failure.reasons))
+        return self.failed(failure, finished.log_tail)
+
+    def failed(self, failure: Failure, log_tail: str) -> Row:
+        return self._row(failure.status, failure.reasons, detail=failure.detail or log_tail, notes=failure.notes)
+
+    def finished_row(self) -> Row:
+        first = self.measurements[0]
+        latencies = [m.latency for m in self.measurements if m.latency is not None]
+        checks = [m.correctness for m in self.measurements if m.correctness is not None]
+        return self._row(
+            outcome.point_status([m.status for m in self.measurements]),
+            list(dict.fromkeys(reason for m in self.measurements for reason in m.reasons)),
+            correctness=Correctness.merge(checks) if checks else None,
+            latency=Latency.merge(latencies) if latencies else None,
+            memory=first.memory,
+            notes=tuple(note for m in self.measurements for note in m.notes),
+        )
+
+    def _row(self, status: str, reasons: Sequence[str], **fields: Any) -> Row:
+        notes = tuple(dict.fromkeys((*self.notes, *fields.pop("notes", ()))))
+        return Row(run_id=self.run_id, implementation=self.implementation, case=self.case, status=status,
+                   reasons=tuple(reasons), options=self.options, wall_time_s=self.wall_time_s, notes=notes, **fields)
