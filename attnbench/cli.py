@@ -20,7 +20,8 @@ from attnbench.execution.runner import run_suite
 from attnbench.presenting.progress import TerminalProgress
 from attnbench.presenting.summary import format_table, summary_table
 from attnbench.settings.grid import describe_group
-from attnbench.settings.suite import Suite, load_suite
+from attnbench.settings.loader import load_suite
+from attnbench.settings.suite import Suite
 from attnbench.storage.run_folder import Declared, declared_of, load_run
 from attnbench.support.containment import Interrupted, PluginFault, contained, install_interrupt_handlers
 from attnbench.support.text import one_line

@@ -17,7 +17,7 @@ import torch
 
 from attnbench.contract.case import Case
 from attnbench.contract.errors import NotSupported
-from attnbench.contract.implementation import Implementation, contract_violations, effective_options
+from attnbench.contract.implementation import Implementation, contract_violations, effective_options, plugin_reasons
 from attnbench.measuring.figures import Measurement
 from attnbench.measuring.measure import measure_case
 from attnbench.settings.suite import CorrectnessSettings, Measure
@@ -64,8 +64,9 @@ def check_implementation(
     resolved = effective_options(implementation, options or {})
     measurements = {}
     for case in cases if cases is not None else small_cases():
-        reasons = implementation.not_supported_reasons(case)
-        assert all(isinstance(reason, str) and reason for reason in reasons), reasons
+        own = implementation.not_supported_reasons(case)
+        assert isinstance(own, (list, tuple)) and all(isinstance(reason, str) and reason for reason in own), own
+        reasons = plugin_reasons(implementation, case)
         if reasons:
             continue
         try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from attnbench.contract.registry import load_registry
 from attnbench.execution.runner import run_suite
 from attnbench.presenting.summary import format_table
-from attnbench.settings.suite import load_suite
+from attnbench.settings.loader import load_suite
 from attnbench.storage.results import Row
 
 

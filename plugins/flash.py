@@ -21,8 +21,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import attnbench
 from attnbench import AttentionFn, Case
 
-SUPPORTED_DEVICES = ("cpu", "cuda")
-
 
 class FlashAttention(attnbench.Implementation):
     name = "flash"
@@ -30,10 +28,12 @@ class FlashAttention(attnbench.Implementation):
     exact = True
     time_complexity = "n^2"
     memory_complexity = "n"
+    devices = ("cpu", "cuda")
 
     def not_supported_reasons(self, case: Case) -> list[str]:
-        if case.device_type not in SUPPORTED_DEVICES:
-            return [f"device={case.device} (supported: {', '.join(SUPPORTED_DEVICES)})"]
+        declared = super().not_supported_reasons(case)
+        if declared:
+            return declared  # the backend cannot be asked on a device it does not run on
         return list(
             _backend_refusals(
                 case.device, case.dtype, case.heads, case.kv_heads, case.head_dim, case.causal, case.backward

@@ -35,16 +35,13 @@ class NystromAttention(attnbench.Implementation):
     exact = False
     time_complexity = "n"
     memory_complexity = "n"
+    supports_causal = False
+    unsupported_because = {"causal": "landmarks average over future tokens"}
     default_options = {"landmarks": 256, "pinv_iterations": 6}
     # Judged against its own float64 formula, whose pseudo-inverse amplifies float32 rounding by
     # the landmark kernel's condition number: ~1e-6 of max |out| at the defaults, up to ~3e-4
     # with a landmark per token and a converged inverse. A bug is off by orders more.
     tolerances = {**attnbench.Implementation.tolerances, torch.float32: attnbench.Tolerance(atol=1e-5, rtol=1e-3)}
-
-    def not_supported_reasons(self, case: Case) -> list[str]:
-        if case.causal:
-            return ["causal=True (landmarks average over future tokens; supported: causal=False)"]
-        return []
 
     def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
         return {

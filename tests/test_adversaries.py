@@ -12,7 +12,7 @@ from adversaries import cheats, faults
 from attnbench.contract.registry import Registry
 from attnbench.execution.runner import run_suite
 from attnbench.presenting.report import write_reports
-from attnbench.settings.suite import load_suite
+from attnbench.settings.loader import load_suite
 from attnbench.storage.results import read_rows
 from attnbench.storage.run_folder import load_run
 

@@ -33,7 +33,7 @@ def test_a_shape_that_does_not_tile_the_sequence_is_unsupported(registry):
 
 def test_a_malformed_shape_is_a_suite_error(registry, write_suite):
     from attnbench.contract.errors import UserError
-    from attnbench.settings.suite import load_suite
+    from attnbench.settings.loader import load_suite
 
     with pytest.raises(UserError, match=r"options\.axial\.shape: expected null or \[rows, cols\]"):
         load_suite(write_suite("options: {axial: {shape: [4, 0]}}\n"), registry)

@@ -188,7 +188,7 @@ def test_a_full_disk_is_one_line_before_anything_is_measured(tmp_path, write_sui
 
     from attnbench.contract.errors import UserError
     from attnbench.execution.runner import run_suite
-    from attnbench.settings.suite import load_suite
+    from attnbench.settings.loader import load_suite
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2**20))

@@ -66,7 +66,7 @@ def test_orthogonal_features_are_no_worse_than_independent_ones(registry):
 
 def test_invalid_options_are_refused(registry, write_suite):
     from attnbench.contract.errors import UserError
-    from attnbench.settings.suite import load_suite
+    from attnbench.settings.loader import load_suite
 
     with pytest.raises(UserError, match=r"options\.performer\.features: must be at least 1, got 0"):
         load_suite(write_suite("options: {performer: {features: 0}}\n"), registry)

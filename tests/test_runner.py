@@ -9,7 +9,7 @@ import toys
 
 from attnbench.contract.registry import Registry
 from attnbench.execution.runner import run_suite
-from attnbench.settings.suite import load_suite
+from attnbench.settings.loader import load_suite
 from attnbench.storage.results import Row, read_rows
 from attnbench.storage.run_folder import ENVIRONMENT_FILE, SUITE_COPY
 

@@ -11,7 +11,8 @@ from conftest import REPO
 from attnbench.cli import main
 from attnbench.contract.errors import UserError
 from attnbench.settings.grid import expand
-from attnbench.settings.suite import LatencySettings, load_suite
+from attnbench.settings.loader import load_suite
+from attnbench.settings.suite import LatencySettings
 
 
 def test_a_minimal_suite_takes_defaults(registry, write_suite):

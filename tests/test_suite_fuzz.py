@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnbench.contract.errors import UserError
-from attnbench.settings.suite import Suite, load_suite
+from attnbench.settings.loader import load_suite
+from attnbench.settings.suite import Suite
 
 FIELDS = ["name", "description", "implementations", "options", "sweep", "measure", "limits", "seed", "output",
           "seq_len", "heads", "kv_heads", "batch", "head_dim", "dtype", "device", "causal", "mode", "inputs",

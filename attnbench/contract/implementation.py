@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from attnbench.contract.capabilities import capability_reasons, declaration_problems
 from attnbench.contract.case import Case, device_unavailable_reason
 from attnbench.contract.errors import UserError, did_you_mean
 from attnbench.support.text import one_line
@@ -100,10 +101,21 @@ class Implementation:
     memory_complexity: str
     default_options: Mapping[str, Any] = {}
     tolerances: Mapping[torch.dtype, Tolerance] = DEFAULT_TOLERANCES
+    # What it supports (attnbench.contract.capabilities), checked before not_supported_reasons.
+    devices: tuple[str, ...] | None = None  # device kinds, e.g. ("cpu", "cuda"); None: any
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: any
+    supports_causal: bool = True
+    supports_backward: bool = True
+    supports_grouped_query: bool = True
+    unsupported_because: Mapping[str, str] = {}  # e.g. {"causal": "landmarks average over future tokens"}
 
     def not_supported_reasons(self, case: Case) -> list[str]:
-        """Empty when the case can run; else each reason names the value and what is allowed."""
-        return []
+        """Empty when the case can run; else each reason names the value and what is allowed.
+
+        This base checks the declared capabilities; an override adds the reasons that are the
+        implementation's own (the harness checks the capabilities whether it calls super or not).
+        """
+        return capability_reasons(self, case)
 
     def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
         """Option name -> what is wrong with its value and what is allowed; empty when all are valid.
@@ -161,7 +173,7 @@ def contract_violations(obj: object) -> list[str]:
         problems.append("default_options must be a mapping from option names to default values")
     if type(obj).prepare is Implementation.prepare:
         problems.append("prepare(case, options) is not implemented")
-    return problems
+    return problems + declaration_problems(obj)
 
 
 def option_problem(implementation: Implementation, key: str, value: Any) -> str | None:
@@ -210,12 +222,13 @@ class BrokenPromise(Exception):
 
 
 def plugin_reasons(implementation: Implementation, case: Case) -> list[str]:
-    """The implementation's own reasons for refusing the case, checked to be a list of strings."""
+    """Why the implementation refuses the case: its declared capabilities, then its own reasons
+    (checked to be a list of strings)."""
     reasons = implementation.not_supported_reasons(case)
     if not isinstance(reasons, (list, tuple)) or not all(isinstance(reason, str) and reason for reason in reasons):
         raise BrokenPromise(f"not_supported_reasons returned {one_line(repr(reasons), 200)} "
                             "(expected a list of non-empty strings)")
-    return list(reasons)
+    return list(dict.fromkeys([*capability_reasons(implementation, case), *reasons]))
 
 
 def reasons_not_to_run(implementation: Implementation, case: Case) -> list[str]:
