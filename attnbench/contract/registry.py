@@ -14,6 +14,7 @@ import pluggy
 
 from attnbench.contract import hookspecs
 from attnbench.contract.implementation import Implementation, contract_violations
+from attnbench.contract.inputs import BUILTIN_SOURCES, InputSource, source_violations
 from attnbench.support import process_state
 from attnbench.support.containment import PluginFault, contained
 
@@ -57,6 +58,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._implementations: dict[str, Implementation] = {}
+        self.input_sources: dict[str, InputSource] = dict(BUILTIN_SOURCES)  # name -> source, built-ins first
         self._plugin_of: dict[str, str] = {}
         self.problems: list[LoadProblem] = []
         # Process-wide settings a plugin changed while loading (put back): reported, not fatal.
@@ -64,8 +66,12 @@ class Registry:
         self.sources: dict[str, PluginSource] = {}
         self._current_plugin = "<python>"
 
-    def add(self, implementation: Implementation) -> None:
-        """Register one implementation; a broken or duplicate one is recorded as a problem."""
+    def add(self, implementation: Implementation | InputSource) -> None:
+        """Register one implementation (or input source); a broken or duplicate one is recorded
+        as a problem."""
+        if isinstance(implementation, InputSource):
+            self._add_source(implementation)
+            return
         violations = contract_violations(implementation)
         if violations:
             label = getattr(implementation, "name", None) or type(implementation).__name__
@@ -80,6 +86,16 @@ class Registry:
             return
         self._implementations[name] = implementation
         self._plugin_of[name] = self._current_plugin
+
+    def _add_source(self, source: InputSource) -> None:
+        violations = source_violations(source)
+        if violations:
+            label = getattr(source, "name", None)
+            self._problem(f"input source {label!r} breaks the contract: {'; '.join(violations)}")
+        elif source.name in self.input_sources:
+            self._problem(f"input source name {source.name!r} is already registered; this one was not added")
+        else:
+            self.input_sources[source.name] = source
 
     def get(self, name: str) -> Implementation:
         return self._implementations[name]

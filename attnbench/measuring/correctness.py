@@ -18,8 +18,9 @@ import torch
 
 from attnbench.contract.case import Case
 from attnbench.contract.implementation import DEFAULT_TOLERANCES, Implementation, Tolerance, capped_tolerance
+from attnbench.contract.inputs import Inputs, InputSource
 from attnbench.measuring.figures import Correctness, ErrorFigures
-from attnbench.measuring.inputs import Inputs, make_inputs
+from attnbench.measuring.inputs import make_inputs
 from attnbench.measuring.reference import (
     sample_rows,
     softmax_attention,
@@ -149,6 +150,7 @@ class Verifier:
 
 def build_verifier(
     implementation: Implementation, case: Case, options: Mapping[str, Any], settings: CorrectnessSettings, seed: int,
+    source: InputSource | None = None,
 ) -> tuple[Verifier, list[str]]:
     """Draws the rows (now, after the first call) and computes the references of the inputs as
     ``make_inputs(case, seed)`` makes them; returns notes too (what could not be checked within
@@ -183,9 +185,9 @@ def build_verifier(
         own = _own_reference(implementation, case, options, q, k, v, grad_out, rows) if own_reference else None
         return Expected(exact, own)
 
-    primary = expected(make_inputs(case, seed), with_key_grads=True)
+    primary = expected(make_inputs(case, seed, source), with_key_grads=True)
     # The fresh call is checked at the same rows, without the (quadratic) key-row gradients.
-    fresh = expected(make_inputs(case, fresh_seed), with_key_grads=False)
+    fresh = expected(make_inputs(case, fresh_seed, source), with_key_grads=False)
     verifier = Verifier(rows, rows_seed, key_rows, key_pairs, fresh_seed, judged_against,
                         tolerance, DEFAULT_TOLERANCES[case.dtype], primary, fresh)
     return verifier, notes

@@ -26,6 +26,7 @@ import torch
 
 from attnbench.contract.case import Case
 from attnbench.contract.implementation import AttentionFn, Implementation
+from attnbench.contract.inputs import Inputs, InputSource
 from attnbench.measuring.correctness import (
     Grads,
     Verifier,
@@ -35,7 +36,7 @@ from attnbench.measuring.correctness import (
     write_into,
 )
 from attnbench.measuring.figures import Correctness, Measurement
-from attnbench.measuring.inputs import Inputs, make_inputs
+from attnbench.measuring.inputs import make_inputs
 from attnbench.measuring.memory import measure_peak_memory
 from attnbench.measuring.outcome import SettingsChangedInCall, round_status
 from attnbench.measuring.timing import measure_latency, synchronize, time_one_call
@@ -52,14 +53,16 @@ def measure_case(
     *,
     verifier: Verifier | None = None,
     settings: Snapshot | None = None,
+    source: InputSource | None = None,
 ) -> Measurement:
     """One round; ``verifier``: round 1's references (None in round 1); ``settings``: the
-    process-wide settings the call must run under (None: not watched).
+    process-wide settings the call must run under (None: not watched); ``source``: the case's
+    input source (None: the built-in one of that name).
 
     Exceptions propagate: the worker turns them into an ``error`` or ``oom`` row.
     """
     device = torch.device(case.device)
-    inputs = make_inputs(case, seed)
+    inputs = make_inputs(case, seed, source)
     watch = _SettingsWatch(settings)
     with warnings.catch_warnings(record=True) as caught:  # the implementation's notes for the row
         warnings.simplefilter("always")
@@ -77,9 +80,9 @@ def measure_case(
     out, grads = _split(result, case)
     problems = output_problems(out, grads, case)
     comparable = not problems
-    problems += _restore_inputs(inputs, case, seed)
+    problems += _restore_inputs(inputs, case, seed, source)
     if verifier is None and comparable and measure.correctness is not None:
-        verifier, verifier_notes = build_verifier(implementation, case, options, measure.correctness, seed)
+        verifier, verifier_notes = build_verifier(implementation, case, options, measure.correctness, seed, source)
         notes += verifier_notes
     if verifier is not None and comparable:
         checks.append(verifier.check(out, grads, fresh=False, label="first call"))
@@ -91,13 +94,13 @@ def measure_case(
         problems += _check_call(last, case, verifier, checks, fresh=False, label="last timed call")
         del last
     memory = measure_peak_memory(call, device) if measure.memory else None
-    problems += _restore_inputs(inputs, case, seed)
+    problems += _restore_inputs(inputs, case, seed, source)
 
     if verifier is not None or latency is not None:
         # A call on fresh values in the same tensors (a cache cannot know them), timed alone; the
         # settings are compared right after it (the timer puts back the thread count it set,
         # which would hide a change the timed calls made).
-        fresh = make_inputs(case, verifier.fresh_seed if verifier else secrets.randbits(63))
+        fresh = make_inputs(case, verifier.fresh_seed if verifier else secrets.randbits(63), source)
         write_into(inputs, fresh)
         fresh_call_s, result = time_one_call(call, device)
         watch.refuse_changes("its calls")
@@ -135,9 +138,9 @@ def _check_call(
     return problems
 
 
-def _restore_inputs(inputs: Inputs, case: Case, seed: int) -> list[str]:
+def _restore_inputs(inputs: Inputs, case: Case, seed: int, source: InputSource | None) -> list[str]:
     """What the calls changed in their inputs; the values are put back for the next calls."""
-    pristine = make_inputs(case, seed)
+    pristine = make_inputs(case, seed, source)
     problems = changed_inputs(inputs, pristine)
     if problems:
         write_into(inputs, pristine)

@@ -144,6 +144,11 @@ def not_here(implementation: str, plugin: str) -> Failure:
                              "work ran (install the same plugins there)",))
 
 
+def no_such_source(name: str) -> Failure:
+    return Failure("error", (f"input source {name!r} is not registered where the work ran (install the same "
+                             "plugins there)",))
+
+
 # --- in the scheduler: points that are not run -----------------------------------------------
 
 

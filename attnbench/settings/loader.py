@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 
-from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, INPUTS, MODES
+from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, MODES
 from attnbench.contract.errors import UserError, did_you_mean
 from attnbench.contract.implementation import invalid_option_values, option_problem
 from attnbench.contract.registry import Registry
@@ -55,7 +55,7 @@ def load_suite(path: str | Path, registry: Registry) -> Suite:
         description=check.text(top["description"], "description") if "description" in top else "",
         implementations=implementations,
         options=_options(check, top.get("options", {}), registry),
-        sweep=_sweep(check, top.get("sweep", {})),
+        sweep=_sweep(check, top.get("sweep", {}), tuple(registry.input_sources)),
         measure=_measure(check, top.get("measure", {})),
         limits=_limits(check, top.get("limits", {})),
         seed=check.integer(top["seed"], "seed", minimum=0, maximum=MAX_SEED) if "seed" in top else 0,
@@ -105,7 +105,7 @@ def _options(check: _Checker, node: Any, registry: Registry) -> dict[str, dict[s
     return result
 
 
-def _sweep(check: _Checker, node: Any) -> Sweep:
+def _sweep(check: _Checker, node: Any, sources: Sequence[str]) -> Sweep:
     fields = check.mapping(node, "sweep", SWEEP_FIELDS)
     defaults = Sweep()
 
@@ -131,7 +131,7 @@ def _sweep(check: _Checker, node: Any) -> Sweep:
         device=axis("device", check.device),
         causal=axis("causal", check.boolean),
         mode=axis("mode", lambda value, path: check.choice(value, path, MODES, "mode")),
-        inputs=axis("inputs", lambda value, path: check.choice(value, path, INPUTS, "input distribution")),
+        inputs=axis("inputs", lambda value, path: check.choice(value, path, sources, "input distribution")),
     )
 
 

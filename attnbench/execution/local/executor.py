@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+from attnbench.contract.inputs import BUILTIN_SOURCES
 from attnbench.contract.registry import Registry
 from attnbench.execution.executor import Finished, StartedCallback, WorkUnit, YardstickRound
 from attnbench.execution.local.isolation import run_isolated
@@ -53,8 +54,12 @@ class LocalExecutor:
         ref = unit.implementation
         if ref.name not in self.registry or self.registry.plugin_of(ref.name) != ref.plugin:
             return Finished(unit, outcome.not_here(ref.name, ref.plugin), 0.0)
+        source = self.registry.input_sources.get(unit.case.inputs)
+        if source is None:
+            return Finished(unit, outcome.no_such_source(unit.case.inputs), 0.0)
         job = Job(self.registry.get(ref.name), unit.case, unit.options, unit.measure, unit.seed,
-                  memory_cap_bytes(unit.limits, unit.case.device), unit.verifier)
+                  memory_cap_bytes(unit.limits, unit.case.device), unit.verifier,
+                  None if source is BUILTIN_SOURCES.get(source.name) else source)
         result = run_isolated(job, unit.limits.timeout_s, unit.threads)
         return Finished(unit, result.outcome, result.wall_time_s, result.log_tail, result.notes)
 

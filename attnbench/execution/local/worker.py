@@ -27,6 +27,7 @@ import torch
 
 from attnbench.contract.case import Case
 from attnbench.contract.implementation import Implementation, plugin_reasons
+from attnbench.contract.inputs import InputSource
 from attnbench.execution.local import sandbox
 from attnbench.measuring import outcome as outcome_of
 from attnbench.measuring.allocator import steady_cpu_allocator
@@ -50,6 +51,7 @@ class Job:
     seed: int
     memory_cap_bytes: int | None
     verifier: Verifier | None = None  # round 1's references, for the later rounds
+    source: InputSource | None = None  # the case's input source; None: the built-in of that name
 
     def run(self, settings: process_state.Snapshot) -> Outcome:
         reasons = plugin_reasons(self.implementation, self.case)
@@ -57,7 +59,7 @@ class Job:
             return outcome_of.unsupported(reasons)
         _apply_memory_cap(self.case.device, self.memory_cap_bytes)
         return measure_case(self.implementation, self.case, self.options, self.measure, self.seed,
-                            verifier=self.verifier, settings=settings)
+                            verifier=self.verifier, settings=settings, source=self.source)
 
 
 @dataclass(frozen=True)
