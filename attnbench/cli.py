@@ -12,14 +12,13 @@ from pathlib import Path
 
 from attnbench.analysis.compare import ALPHA, CHANGE_HEADERS, DEFAULT_THRESHOLD, compare_runs, format_changes
 from attnbench.analysis.curves import scaling_fits
-from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices
+from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices, describe_group
 from attnbench.contract.errors import UserError, did_you_mean
 from attnbench.contract.implementation import Implementation, plugin_reasons
 from attnbench.contract.registry import Registry, load_registry
 from attnbench.execution.runner import run_suite
 from attnbench.presenting.progress import TerminalProgress
 from attnbench.presenting.summary import format_table, summary_table
-from attnbench.settings.grid import describe_group
 from attnbench.settings.loader import load_suite
 from attnbench.settings.suite import Suite
 from attnbench.storage.run_folder import Declared, declared_of, load_run

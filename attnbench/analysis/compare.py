@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 from attnbench.analysis.curves import output_error
 from attnbench.analysis.stats import mann_whitney_p, smallest_p
-from attnbench.contract.case import Case
+from attnbench.contract.case import Case, group_key
 from attnbench.contract.errors import UserError
-from attnbench.settings.grid import group_key
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import RunFolder
 from attnbench.support.units import format_seconds

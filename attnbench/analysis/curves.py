@@ -18,9 +18,8 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
-from attnbench.contract.case import Case
+from attnbench.contract.case import Case, curve_x, group_key
 from attnbench.measuring.flops import attention_flops, matmul_key
-from attnbench.settings.grid import group_key
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import Declared
 
@@ -114,7 +113,7 @@ def curves(rows: Sequence[Row]) -> dict[tuple[str, Case], list[Row]]:
     by_curve: dict[tuple[str, Case], list[Row]] = defaultdict(list)
     for row in rows:
         by_curve[(row.implementation, group_key(row.case))].append(row)
-    return {key: sorted(points, key=lambda row: row.case.seq_len) for key, points in by_curve.items()}
+    return {key: sorted(points, key=lambda row: curve_x(row.case)) for key, points in by_curve.items()}
 
 
 def metric_value(row: Row, metric: Metric) -> float | None:
@@ -134,7 +133,7 @@ def scaling_fits(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[
         info = declared.get(name)
         for metric in METRICS:
             fitted = [row for row in points if metric_value(row, metric)][-FIT_POINTS:]
-            measured = [(row.case.seq_len, metric_value(row, metric)) for row in fitted]
+            measured = [(curve_x(row.case), metric_value(row, metric)) for row in fitted]
             exponent, stderr = loglog_slope(measured) if len(measured) >= 2 else (None, None)
             if stderr is not None and metric == "latency":
                 stderr = math.hypot(stderr, _measurement_spread(fitted))
@@ -158,7 +157,7 @@ def crossovers(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[Cr
                 continue
             for metric in METRICS:
                 best = _best_per_seq_len(exact, metric)
-                mine = {row.case.seq_len: value for row in points if (value := metric_value(row, metric))}
+                mine = {curve_x(row.case): value for row in points if (value := metric_value(row, metric))}
                 seq_len, text = crossover_between(mine, best, "faster" if metric == "latency" else "leaner")
                 results.append(Crossover(name, group, metric, "best exact", seq_len, text))
     return results
@@ -220,8 +219,8 @@ def _best_per_seq_len(curves_: list[list[Row]], metric: Metric) -> dict[int, flo
     for points in curves_:
         for row in points:
             value = metric_value(row, metric) if can_be_baseline(row) else None
-            if value is not None and value < best.get(row.case.seq_len, math.inf):
-                best[row.case.seq_len] = value
+            if value is not None and value < best.get(curve_x(row.case), math.inf):
+                best[curve_x(row.case)] = value
     return best
 
 
@@ -253,7 +252,7 @@ def loglog_slope(points: Sequence[tuple[int, float]]) -> tuple[float, float | No
 def _measurement_spread(rows: Sequence[Row]) -> float:
     """Standard error of the latency slope from the measurements' own spread: each round's samples
     resampled (scipy.stats.bootstrap), each point's value its fastest round's median, as reported."""
-    xs = np.log([row.case.seq_len for row in rows])
+    xs = np.log([curve_x(row.case) for row in rows])
     rounds = [[np.log(samples) for samples in row.latency.rounds] for row in rows]
     resampled = [(point, index) for point, point_rounds in enumerate(rounds)
                  for index, samples in enumerate(point_rounds) if len(samples) >= 2]

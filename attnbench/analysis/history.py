@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attnbench.analysis.curves import metric_value
-from attnbench.contract.case import Case
+from attnbench.contract.case import Case, curve_x, describe_group, group_key
 from attnbench.contract.errors import UserError
 from attnbench.presenting.plots import group_slug, history_plot
-from attnbench.settings.grid import describe_group, group_key
 from attnbench.storage.run_folder import ROWS_FILE, RunFolder, load_run
 from attnbench.support.units import format_seconds
 
@@ -43,7 +42,7 @@ def histories(runs: Sequence[RunFolder], implementation: str) -> list[History]:
         for row in run.rows:
             if row.implementation != implementation:
                 continue
-            group, key = group_key(row.case), (run.run_id, row.case.seq_len)
+            group, key = group_key(row.case), (run.run_id, curve_x(row.case))
             value = metric_value(row, "latency")
             cells.setdefault(group, {})[key] = format_seconds(value) if value is not None else row.status
             if value is not None:

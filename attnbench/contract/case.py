@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -18,27 +20,58 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.ite
 Mode = Literal["forward", "forward_backward"]
 MODES: tuple[Mode, ...] = ("forward", "forward_backward")
 
-# Input distributions (attnbench.measuring.inputs): i.i.d. normal, or attention with local and global structure.
-INPUTS: tuple[str, ...] = ("gaussian", "structured")
-
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 DEVICES_ALLOWED = "cpu, cuda, cuda:N, mps"
 
 
+AxisKind = Literal["count", "dtype", "device", "flag", "mode", "source"]
+
+
+@dataclass(frozen=True)
+class Axis:
+    """How one field of Case is swept: the suite's ``sweep.<field>`` lists its values.
+
+    The fields of Case are the sweep's axes, and everything that lists axes (the suite's sweep,
+    the grid, the table's columns, descriptions, curves) reads them from here.
+    """
+
+    kind: AxisKind  # how the suite's values are checked (attnbench.settings.loader)
+    default: tuple[Any, ...] | None  # the sweep's values when the suite gives none
+    nesting: int  # the grid's loop order: a larger number is an inner loop
+    describe: Callable[[Case], str]  # this axis in Case.describe(); "" leaves it out
+    label: str = ""  # the short name of its values, e.g. "N"
+    title: str = ""  # what its values are, for a plot's axis
+    same_as: str | None = None  # with no values given: one value, that of this other axis
+    curve: bool = False  # the x axis of scaling curves: innermost, ascending
+
+
+def _axis(**settings: Any) -> Any:
+    return field(metadata={"axis": Axis(**settings)})
+
+
 @dataclass(frozen=True)
 class Case:
-    """Tensors are (batch, heads, seq_len, head_dim); k and v have ``kv_heads`` heads."""
+    """Tensors are (batch, heads, seq_len, head_dim); k and v have ``kv_heads`` heads.
 
-    batch: int
-    heads: int
-    kv_heads: int
-    seq_len: int
-    head_dim: int
-    dtype: torch.dtype
-    device: str
-    causal: bool
-    mode: Mode
-    inputs: str = "gaussian"
+    Each field is an axis of the sweep (``Axis``): adding one here adds it to suites, the grid,
+    the table and descriptions.
+    """
+
+    batch: int = _axis(kind="count", default=(1,), nesting=5, label="B", describe=lambda c: f"B={c.batch}")
+    heads: int = _axis(kind="count", default=(8,), nesting=6, label="H", describe=lambda c: f"H={c.heads}")
+    kv_heads: int = _axis(kind="count", default=None, nesting=8, same_as="heads",
+                          describe=lambda c: f"kv_heads={c.kv_heads}" if c.kv_heads != c.heads else "")
+    seq_len: int = _axis(kind="count", default=(1024,), nesting=9, label="N", curve=True,
+                         title="sequence length N (tokens)",
+                         describe=lambda c: f"N={c.seq_len}")
+    head_dim: int = _axis(kind="count", default=(64,), nesting=7, label="D", describe=lambda c: f"D={c.head_dim}")
+    dtype: torch.dtype = _axis(kind="dtype", default=("float32",), nesting=1, describe=lambda c: c.dtype_name)
+    device: str = _axis(kind="device", default=("cpu",), nesting=0, describe=lambda c: c.device)
+    causal: bool = _axis(kind="flag", default=(False,), nesting=4, describe=lambda c: "causal" if c.causal else "")
+    mode: Mode = _axis(kind="mode", default=("forward",), nesting=2, describe=lambda c: c.mode)
+    inputs: str = field(default="gaussian", metadata={"axis": Axis(
+        kind="source", default=("gaussian",), nesting=3,
+        describe=lambda c: f"inputs={c.inputs}" if c.inputs != "gaussian" else "")})
 
     @property
     def dtype_name(self) -> str:
@@ -53,13 +86,8 @@ class Case:
         return self.device.split(":")[0]
 
     def describe(self) -> str:
-        kv = f" kv_heads={self.kv_heads}" if self.kv_heads != self.heads else ""
-        causal = " causal" if self.causal else ""
-        inputs = f" inputs={self.inputs}" if self.inputs != "gaussian" else ""
-        return (
-            f"B={self.batch} H={self.heads}{kv} N={self.seq_len} D={self.head_dim} "
-            f"{self.dtype_name} {self.device}{causal} {self.mode}{inputs}"
-        )
+        """e.g. 'B=1 H=8 N=1024 D=64 float32 cpu causal forward'."""
+        return " ".join(part for part in (axis.describe(self) for axis in AXES.values()) if part)
 
     def to_json(self) -> dict[str, Any]:
         fields = asdict(self)
@@ -69,6 +97,27 @@ class Case:
     @classmethod
     def from_json(cls, fields: dict[str, Any]) -> Case:
         return cls(**{**fields, "dtype": DTYPES[fields["dtype"]]})
+
+
+# The sweep's axes, in Case's field order: name -> Axis.
+AXES: dict[str, Axis] = {item.name: item.metadata["axis"] for item in dataclasses.fields(Case)}
+CURVE_AXIS: str = next(name for name, axis in AXES.items() if axis.curve)
+CURVE_LABEL: str = AXES[CURVE_AXIS].label
+
+
+def curve_x(case: Case) -> int:
+    """The case's position on its scaling curve (its value of the curve axis)."""
+    return getattr(case, CURVE_AXIS)
+
+
+def group_key(case: Case) -> Case:
+    """The case with the curve axis blanked: the points of one scaling curve share it."""
+    return dataclasses.replace(case, **{CURVE_AXIS: 0})
+
+
+def describe_group(group: Case) -> str:
+    """The fixed axes of a scaling curve, e.g. 'B=1 H=8 D=64 float32 cpu causal forward'."""
+    return " ".join(part for name, axis in AXES.items() if name != CURVE_AXIS and (part := axis.describe(group)))
 
 
 def device_unavailable_reason(device: str) -> str | None:

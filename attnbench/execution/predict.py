@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from attnbench.contract.case import CURVE_LABEL
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -27,10 +29,10 @@ def extrapolate(points: Sequence[tuple[int, float]], seq_len: int, declared_expo
         return None
     if len(smaller) == 1:
         (n1, v1), slope = smaller[0], declared_exponent
-        basis = f"N={n1} and the declared n^{declared_exponent:g}"
+        basis = f"{CURVE_LABEL}={n1} and the declared n^{declared_exponent:g}"
     else:
         (n0, v0), (n1, v1) = smaller[-2:]
         measured = math.log(v1 / v0) / math.log(n1 / n0)
         slope = min(3.0, max(measured, declared_exponent - 0.5))
-        basis = f"from N={n0}, {n1} at slope {slope:.2f}"
+        basis = f"from {CURVE_LABEL}={n0}, {n1} at slope {slope:.2f}"
     return Prediction(v1 * (seq_len / n1) ** slope, basis)

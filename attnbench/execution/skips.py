@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from attnbench.contract.case import Case
+from attnbench.contract.case import CURVE_LABEL, Case, curve_x, group_key
 from attnbench.contract.implementation import Implementation, complexity_exponent
 from attnbench.execution.predict import extrapolate
-from attnbench.settings.grid import group_key
 from attnbench.settings.suite import Limits
 from attnbench.storage.results import Row
 from attnbench.support.units import format_bytes
@@ -35,17 +34,17 @@ class SkipPredictor:
         if budget is not None and self.spent_s[name] >= budget:
             return f"time budget of {budget:g} s for {name} is spent ({self.spent_s[name]:.0f} s)"
         for previous in earlier:
-            if previous.status in ("oom", "timeout") and previous.case.seq_len < case.seq_len:
-                return f"the smaller N={previous.case.seq_len} already ended as {previous.status}"
+            if previous.status in ("oom", "timeout") and curve_x(previous.case) < curve_x(case):
+                return f"the smaller {CURVE_LABEL}={curve_x(previous.case)} already ended as {previous.status}"
 
-        memory_points = [(r.case.seq_len, r.memory.peak_bytes) for r in earlier if r.memory and r.memory.peak_bytes]
-        memory = extrapolate(memory_points, case.seq_len, complexity_exponent(implementation.memory_complexity))
+        memory_points = [(curve_x(r.case), r.memory.peak_bytes) for r in earlier if r.memory and r.memory.peak_bytes]
+        memory = extrapolate(memory_points, curve_x(case), complexity_exponent(implementation.memory_complexity))
         if memory and memory_cap is not None and memory.value > memory_cap:
             return (f"predicted peak memory {format_bytes(memory.value)} > memory cap "
                     f"{format_bytes(memory_cap)} ({memory.basis})")
 
-        latency_points = [(r.case.seq_len, r.latency.median_s) for r in earlier if r.latency]
-        latency = extrapolate(latency_points, case.seq_len, complexity_exponent(implementation.time_complexity))
+        latency_points = [(curve_x(r.case), r.latency.median_s) for r in earlier if r.latency]
+        latency = extrapolate(latency_points, curve_x(case), complexity_exponent(implementation.time_complexity))
         if latency:
             point_s = latency.value * self.calls_per_point
             if point_s > self.limits.timeout_s:

@@ -24,8 +24,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from attnbench.analysis.curves import Metric, ParetoPoint, ScalingFit, can_be_baseline, metric_value  # noqa: E402
-from attnbench.contract.case import Case  # noqa: E402
-from attnbench.settings.grid import describe_group  # noqa: E402
+from attnbench.contract.case import AXES, CURVE_AXIS, CURVE_LABEL, Case, curve_x, describe_group  # noqa: E402
 from attnbench.storage.results import Row  # noqa: E402
 
 FORMATS = ("png", "svg")
@@ -61,7 +60,7 @@ def scaling_plot(
     figure, axes = plt.subplots(figsize=(8, 5.2))
     measured_values = []
     for name, points in sorted(curves.items()):
-        ran = [(row.case.seq_len, value) for row in points if (value := metric_value(row, metric)) is not None]
+        ran = [(curve_x(row.case), value) for row in points if (value := metric_value(row, metric)) is not None]
         if ran:
             xs, ys = zip(*ran, strict=True)
             axes.plot(xs, ys, marker="o", markersize=4, color=palette(name), label=name)
@@ -72,8 +71,8 @@ def scaling_plot(
     _mark_gaps(axes, curves, palette, lambda row: metric_value(row, metric) is None)
     what = "median latency" if metric == "latency" else "peak memory (torch allocator)"
     axes.set_ylabel(f"{what} ({'time' if metric == 'latency' else 'bytes'}, log scale)")
-    axes.set_xlabel("sequence length N (tokens, log scale)")
-    axes.set_title(f"{what} vs N — {describe_group(group)}", fontsize=10)
+    axes.set_xlabel(f"{AXES[CURVE_AXIS].title}, log scale")
+    axes.set_title(f"{what} vs {CURVE_LABEL} — {describe_group(group)}", fontsize=10)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     stem = f"{group_slug(group)}-{metric}"
     _save(figure, folder, stem)
@@ -85,7 +84,7 @@ def scaling_plot(
 def pareto_plot(points: Sequence[ParetoPoint], group: Case, palette: Palette, folder: Path) -> Plot | None:
     by_seq_len: dict[int, list[ParetoPoint]] = {}
     for point in points:
-        by_seq_len.setdefault(point.row.case.seq_len, []).append(point)
+        by_seq_len.setdefault(curve_x(point.row.case), []).append(point)
     if not by_seq_len:
         return None
     seq_lens = sorted(by_seq_len)
@@ -102,7 +101,7 @@ def pareto_plot(points: Sequence[ParetoPoint], group: Case, palette: Palette, fo
             axes.step([p.row.latency.median_s for p in front], [max(p.error, 1e-12) for p in front],
                       where="post", color="0.6", linewidth=1, zorder=0)
         _log_axes(axes, y_formatter=None, x_formatter=_seconds)
-        axes.set_title(f"N={seq_len}", fontsize=9)
+        axes.set_title(f"{CURVE_LABEL}={seq_len}", fontsize=9)
         axes.set_xlabel("median latency (log)", fontsize=8)
         axes.set_ylabel("relative error vs exact (log)", fontsize=8)
         axes.tick_params(labelsize=7)
@@ -117,22 +116,22 @@ def pareto_plot(points: Sequence[ParetoPoint], group: Case, palette: Palette, fo
     _save(figure, folder, stem)
     caption = ("Relative Frobenius error of the output against float64 exact attention; exact implementations "
                "sit near 1e-7. Circles are on the front (nothing else is both faster and more accurate).")
-    return Plot("Error vs latency (Pareto front per N)", stem, caption)
+    return Plot(f"Error vs latency (Pareto front per {CURVE_LABEL})", stem, caption)
 
 
 def speedup_plot(curves: dict[str, list[Row]], baseline: str, group: Case, palette: Palette, folder: Path) -> Plot:
     figure, axes = plt.subplots(figsize=(8, 5.2))
-    base = {row.case.seq_len: value for row in curves[baseline]
+    base = {curve_x(row.case): value for row in curves[baseline]
             if can_be_baseline(row) and (value := metric_value(row, "latency"))}
     for name, points in sorted(curves.items()):
-        ratios = [(row.case.seq_len, base[row.case.seq_len] / value) for row in points
-                  if (value := metric_value(row, "latency")) and row.case.seq_len in base]
+        ratios = [(curve_x(row.case), base[curve_x(row.case)] / value) for row in points
+                  if (value := metric_value(row, "latency")) and curve_x(row.case) in base]
         if ratios and name != baseline:
             xs, ys = zip(*ratios, strict=True)
             axes.plot(xs, ys, marker="o", markersize=4, color=palette(name), label=name)
     axes.axhline(1.0, color="0.4", linestyle="--", linewidth=1, label=f"{baseline} (= 1)")
     _log_axes(axes, y_formatter=FuncFormatter(lambda value, _: f"{value:g}×"))
-    axes.set_xlabel("sequence length N (tokens, log scale)")
+    axes.set_xlabel(f"{AXES[CURVE_AXIS].title}, log scale")
     axes.set_ylabel(f"speed-up over {baseline} (× faster, log scale)")
     axes.set_title(f"Speed-up over {baseline} — {describe_group(group)}", fontsize=10)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
@@ -173,7 +172,7 @@ def exponent_plot(fits: Sequence[ScalingFit], group: Case, folder: Path) -> Plot
 
 
 def _guides(axes: Axes, curves: dict[str, list[Row]], metric: Metric, values: list[float]) -> None:
-    seq_lens = sorted({row.case.seq_len for points in curves.values() for row in points})
+    seq_lens = sorted({curve_x(row.case) for points in curves.values() for row in points})
     first, last = seq_lens[0], seq_lens[-1]
     anchor = math.exp(sum(math.log(v) for v in values) / len(values))  # geometric mean: mid-plot
     middle = math.sqrt(first * last)
@@ -187,7 +186,7 @@ def _mark_gaps(axes: Axes, curves: dict[str, list[Row]], palette: Palette, missi
     """Crosses on the bottom edge (one height per implementation), and a legend entry per
     implementation saying which points did not run and why."""
     transform = axes.get_xaxis_transform()  # x in data, y as a fraction of the axes
-    all_seq_lens = sorted({row.case.seq_len for points in curves.values() for row in points})
+    all_seq_lens = sorted({curve_x(row.case) for points in curves.values() for row in points})
     lane = 0
     for name, points in sorted(curves.items()):
         gaps = [row for row in points if missing(row)]
@@ -196,12 +195,13 @@ def _mark_gaps(axes: Axes, curves: dict[str, list[Row]], palette: Palette, missi
         lane += 1
         by_status: dict[str, list[int]] = {}
         for row in gaps:
-            by_status.setdefault(row.status, []).append(row.case.seq_len)
+            by_status.setdefault(row.status, []).append(curve_x(row.case))
         where = "; ".join(
-            f"{status} {'at every N' if seq_lens == all_seq_lens else 'at N=' + ', '.join(map(str, seq_lens))}"
+            f"{status} at " + (f"every {CURVE_LABEL}" if seq_lens == all_seq_lens
+                                 else f"{CURVE_LABEL}={', '.join(map(str, seq_lens))}")
             for status, seq_lens in by_status.items()
         )
-        xs = [row.case.seq_len for row in gaps]
+        xs = [curve_x(row.case) for row in gaps]
         axes.plot(xs, [0.025 * lane] * len(xs), linestyle="none", marker="x", color=palette(name),
                   transform=transform, clip_on=False, markersize=7, label=f"{name} not run: {where}")
 
@@ -264,7 +264,7 @@ def history_plot(
         points = [(i, medians[(run, seq_len)]) for i, run in enumerate(runs) if (run, seq_len) in medians]
         if points:
             xs, ys = zip(*points, strict=True)
-            axes.plot(xs, ys, marker="o", markersize=4, label=f"N={seq_len}",
+            axes.plot(xs, ys, marker="o", markersize=4, label=f"{CURVE_LABEL}={seq_len}",
                       color=colours(index / max(1, len(seq_lens) - 1)))
     axes.set_yscale("log")
     axes.yaxis.set_major_formatter(_seconds)

@@ -7,7 +7,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from attnbench.contract.case import Case
+from attnbench.contract.case import CURVE_LABEL, Case, curve_x
 from attnbench.storage.results import Row
 from attnbench.support.units import format_seconds
 
@@ -29,7 +29,7 @@ class TerminalProgress:
 
     def point(self, implementation: str, case: Case) -> None:
         if self.bar is not None:
-            self.bar.set_description(f"{implementation} N={case.seq_len}")
+            self.bar.set_description(f"{implementation} {CURVE_LABEL}={curve_x(case)}")
 
     def close(self) -> None:
         """End the bar (a sweep stopped early leaves it short of its total)."""

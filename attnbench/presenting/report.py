@@ -27,10 +27,10 @@ from attnbench.analysis.curves import (
     scaling_fits,
     throughputs,
 )
+from attnbench.contract.case import CURVE_LABEL, curve_x, describe_group, group_key
 from attnbench.measuring.figures import NOISY_RELATIVE_IQR
 from attnbench.presenting.plots import Palette, Plot, exponent_plot, pareto_plot, scaling_plot, speedup_plot
 from attnbench.presenting.table import tidy_frame
-from attnbench.settings.grid import describe_group, group_key
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import RunFolder
 from attnbench.support.text import markdown_cell
@@ -110,15 +110,15 @@ def _baseline(group_curves: Mapping[str, list[Row]], declared: Mapping[str, Decl
 
 def _flag_table(rows: Sequence[Row]) -> Table:
     lines = tuple(
-        (row.implementation, describe_group(group_key(row.case)), str(row.case.seq_len), flag.kind, flag.message)
-        for row in sorted(rows, key=lambda r: (r.implementation, describe_group(group_key(r.case)), r.case.seq_len))
+        (row.implementation, describe_group(group_key(row.case)), str(curve_x(row.case)), flag.kind, flag.message)
+        for row in sorted(rows, key=lambda r: (r.implementation, describe_group(group_key(r.case)), curve_x(r.case)))
         for flag in row.flags
     )
     note = ("What the harness found beside the figures. implausible_speed and fresh_inputs_slower: the latency is "
             "not a result and is left out of every comparison; loose_tolerance: correct only at a tolerance looser "
             "than the dtype's default, never a baseline; under_load: other processes kept CPUs busy while it was "
             "timed; memory_outside_torch: the process peak far above torch's count (verdicts use the larger).")
-    return Table("Flags", ("implementation", "case", "N", "flag", "what"), lines, note)
+    return Table("Flags", ("implementation", "case", CURVE_LABEL, "flag", "what"), lines, note)
 
 
 def _verdict_table(fits: Sequence[ScalingFit]) -> Table:
@@ -142,19 +142,20 @@ def _crossover_table(results: Sequence[Crossover]) -> Table:
     )
     note = ("At each N the best exact implementation is the fastest (or leanest) exact one measured there; the "
             "crossover is interpolated on the log-log curves.")
-    return Table("From which N each approximation wins", ("implementation", "case", "metric", "crossover"), lines, note)
+    return Table(f"From which {CURVE_LABEL} each approximation wins", ("implementation", "case", "metric", "crossover"),
+                 lines, note)
 
 
 def _throughput_table(results: Sequence[Throughput], matmul: Mapping[str, float]) -> Table:
     lines = tuple(
-        (t.row.implementation, describe_group(group_key(t.row.case)), str(t.row.case.seq_len),
+        (t.row.implementation, describe_group(group_key(t.row.case)), str(curve_x(t.row.case)),
          f"{t.achieved_flops / 1e9:.1f}", f"{100 * t.fraction_of_matmul:.0f}%" if t.fraction_of_matmul else "n/a")
         for t in results
     )
     yardstick = ", ".join(f"{key}: {value / 1e9:.1f} GFLOP/s" for key, value in matmul.items()) or "not measured"
     note = ("FLOPs = 4·B·H·N²·D forward, halved when causal, ×3.5 with the backward (2.5× forward), as "
             f"FlashAttention's benchmarks count. Matmul throughput measured in this run: {yardstick}.")
-    return Table("Achieved throughput", ("implementation", "case", "N", "GFLOP/s", "of matmul"), lines, note)
+    return Table("Achieved throughput", ("implementation", "case", CURVE_LABEL, "GFLOP/s", "of matmul"), lines, note)
 
 
 def _results_table(group_curves: Mapping[str, list[Row]]) -> Table:
@@ -164,13 +165,13 @@ def _results_table(group_curves: Mapping[str, list[Row]]) -> Table:
             error = output_error(row)
             peak = row.memory.peak_bytes if row.memory else None
             lines.append((
-                name, str(row.case.seq_len), row.status,
+                name, str(curve_x(row.case)), row.status,
                 _latency_cell(row),
                 format_bytes(peak) if peak is not None else "",
                 f"{error:.2e}" if error is not None and math.isfinite(error) else "",
                 "; ".join((*(flag.message for flag in row.flags), *row.reasons, *row.notes))[:300],
             ))
-    headers = ("implementation", "N", "status", "median", "peak memory", "rel. error", "reasons, notes")
+    headers = ("implementation", CURVE_LABEL, "status", "median", "peak memory", "rel. error", "reasons, notes")
     return Table("Every point", headers, tuple(lines))
 
 
@@ -186,7 +187,7 @@ def _pareto_table(points: Sequence[ParetoPoint]) -> Table:
     by_seq_len: dict[int, list[ParetoPoint]] = defaultdict(list)
     for point in points:
         if point.on_front:
-            by_seq_len[point.row.case.seq_len].append(point)
+            by_seq_len[curve_x(point.row.case)].append(point)
     lines = tuple(
         (str(seq_len), ", ".join(
             f"{p.row.implementation} ({format_seconds(p.row.latency.median_s)}, {p.error:.1e})"
@@ -194,7 +195,7 @@ def _pareto_table(points: Sequence[ParetoPoint]) -> Table:
         ))
         for seq_len, front in sorted(by_seq_len.items())
     )
-    return Table("Pareto front (fastest first: latency, relative error)", ("N", "front"), lines)
+    return Table("Pareto front (fastest first: latency, relative error)", (CURVE_LABEL, "front"), lines)
 
 
 def _heading(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from attnbench.contract.case import CURVE_LABEL, curve_x, describe_group, group_key
 from attnbench.measuring.figures import NOISY_RELATIVE_IQR, Latency
-from attnbench.settings.grid import describe_group, group_key
 from attnbench.storage.results import Row
 from attnbench.support.units import format_bytes, format_seconds
 
@@ -20,7 +20,7 @@ def summary_table(rows: Sequence[Row]) -> str:
     for group_rows in groups.values():
         case = group_rows[0].case
         heading = describe_group(case)
-        ordered = sorted(group_rows, key=lambda row: (row.implementation, row.case.seq_len))
+        ordered = sorted(group_rows, key=lambda row: (row.implementation, curve_x(row.case)))
         headers = HEADERS if not case.backward else (*HEADERS[:-1], "grad err", HEADERS[-1])
         table = [_cells(row, with_grads=case.backward) for row in ordered]
         sections.append(heading + "\n" + format_table(headers, table))
@@ -30,7 +30,8 @@ def summary_table(rows: Sequence[Row]) -> str:
 # Errors are against float64 softmax attention: max abs and relative Frobenius of the output;
 # in training mode also the largest max abs error of dq, dk, dv. A status ending in "!" has flags
 # (in the note); a median shown as "flagged" is no result (implausible speed, cached outputs).
-HEADERS = ("implementation", "N", "status", "median", "IQR", "peak mem", "peak RSS", "max abs err", "rel err", "note")
+HEADERS = ("implementation", CURVE_LABEL, "status", "median", "IQR", "peak mem", "peak RSS", "max abs err", "rel err",
+           "note")
 
 
 def _cells(row: Row, with_grads: bool) -> list[str]:
@@ -42,7 +43,7 @@ def _cells(row: Row, with_grads: bool) -> list[str]:
         note = f"noisy: {_noise(latency)}" + (f"; {note}" if note else "")
     cells = [
         row.implementation,
-        str(row.case.seq_len),
+        str(curve_x(row.case)),
         row.status + ("!" if row.flags else ""),
         ("flagged" if row.latency_voided else format_seconds(latency.median_s)) if latency else "",
         f"{100 * latency.iqr_s / latency.median_s:.0f}%" if latency else "",

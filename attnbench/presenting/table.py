@@ -7,9 +7,10 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from attnbench.contract.case import AXES
 from attnbench.storage.results import Row
 
-CASE_COLUMNS = ("batch", "heads", "kv_heads", "seq_len", "head_dim", "dtype", "device", "causal", "mode", "inputs")
+CASE_COLUMNS = tuple(AXES)
 
 
 def tidy_frame(rows: Sequence[Row]) -> pd.DataFrame:

@@ -2,47 +2,34 @@
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
+from typing import Any
 
-from attnbench.contract.case import DTYPES, Case
+from attnbench.contract.case import AXES, DTYPES, Case
 from attnbench.settings.suite import Sweep
+
+# The axes from the outermost loop to the innermost (attnbench.contract.case.Axis.nesting).
+NESTING = sorted(AXES, key=lambda name: AXES[name].nesting)
 
 
 def expand(sweep: Sweep) -> list[Case]:
-    """Every combination of the axes; seq_len is innermost and ascending.
+    """Every combination of the axes; the curve axis (seq_len) is innermost and ascending.
 
     Ascending seq_len within each group of the other axes lets the runner predict, from the
     smaller points just measured, whether a larger one would exceed the limits.
     """
-    cases = []
-    for device, dtype, mode, inputs, causal, batch, heads, head_dim in itertools.product(
-        sweep.device, sweep.dtype, sweep.mode, sweep.inputs, sweep.causal, sweep.batch, sweep.heads, sweep.head_dim
-    ):
-        for kv_heads in sweep.kv_heads or (heads,):
-            for seq_len in sorted(sweep.seq_len):
-                cases.append(
-                    Case(
-                        batch=batch,
-                        heads=heads,
-                        kv_heads=kv_heads,
-                        seq_len=seq_len,
-                        head_dim=head_dim,
-                        dtype=DTYPES[dtype],
-                        device=device,
-                        causal=causal,
-                        mode=mode,
-                        inputs=inputs,
-                    )
-                )
+    cases: list[Case] = []
+
+    def loop(depth: int, chosen: dict[str, Any]) -> None:
+        if depth == len(NESTING):
+            cases.append(Case(**{**chosen, "dtype": DTYPES[chosen["dtype"]]}))
+            return
+        name = NESTING[depth]
+        axis = AXES[name]
+        values = getattr(sweep, name)
+        if values is None:
+            values = (chosen[axis.same_as],)
+        for value in sorted(values) if axis.curve else values:
+            loop(depth + 1, {**chosen, name: value})
+
+    loop(0, {})
     return cases
-
-
-def group_key(case: Case) -> Case:
-    """The case with seq_len blanked: the points of one scaling curve share it."""
-    return dataclasses.replace(case, seq_len=0)
-
-
-def describe_group(group: Case) -> str:
-    """The fixed axes of a scaling curve, e.g. 'B=1 H=8 D=64 float32 cpu causal forward'."""
-    return group.describe().replace(f"N={group.seq_len} ", "")

@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 
-from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, MODES
+from attnbench.contract.case import AXES, DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, MODES, AxisKind
 from attnbench.contract.errors import UserError, did_you_mean
 from attnbench.contract.implementation import invalid_option_values, option_problem
 from attnbench.contract.registry import Registry
@@ -30,7 +30,6 @@ MIN_CORRECTNESS_ROWS = 2
 TOP_LEVEL_FIELDS = (
     "name", "description", "implementations", "options", "sweep", "measure", "limits", "seed", "output",
 )
-SWEEP_FIELDS = tuple(Sweep.__dataclass_fields__)
 MEASURE_FIELDS = tuple(Measure.__dataclass_fields__)
 MEASUREMENTS = ("correctness", "latency", "memory")  # the short form lists these
 LIMIT_FIELDS = tuple(Limits.__dataclass_fields__)
@@ -106,33 +105,24 @@ def _options(check: _Checker, node: Any, registry: Registry) -> dict[str, dict[s
 
 
 def _sweep(check: _Checker, node: Any, sources: Sequence[str]) -> Sweep:
-    fields = check.mapping(node, "sweep", SWEEP_FIELDS)
-    defaults = Sweep()
-
-    def axis(name: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
-        if name not in fields:
-            return getattr(defaults, name)
-        return check.axis(fields[name], f"sweep.{name}", item)
-
-    positive = lambda value, path: check.integer(value, path, minimum=1)  # noqa: E731
-    heads = axis("heads", positive)
-    kv_heads = axis("kv_heads", positive) if "kv_heads" in fields else None
-    for index, kv in enumerate(kv_heads or ()):
-        for h in heads:
+    fields = check.mapping(node, "sweep", tuple(AXES))
+    items: dict[AxisKind, Callable[[Any, str], Any]] = {
+        "count": lambda value, path: check.integer(value, path, minimum=1),
+        "dtype": lambda value, path: check.choice(value, path, tuple(DTYPES), "dtype"),
+        "device": check.device,
+        "flag": check.boolean,
+        "mode": lambda value, path: check.choice(value, path, MODES, "mode"),
+        "source": lambda value, path: check.choice(value, path, sources, "input distribution"),
+    }
+    values = {name: check.axis(fields[name], f"sweep.{name}", items[AXES[name].kind])
+              for name in AXES if name in fields}
+    values |= {name: tuple(sorted(values[name])) for name in values if AXES[name].curve}
+    sweep = Sweep(**values)
+    for index, kv in enumerate(sweep.kv_heads or ()):
+        for h in sweep.heads:
             if h % kv:
                 check.fail(f"sweep.kv_heads[{index}]", f"{kv} does not divide heads={h} (kv_heads must divide heads)")
-    return Sweep(
-        seq_len=tuple(sorted(axis("seq_len", positive))),
-        heads=heads,
-        kv_heads=kv_heads,
-        batch=axis("batch", positive),
-        head_dim=axis("head_dim", positive),
-        dtype=axis("dtype", lambda value, path: check.choice(value, path, tuple(DTYPES), "dtype")),
-        device=axis("device", check.device),
-        causal=axis("causal", check.boolean),
-        mode=axis("mode", lambda value, path: check.choice(value, path, MODES, "mode")),
-        inputs=axis("inputs", lambda value, path: check.choice(value, path, sources, "input distribution")),
-    )
+    return sweep
 
 
 def _measure(check: _Checker, node: Any) -> Measure:

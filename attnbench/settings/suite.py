@@ -5,28 +5,23 @@ Worker-side code depends on these alone; attnbench.settings.loader reads them fr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnbench.contract.case import Mode
+from attnbench.contract.case import AXES
 
-
-@dataclass(frozen=True)
-class Sweep:
-    """The grid's axes; every combination is one case. ``kv_heads`` None means equal to heads."""
-
-    seq_len: tuple[int, ...] = (1024,)
-    heads: tuple[int, ...] = (8,)
-    kv_heads: tuple[int, ...] | None = None
-    batch: tuple[int, ...] = (1,)
-    head_dim: tuple[int, ...] = (64,)
-    dtype: tuple[str, ...] = ("float32",)
-    device: tuple[str, ...] = ("cpu",)
-    causal: tuple[bool, ...] = (False,)
-    mode: tuple[Mode, ...] = ("forward",)
-    inputs: tuple[str, ...] = ("gaussian",)
+# The grid: one tuple of values per axis of Case (attnbench.contract.case.AXES), defaulting to
+# the axis's own default; every combination is one case. A None axis (kv_heads) takes the value
+# of the axis it is the same as. dtypes are named ("float32"), as in the suite file.
+Sweep = dataclasses.make_dataclass(
+    "Sweep",
+    [(name, "tuple[Any, ...] | None", field(default=axis.default)) for name, axis in AXES.items()],
+    frozen=True,
+)
+Sweep.__module__ = __name__  # where pickle finds it
 
 
 @dataclass(frozen=True)
