@@ -110,7 +110,8 @@ def test_a_row_without_latency_samples_is_named_in_one_line(tmp_path, capsys):
     base = _run(tmp_path, "20260101T000000Z-aaaaaaa")
     lines = (base / "rows.jsonl").read_text().splitlines()
     broken = json.loads(lines[1])
-    broken["latency"]["samples_s"], broken["latency"]["round_sizes"] = [], []
+    latency = broken["figures"]["latency"]
+    latency["samples_s"], latency["round_sizes"] = [], []
     lines[1] = json.dumps(broken)
     (base / "rows.jsonl").write_text("\n".join(lines) + "\n")
     for argv in (["compare", str(base), str(base)], ["report", str(base)]):

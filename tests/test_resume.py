@@ -115,6 +115,7 @@ def test_rows_of_the_first_schema_are_still_read(tmp_path):
 
     def as_schema_1(line: dict) -> dict:  # before rounds: no version, one int of calls per sample
         line.pop("schema")
+        line.update(line.pop("figures"))  # and the figures at the top level, as before schema 4
         line.pop("flags")  # and none of schema 3's fields
         if line.get("latency"):
             for name in ("round_sizes", "round_loads", "fresh_call_s"):
@@ -127,7 +128,22 @@ def test_rows_of_the_first_schema_are_still_read(tmp_path):
         return line
 
     _rewrite_rows(rows_path, as_schema_1)
-    assert read_rows(rows_path) == now and SCHEMA_VERSION == 3
+    assert read_rows(rows_path) == now and SCHEMA_VERSION == 4
+
+
+def test_rows_of_schema_3_are_still_read(tmp_path):
+    from synthetic_runs import standard_run
+
+    folder = standard_run(tmp_path / "run")
+    rows_path = folder / "rows.jsonl"
+    now = read_rows(rows_path)
+
+    def as_schema_3(line: dict) -> dict:  # the figures at the top level
+        line.update(line.pop("figures"), schema=3)
+        return line
+
+    _rewrite_rows(rows_path, as_schema_3)
+    assert read_rows(rows_path) == now
 
 
 @pytest.mark.parametrize("command", ["report", "compare", "resume"])
@@ -147,7 +163,7 @@ def test_rows_from_a_newer_schema_are_refused_in_one_line(tmp_path, capsys, comm
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert "line 1 was written by a newer attnbench (row schema 99; this version reads schemas 1 to 3)" in err
+    assert "line 1 was written by a newer attnbench (row schema 99; this version reads schemas 1 to 4)" in err
 
 
 def test_resume_of_a_folder_that_is_no_run_is_one_line_and_leaves_it_as_it_was(tmp_path, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -22,19 +21,19 @@ from attnbench.analysis.curves import (
     crossovers,
     curves,
     metric_value,
-    output_error,
     pareto,
     scaling_fits,
     throughputs,
 )
 from attnbench.contract.case import CURVE_LABEL, curve_x, describe_group, group_key
 from attnbench.measuring.figures import NOISY_RELATIVE_IQR
+from attnbench.presenting.columns import report_cells
 from attnbench.presenting.plots import Palette, Plot, exponent_plot, pareto_plot, scaling_plot, speedup_plot
 from attnbench.presenting.table import tidy_frame
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import RunFolder
 from attnbench.support.text import markdown_cell
-from attnbench.support.units import format_bytes, format_seconds
+from attnbench.support.units import format_seconds
 
 CSV_FILE = "table.csv"
 MARKDOWN_FILE = "report.md"
@@ -160,27 +159,17 @@ def _throughput_table(results: Sequence[Throughput], matmul: Mapping[str, float]
 
 def _results_table(group_curves: Mapping[str, list[Row]]) -> Table:
     lines = []
+    figure_headers: tuple[str, ...] = ()
     for name, points in sorted(group_curves.items()):
         for row in points:
-            error = output_error(row)
-            peak = row.memory.peak_bytes if row.memory else None
+            cells = report_cells(row)
+            figure_headers = tuple(cells)
             lines.append((
-                name, str(curve_x(row.case)), row.status,
-                _latency_cell(row),
-                format_bytes(peak) if peak is not None else "",
-                f"{error:.2e}" if error is not None and math.isfinite(error) else "",
+                name, str(curve_x(row.case)), row.status, *cells.values(),
                 "; ".join((*(flag.message for flag in row.flags), *row.reasons, *row.notes))[:300],
             ))
-    headers = ("implementation", CURVE_LABEL, "status", "median", "peak memory", "rel. error", "reasons, notes")
+    headers = ("implementation", CURVE_LABEL, "status", *figure_headers, "reasons, notes")
     return Table("Every point", headers, tuple(lines))
-
-
-def _latency_cell(row: Row) -> str:
-    if row.latency is None:
-        return ""
-    if row.latency_voided:
-        return "no result (flagged)"
-    return format_seconds(row.latency.median_s)
 
 
 def _pareto_table(points: Sequence[ParetoPoint]) -> Table:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from attnbench.contract.case import CURVE_LABEL, curve_x, describe_group, group_key
 from attnbench.measuring.figures import NOISY_RELATIVE_IQR, Latency
+from attnbench.presenting.columns import summary_cells
 from attnbench.storage.results import Row
-from attnbench.support.units import format_bytes, format_seconds
 
 NOTE_CHARS = 120
 
@@ -21,44 +21,25 @@ def summary_table(rows: Sequence[Row]) -> str:
         case = group_rows[0].case
         heading = describe_group(case)
         ordered = sorted(group_rows, key=lambda row: (row.implementation, curve_x(row.case)))
-        headers = HEADERS if not case.backward else (*HEADERS[:-1], "grad err", HEADERS[-1])
-        table = [_cells(row, with_grads=case.backward) for row in ordered]
+        table = [_cells(row) for row in ordered]
+        headers = (*LEADING, *summary_cells(ordered[0]), "note")
         sections.append(heading + "\n" + format_table(headers, table))
     return "\n\n".join(sections)
 
 
-# Errors are against float64 softmax attention: max abs and relative Frobenius of the output;
-# in training mode also the largest max abs error of dq, dk, dv. A status ending in "!" has flags
-# (in the note); a median shown as "flagged" is no result (implausible speed, cached outputs).
-HEADERS = ("implementation", CURVE_LABEL, "status", "median", "IQR", "peak mem", "peak RSS", "max abs err", "rel err",
-           "note")
+# A status ending in "!" has flags (in the note); a median shown as "flagged" is no result
+# (implausible speed, cached outputs). The figures' columns come from attnbench.presenting.columns.
+LEADING = ("implementation", CURVE_LABEL, "status")
 
 
-def _cells(row: Row, with_grads: bool) -> list[str]:
-    latency, memory, correctness = row.latency, row.memory, row.correctness
-    out_error = correctness.exact.get("out") if correctness else None
-    grad_errors = [f.max_abs for name, f in correctness.exact.items() if name != "out"] if correctness else []
+def _cells(row: Row) -> list[str]:
+    latency = row.latency
     note = "; ".join((*(flag.message for flag in row.flags), *row.reasons, *row.notes))
     if latency is not None and latency.noisy and row.status == "ok":
         note = f"noisy: {_noise(latency)}" + (f"; {note}" if note else "")
-    cells = [
-        row.implementation,
-        str(curve_x(row.case)),
-        row.status + ("!" if row.flags else ""),
-        ("flagged" if row.latency_voided else format_seconds(latency.median_s)) if latency else "",
-        f"{100 * latency.iqr_s / latency.median_s:.0f}%" if latency else "",
-        _bytes(memory.allocator_peak_bytes) if memory else "",
-        _bytes(memory.rss_peak_bytes) if memory else "",
-        f"{out_error.max_abs:.2e}" if out_error else "",
-        f"{out_error.rel_fro:.2e}" if out_error else "",
-    ]
-    if with_grads:
-        cells.append(f"{max(grad_errors):.2e}" if grad_errors else "")
+    cells = [row.implementation, str(curve_x(row.case)), row.status + ("!" if row.flags else ""),
+             *summary_cells(row).values()]
     return [*cells, note if len(note) <= NOTE_CHARS else note[: NOTE_CHARS - 1] + "…"]
-
-
-def _bytes(value: int | None) -> str:
-    return format_bytes(value) if value is not None else ""
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

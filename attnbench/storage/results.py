@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from attnbench.support.text import bounded_block, one_line
 # Rows carry the version of their layout. 1: no "schema" field, one latency round.
 # 2: latency rounds (round_sizes, calls_per_sample per round).
 # 3: flags; latency round_loads and fresh_call_s; correctness seeds, checks and tolerance.
-SCHEMA_VERSION = 3
+# 4: the figures under "figures", one entry per kind (FIGURE_READERS); before, at the top level.
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -74,20 +75,23 @@ class Row:
     def latency_voided(self) -> bool:
         return any(flag.voids_latency for flag in self.flags)
 
+    @property
+    def figures(self) -> dict[str, Any]:
+        """Every kind of figures the row can carry (FIGURE_READERS), by name; None where not measured."""
+        return {name: getattr(self, name) for name in FIGURE_READERS}
+
     def to_json(self) -> dict[str, Any]:
-        data = {"schema": SCHEMA_VERSION, **dataclasses.asdict(self)}
+        data = {"schema": SCHEMA_VERSION,
+                **{name: value for name, value in dataclasses.asdict(self).items() if name not in FIGURE_READERS}}
         data["case"] = self.case.to_json()
-        if self.latency is not None:  # derived, for readers of the file; never read back
-            latency = self.latency
-            data["latency"].update(median_s=latency.median_s, iqr_s=latency.iqr_s, noisy=latency.noisy,
-                                   round_medians_s=[float(f"{m:.6g}") for m in latency.round_medians_s])
+        data["figures"] = {name: {**dataclasses.asdict(figures), **_derived(name, figures)}
+                           for name, figures in self.figures.items() if figures is not None}
         return _finite_or_string(data)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Row:
-        latency = data.get("latency")
-        memory = data.get("memory")
-        correctness = data.get("correctness")
+        stored = data.get("figures", data)  # schemas 1 to 3 kept them at the top level
+        figures = {name: read(stored[name]) if stored.get(name) else None for name, read in FIGURE_READERS.items()}
         return cls(
             run_id=data["run_id"],
             implementation=data["implementation"],
@@ -95,13 +99,11 @@ class Row:
             status=data["status"],
             reasons=tuple(data.get("reasons", ())),
             options=data.get("options", {}),
-            correctness=_correctness_from_json(correctness) if correctness else None,
-            latency=_latency_from_json(latency) if latency else None,
-            memory=Memory(**memory) if memory else None,
             wall_time_s=data.get("wall_time_s", 0.0),
             detail=data.get("detail", ""),
             notes=tuple(data.get("notes", ())),
             flags=tuple(Flag(**flag) for flag in data.get("flags", ())),
+            **figures,
         )
 
 
@@ -216,6 +218,24 @@ def _correctness_from_json(data: Mapping[str, Any]) -> Correctness:
         tolerance=tuple(tolerance) if tolerance else None,
         within_default_tolerance=data.get("within_default_tolerance"),
     )
+
+
+# The kinds of figures a row carries: each is a Row field of that name, stored under "figures" in
+# rows.jsonl and read back by its reader. A new measurement adds its field to Row and a reader here
+# (and its columns in attnbench.presenting.columns).
+FIGURE_READERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "correctness": _correctness_from_json,
+    "latency": _latency_from_json,
+    "memory": lambda data: Memory(**data),
+}
+
+
+def _derived(name: str, figures: Any) -> dict[str, Any]:
+    """Figures derived for readers of the file; never read back."""
+    if name != "latency":
+        return {}
+    return {"median_s": figures.median_s, "iqr_s": figures.iqr_s, "noisy": figures.noisy,
+            "round_medians_s": [float(f"{m:.6g}") for m in figures.round_medians_s]}
 
 
 def _finite_or_string(value: Any) -> Any:

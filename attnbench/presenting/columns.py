@@ -1,0 +1,128 @@
+"""What each kind of figures a row carries shows: its columns in the tidy table, its cells in the
+terminal summary and in the report's table of every point.
+
+The table, the summary and the report take these columns in this order; a new measurement adds
+its entry here (besides its Row field and reader in attnbench.storage.results).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from attnbench.storage.results import Row
+from attnbench.support.units import format_bytes, format_seconds
+
+
+@dataclass(frozen=True)
+class FigureColumns:
+    figures: str  # the Row field (attnbench.storage.results.FIGURE_READERS)
+    table: Callable[[Row], dict[str, Any]]  # tidy table columns; None where not measured
+    summary: Callable[[Row], dict[str, str]]  # terminal summary: header -> cell
+    report: Callable[[Row], dict[str, str]]  # the report's every-point table: header -> cell
+
+
+def _latency_table(row: Row) -> dict[str, Any]:
+    latency = row.latency
+    return {
+        "median_s": latency.median_s if latency else None,
+        "iqr_s": latency.iqr_s if latency else None,
+        "samples": len(latency.samples_s) if latency else None,
+        "rounds": len(latency.round_sizes) if latency else None,
+        "round_spread": latency.round_spread if latency else None,
+        "pooled_median_s": latency.pooled_median_s if latency else None,
+        "noisy": latency.noisy if latency else None,
+        "latency_is_result": latency is not None and not row.latency_voided,
+        "load_cpus": latency.load if latency else None,
+        "fresh_call_ratio": latency.fresh_call_ratio if latency else None,
+    }
+
+
+def _latency_summary(row: Row) -> dict[str, str]:
+    latency = row.latency
+    return {
+        "median": ("flagged" if row.latency_voided else format_seconds(latency.median_s)) if latency else "",
+        "IQR": f"{100 * latency.iqr_s / latency.median_s:.0f}%" if latency else "",
+    }
+
+
+def _latency_report(row: Row) -> dict[str, str]:
+    if row.latency is None:
+        return {"median": ""}
+    return {"median": "no result (flagged)" if row.latency_voided else format_seconds(row.latency.median_s)}
+
+
+def _memory_table(row: Row) -> dict[str, Any]:
+    memory = row.memory
+    return {"allocator_peak_bytes": memory.allocator_peak_bytes if memory else None,
+            "rss_peak_bytes": memory.rss_peak_bytes if memory else None}
+
+
+def _memory_summary(row: Row) -> dict[str, str]:
+    memory = row.memory
+    return {"peak mem": _bytes(memory.allocator_peak_bytes) if memory else "",
+            "peak RSS": _bytes(memory.rss_peak_bytes) if memory else ""}
+
+
+def _memory_report(row: Row) -> dict[str, str]:
+    return {"peak memory": _bytes(row.memory.peak_bytes) if row.memory else ""}
+
+
+def _grad_errors(row: Row) -> list[float]:
+    correctness = row.correctness
+    return [figures.max_abs for name, figures in correctness.exact.items() if name != "out"] if correctness else []
+
+
+def _correctness_table(row: Row) -> dict[str, Any]:
+    correctness = row.correctness
+    out = correctness.exact.get("out") if correctness else None
+    grads = _grad_errors(row)
+    return {
+        "rel_err": out.rel_fro if out else None,
+        "max_abs_err": out.max_abs if out else None,
+        "grad_max_abs_err": max(grads) if grads else None,
+        "judged_against": correctness.judged_against if correctness else None,
+        "within_default_tolerance": correctness.within_default_tolerance if correctness else None,
+    }
+
+
+def _correctness_summary(row: Row) -> dict[str, str]:
+    """Against float64 softmax attention: max abs and relative Frobenius error of the output; in
+    training mode also the largest max abs error of dq, dk, dv."""
+    out = row.correctness.exact.get("out") if row.correctness else None
+    cells = {"max abs err": f"{out.max_abs:.2e}" if out else "", "rel err": f"{out.rel_fro:.2e}" if out else ""}
+    if row.case.backward:
+        grads = _grad_errors(row)
+        cells["grad err"] = f"{max(grads):.2e}" if grads else ""
+    return cells
+
+
+def _correctness_report(row: Row) -> dict[str, str]:
+    out = row.correctness.exact.get("out") if row.correctness else None
+    error = out.rel_fro if out else None
+    return {"rel. error": f"{error:.2e}" if error is not None and math.isfinite(error) else ""}
+
+
+def _bytes(value: int | None) -> str:
+    return format_bytes(value) if value is not None else ""
+
+
+COLUMNS: tuple[FigureColumns, ...] = (
+    FigureColumns("latency", _latency_table, _latency_summary, _latency_report),
+    FigureColumns("memory", _memory_table, _memory_summary, _memory_report),
+    FigureColumns("correctness", _correctness_table, _correctness_summary, _correctness_report),
+)
+
+
+def table_columns(row: Row) -> dict[str, Any]:
+    return {name: value for kind in COLUMNS for name, value in kind.table(row).items()}
+
+
+def summary_cells(row: Row) -> dict[str, str]:
+    return {header: cell for kind in COLUMNS for header, cell in kind.summary(row).items()}
+
+
+def report_cells(row: Row) -> dict[str, str]:
+    return {header: cell for kind in COLUMNS for header, cell in kind.report(row).items()}
