@@ -11,14 +11,18 @@ The public plugin API:
     @attnbench.hookimpl
     def attnbench_register_implementations(registry):
         registry.add(MyAttention())
+
+A plugin may add input sources the same way (``registry.add(MySource())``, an attnbench.InputSource).
 """
 
 from attnbench.contract.case import Case
 from attnbench.contract.errors import NotSupported, UserError
 from attnbench.contract.hookspecs import hookimpl
 from attnbench.contract.implementation import AttentionFn, Implementation, Tolerance
+from attnbench.contract.inputs import InputSource
 from attnbench.contract.registry import Registry
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionFn", "Case", "Implementation", "NotSupported", "Registry", "Tolerance", "UserError", "hookimpl"]
+__all__ = ["AttentionFn", "Case", "Implementation", "InputSource", "NotSupported", "Registry", "Tolerance", "UserError",
+           "hookimpl"]

@@ -177,7 +177,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from attnbench.analysis.history import histories, suite_runs, write_history_plot  # draws: see _report
+    from attnbench.analysis.history import histories, suite_runs
+    from attnbench.presenting.plots import write_history_plot  # (matplotlib: see _report)
 
     runs = suite_runs(args.suite_results)
     folder = args.plots or args.suite_results / "history"

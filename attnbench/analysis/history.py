@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attnbench.analysis.curves import metric_value
-from attnbench.contract.case import Case, curve_x, describe_group, group_key
+from attnbench.contract.case import Case, curve_x, group_key
 from attnbench.contract.errors import UserError
-from attnbench.presenting.plots import group_slug, history_plot
 from attnbench.storage.run_folder import ROWS_FILE, RunFolder, load_run
 from attnbench.support.units import format_seconds
 
@@ -60,10 +59,3 @@ def histories(runs: Sequence[RunFolder], implementation: str) -> list[History]:
         )
         for group, group_cells in cells.items()
     ]
-
-
-def write_history_plot(history: History, folder: Path) -> Path:
-    stem = f"history-{history.implementation}-{group_slug(history.group)}"
-    history_plot(history.runs, history.seq_lens, history.medians,
-                 f"{history.implementation} median latency across runs — {describe_group(history.group)}", folder, stem)
-    return folder / f"{stem}.png"

@@ -9,12 +9,9 @@ Built-in implementations and third-party packages use the same ``hookimpl`` mark
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import pluggy
-
-if TYPE_CHECKING:
-    from attnbench.contract.registry import Registry
 
 PROJECT_NAME = "attnbench"
 ENTRY_POINT_GROUP = "attnbench"
@@ -23,9 +20,16 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
+class Registering(Protocol):
+    """What a plugin's hook receives (attnbench.contract.registry.Registry)."""
+
+    def add(self, implementation: Any) -> None:
+        """An implementation (attnbench.Implementation) or an input source (attnbench.InputSource)."""
+
+
 @hookspec
-def attnbench_register_implementations(registry: Registry) -> None:
-    """Add this plugin's implementations with ``registry.add(implementation)``.
+def attnbench_register_implementations(registry: Registering) -> None:
+    """Add this plugin's implementations (and input sources) with ``registry.add(...)``.
 
     Called once per plugin when the registry loads. An implementation that breaks the
     contract, or a name already taken, is reported against this plugin and not added;

@@ -24,6 +24,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from attnbench.analysis.curves import Metric, ParetoPoint, ScalingFit, can_be_baseline, metric_value  # noqa: E402
+from attnbench.analysis.history import History  # noqa: E402
 from attnbench.contract.case import AXES, CURVE_AXIS, CURVE_LABEL, Case, curve_x, describe_group  # noqa: E402
 from attnbench.storage.results import Row  # noqa: E402
 
@@ -275,3 +276,10 @@ def history_plot(
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     _save(figure, folder, stem)
+
+
+def write_history_plot(history: History, folder: Path) -> Path:
+    stem = f"history-{history.implementation}-{group_slug(history.group)}"
+    history_plot(history.runs, history.seq_lens, history.medians,
+                 f"{history.implementation} median latency across runs — {describe_group(history.group)}", folder, stem)
+    return folder / f"{stem}.png"
