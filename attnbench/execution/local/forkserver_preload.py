@@ -13,6 +13,11 @@ import os
 # the workers' exits leaked its semaphores (resource_tracker warnings at the end of a run).
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
+# multiprocessing re-runs the parent's main script in each worker (the `attnbench` console
+# script imports the CLI, and with it scipy): loaded here once, it costs a worker nothing. (The
+# one import of a face from inside the package; tests/test_architecture.py names it. Preloading
+# "__main__" instead left each worker a second slower.)
+from attnbench import cli  # noqa: E402, F401
 from attnbench.execution.local import worker  # noqa: E402, F401  (imports torch and the measuring code)
 from attnbench.measuring.memory import initialise_profiler  # noqa: E402
 

@@ -158,10 +158,7 @@ def _context() -> multiprocessing.context.BaseContext:
     if _fork_server is None:
         if "forkserver" in multiprocessing.get_all_start_methods():
             _fork_server = multiprocessing.get_context("forkserver")
-            # "__main__": multiprocessing re-runs the parent's main script in each worker (the
-            # `attnbench` console script imports the CLI, and with it scipy); loaded in the server
-            # once, it costs a worker nothing.
-            _fork_server.set_forkserver_preload(["__main__", "attnbench.execution.local.forkserver_preload"])
+            _fork_server.set_forkserver_preload(["attnbench.execution.local.forkserver_preload"])
         else:  # no fork on this platform: a fresh interpreter per job, slower but as isolated
             _fork_server = multiprocessing.get_context("spawn")
     return _fork_server
