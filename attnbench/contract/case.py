@@ -41,6 +41,7 @@ class Axis:
     describe: Callable[[Case], str]  # this axis in Case.describe(); "" leaves it out
     label: str = ""  # the short name of its values, e.g. "N"
     title: str = ""  # what its values are, for a plot's axis
+    unit: str = ""
     same_as: str | None = None  # with no values given: one value, that of this other axis
     curve: bool = False  # the x axis of scaling curves: innermost, ascending
 
@@ -62,7 +63,7 @@ class Case:
     kv_heads: int = _axis(kind="count", default=None, nesting=8, same_as="heads",
                           describe=lambda c: f"kv_heads={c.kv_heads}" if c.kv_heads != c.heads else "")
     seq_len: int = _axis(kind="count", default=(1024,), nesting=9, label="N", curve=True,
-                         title="sequence length N (tokens)",
+                         title="sequence length N", unit="tokens",
                          describe=lambda c: f"N={c.seq_len}")
     head_dim: int = _axis(kind="count", default=(64,), nesting=7, label="D", describe=lambda c: f"D={c.head_dim}")
     dtype: torch.dtype = _axis(kind="dtype", default=("float32",), nesting=1, describe=lambda c: c.dtype_name)

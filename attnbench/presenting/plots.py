@@ -72,7 +72,7 @@ def scaling_plot(
     _mark_gaps(axes, curves, palette, lambda row: metric_value(row, metric) is None)
     what = "median latency" if metric == "latency" else "peak memory (torch allocator)"
     axes.set_ylabel(f"{what} ({'time' if metric == 'latency' else 'bytes'}, log scale)")
-    axes.set_xlabel(f"{AXES[CURVE_AXIS].title}, log scale")
+    axes.set_xlabel(_curve_axis_label())
     axes.set_title(f"{what} vs {CURVE_LABEL} — {describe_group(group)}", fontsize=10)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     stem = f"{group_slug(group)}-{metric}"
@@ -132,7 +132,7 @@ def speedup_plot(curves: dict[str, list[Row]], baseline: str, group: Case, palet
             axes.plot(xs, ys, marker="o", markersize=4, color=palette(name), label=name)
     axes.axhline(1.0, color="0.4", linestyle="--", linewidth=1, label=f"{baseline} (= 1)")
     _log_axes(axes, y_formatter=FuncFormatter(lambda value, _: f"{value:g}×"))
-    axes.set_xlabel(f"{AXES[CURVE_AXIS].title}, log scale")
+    axes.set_xlabel(_curve_axis_label())
     axes.set_ylabel(f"speed-up over {baseline} (× faster, log scale)")
     axes.set_title(f"Speed-up over {baseline} — {describe_group(group)}", fontsize=10)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
@@ -283,3 +283,8 @@ def write_history_plot(history: History, folder: Path) -> Path:
     history_plot(history.runs, history.seq_lens, history.medians,
                  f"{history.implementation} median latency across runs — {describe_group(history.group)}", folder, stem)
     return folder / f"{stem}.png"
+
+
+def _curve_axis_label() -> str:
+    axis = AXES[CURVE_AXIS]
+    return f"{axis.title} ({axis.unit + ', ' if axis.unit else ''}log scale)"
