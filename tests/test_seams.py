@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -161,8 +162,11 @@ class Constant(attnbench.InputSource):
 
     name = "constant"
     description = "equal queries and keys"
+    parameters = {"fail": False}
 
     def draw(self, case, generator):
+        if self.parameters["fail"]:
+            raise RuntimeError("asked to fail by its parameters")
         q = torch.ones((case.batch, case.heads, case.seq_len, case.head_dim))
         k = torch.ones((case.batch, case.kv_heads, case.seq_len, case.head_dim))
         v = torch.randn((case.batch, case.kv_heads, case.seq_len, case.head_dim), generator=generator)
@@ -179,6 +183,21 @@ def test_a_registered_source_feeds_a_sweep(tmp_path, write_suite, registry):
     rows = {row.case.inputs: row for row in run_suite(suite, members, output=tmp_path).rows}
     assert rows["constant"].status == "ok" and rows["gaussian"].status == "ok"
     assert rows["constant"].correctness.exact["out"].max_abs < 1e-5
+
+
+def test_a_source_takes_its_parameters_from_the_suite(tmp_path, write_suite, registry):
+    members = _registry(registry.get("naive"), Constant())
+    text = "sweep: {seq_len: 64, heads: 2, inputs: constant}\n" + FAST
+    suite = load_suite(write_suite(text + "source_options: {constant: {fail: true}}\n"), members)
+    (row,) = run_suite(suite, members, output=tmp_path).rows
+    assert row.status == "error" and row.reasons == ("RuntimeError: asked to fail by its parameters",)
+    for given, problem in (("{constant: {fails: true}}", "source_options.constant.fails: unknown parameter of "
+                                                          "input source constant (allowed: fail)"),
+                           ("{constant: {fail: 1}}", "source_options.constant.fail: expected true or false, got 1"),
+                           ("{mine: {}}", "source_options.mine: unknown field (allowed: gaussian, structured, "
+                                          "constant)")):
+        with pytest.raises(attnbench.UserError, match=re.escape(problem)):
+            load_suite(write_suite(text + f"source_options: {given}\n"), members)
 
 
 def test_broken_and_duplicate_sources_are_problems_and_unknown_ones_are_refused(write_suite):

@@ -182,10 +182,15 @@ def option_problem(implementation: Implementation, key: str, value: Any) -> str 
     An option's type is that of its default (an int default also takes no bool; a float
     default also takes an int); a None default takes any value.
     """
-    defaults = implementation.default_options
+    return setting_problem(implementation.default_options, f"option for {implementation.name}", key, value)
+
+
+def setting_problem(defaults: Mapping[str, Any], what: str, key: str, value: Any) -> str | None:
+    """Why ``key: value`` is not a valid setting among ``defaults`` (``what``: e.g. "option for
+    flash"), or None when it is; the value's type is that of its default."""
     if key not in defaults:
         allowed = ", ".join(defaults) if defaults else "none"
-        return f"unknown option for {implementation.name} (allowed: {allowed}){did_you_mean(key, defaults)}"
+        return f"unknown {what} (allowed: {allowed}){did_you_mean(key, defaults)}"
     if not _finite(value):
         return f"expected a finite value, got {value!r} (nan and inf are not allowed)"
     default = defaults[key]

@@ -15,6 +15,7 @@ Sources are registered like implementations (``registry.add(source)``); the firs
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Mapping
@@ -45,13 +46,22 @@ class Inputs:
 class InputSource:
     """Base class of an input source. Subclass it, set the name and implement ``draw``.
 
-    ``parameters``: what the source needs besides the case (a model, a layer), with defaults.
+    ``parameters``: what the source needs besides the case (a model, a layer), with defaults;
+    ``draw`` reads the values in effect from ``self.parameters``.
     The harness draws the upstream gradient, casts to the case's dtype and moves to its device.
     """
 
     name: str = ""
     description: str = ""
-    parameters: Mapping[str, Any] = {}
+    parameters: Mapping[str, Any] = {}  # name -> default; a suite sets them under source_options
+
+    def configured(self, values: Mapping[str, Any]) -> InputSource:
+        """This source with ``values`` laid over its default parameters (itself when none)."""
+        if not values:
+            return self
+        source = copy.copy(self)
+        source.parameters = {**self.parameters, **values}
+        return source
 
     def draw(self, case: Case, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (B, H, N, D) and k, v (B, KV, N, D), float32 on the CPU, drawn from ``generator``."""

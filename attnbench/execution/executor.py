@@ -13,7 +13,7 @@ distributed one submits to a cluster and yields results as they arrive.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from attnbench.contract.case import Case
@@ -43,6 +43,7 @@ class PointRound:
     seed: int
     threads: int
     verifier: Verifier | None = None  # round 1's references, for the later rounds
+    source_options: Mapping[str, Any] = field(default_factory=dict)  # the case's input source's parameters
 
 
 @dataclass(frozen=True)

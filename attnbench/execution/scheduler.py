@@ -100,8 +100,9 @@ class _Point:
     verifier: Verifier | None = None
 
     def unit(self, measure: Measure, context: CaseContext) -> PointRound:
-        return PointRound(context.refs[self.implementation], self.case, self.options, measure, context.suite.limits,
-                          context.suite.seed, context.threads, self.verifier)
+        suite = context.suite
+        return PointRound(context.refs[self.implementation], self.case, self.options, measure, suite.limits, suite.seed,
+                          context.threads, self.verifier, suite.source_options.get(self.case.inputs, {}))
 
     def add(self, finished: Finished) -> Row | None:
         """Takes one round's outcome; the point's final row when it failed there."""

@@ -15,7 +15,7 @@ import yaml
 
 from attnbench.contract.case import AXES, DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, MODES, AxisKind
 from attnbench.contract.errors import UserError, did_you_mean
-from attnbench.contract.implementation import invalid_option_values, option_problem
+from attnbench.contract.implementation import invalid_option_values, option_problem, setting_problem
 from attnbench.contract.registry import Registry
 from attnbench.settings.suite import CorrectnessSettings, LatencySettings, Limits, Measure, Suite, Sweep
 from attnbench.support.containment import contained
@@ -28,7 +28,8 @@ MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MIN_CORRECTNESS_ROWS = 2
 
 TOP_LEVEL_FIELDS = (
-    "name", "description", "implementations", "options", "sweep", "measure", "limits", "seed", "output",
+    "name", "description", "implementations", "options", "source_options", "sweep", "measure", "limits", "seed",
+    "output",
 )
 MEASURE_FIELDS = tuple(Measure.__dataclass_fields__)
 MEASUREMENTS = ("correctness", "latency", "memory")  # the short form lists these
@@ -54,6 +55,7 @@ def load_suite(path: str | Path, registry: Registry) -> Suite:
         description=check.text(top["description"], "description") if "description" in top else "",
         implementations=implementations,
         options=_options(check, top.get("options", {}), registry),
+        source_options=_source_options(check, top.get("source_options", {}), registry),
         sweep=_sweep(check, top.get("sweep", {}), tuple(registry.input_sources)),
         measure=_measure(check, top.get("measure", {})),
         limits=_limits(check, top.get("limits", {})),
@@ -100,6 +102,20 @@ def _options(check: _Checker, node: Any, registry: Registry) -> dict[str, dict[s
                              f"invalid_options of {name}")
         for key, problem in problems.items() if isinstance(problems, dict) else ():
             check.fail(f"options.{name}.{key}", problem)
+        result[name] = dict(given)
+    return result
+
+
+def _source_options(check: _Checker, node: Any, registry: Registry) -> dict[str, dict[str, Any]]:
+    sources = registry.input_sources
+    options = check.mapping(node, "source_options", tuple(sources))
+    result: dict[str, dict[str, Any]] = {}
+    for name, given in options.items():
+        given = check.mapping(given, f"source_options.{name}", None)
+        for key, value in given.items():
+            problem = setting_problem(sources[name].parameters, f"parameter of input source {name}", key, value)
+            if problem:
+                check.fail(f"source_options.{name}.{key}", problem)
         result[name] = dict(given)
     return result
 

@@ -77,6 +77,7 @@ class Suite:
     description: str = ""
     implementations: tuple[str, ...] = ()
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    source_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # input source -> parameters
     sweep: Sweep = Sweep()
     measure: Measure = Measure()
     limits: Limits = Limits()

@@ -54,9 +54,10 @@ class LocalExecutor:
         ref = unit.implementation
         if ref.name not in self.registry or self.registry.plugin_of(ref.name) != ref.plugin:
             return Finished(unit, outcome.not_here(ref.name, ref.plugin), 0.0)
-        source = self.registry.input_sources.get(unit.case.inputs)
-        if source is None:
+        registered = self.registry.input_sources.get(unit.case.inputs)
+        if registered is None:
             return Finished(unit, outcome.no_such_source(unit.case.inputs), 0.0)
+        source = registered.configured(unit.source_options)
         job = Job(self.registry.get(ref.name), unit.case, unit.options, unit.measure, unit.seed,
                   memory_cap_bytes(unit.limits, unit.case.device), unit.verifier,
                   None if source is BUILTIN_SOURCES.get(source.name) else source)
