@@ -12,6 +12,7 @@ from pathlib import Path
 
 from attnbench.analysis.compare import ALPHA, CHANGE_HEADERS, DEFAULT_THRESHOLD, compare_runs, format_changes
 from attnbench.analysis.curves import scaling_fits
+from attnbench.contract.capabilities import declared_limits
 from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices, describe_group
 from attnbench.contract.errors import UserError, did_you_mean
 from attnbench.contract.implementation import Implementation, plugin_reasons
@@ -245,6 +246,9 @@ def _describe(implementation: Implementation, registry: Registry) -> str:
     ]
     if options:
         lines.append(f"    options: {options}")
+    declared = declared_limits(implementation)
+    if declared:
+        lines.append(f"    declares: {'; '.join(declared)}")
     return "\n".join(lines)
 
 

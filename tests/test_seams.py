@@ -13,6 +13,7 @@ import torch
 import toys
 
 import attnbench
+from attnbench.contract.capabilities import declared_limits
 from attnbench.contract.case import AXES, CURVE_AXIS, Case, curve_x, describe_group, group_key
 from attnbench.contract.implementation import plugin_reasons
 from attnbench.contract.registry import Registry
@@ -69,6 +70,8 @@ def test_declared_capabilities_refuse_with_a_reason_each():
         "kv_heads=2 < heads=4 (supported: kv_heads = heads)",
     ]
     assert plugin_reasons(toys.Toy("plain", toys.exact_attention), case) == []
+    assert declared_limits(Picky("picky", toys.exact_attention)) == [
+        "devices: cuda", "dtypes: float16", "no causal (it looks ahead)", "no backward", "no grouped-query"]
 
 
 def test_an_override_cannot_claim_what_the_declaration_refuses():

@@ -66,6 +66,21 @@ def capability_reasons(implementation: Any, case: Case) -> list[str]:
     return reasons
 
 
+def declared_limits(implementation: Any) -> list[str]:
+    """What the declared capabilities rule out, e.g. ['devices: cpu, cuda', 'no causal'] (for `attnbench list`)."""
+    limits = []
+    if getattr(implementation, "devices", None) is not None:
+        limits.append(f"devices: {', '.join(implementation.devices)}")
+    if getattr(implementation, "dtypes", None) is not None:
+        limits.append(f"dtypes: {', '.join(DTYPE_NAMES.get(d, str(d)) for d in implementation.dtypes)}")
+    because = getattr(implementation, "unsupported_because", None) or {}
+    for feature in FEATURES:
+        if not getattr(implementation, feature.attribute, feature.default):
+            why = because.get(feature.key)
+            limits.append(f"no {feature.key.replace('_', '-')}" + (f" ({why})" if why else ""))
+    return limits
+
+
 def declaration_problems(implementation: Any) -> list[str]:
     """What is wrong with the declared capabilities (for the registry's contract check)."""
     problems = []
