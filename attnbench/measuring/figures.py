@@ -111,6 +111,11 @@ class Latency:
         known = [load for load in self.round_loads if load is not None]
         return sum(known) / len(known) if known else None
 
+    def derived(self) -> dict[str, Any]:
+        """Figures derived from the samples, written to rows.jsonl for its readers; never read back."""
+        return {"median_s": self.median_s, "iqr_s": self.iqr_s, "noisy": self.noisy,
+                "round_medians_s": [float(f"{m:.6g}") for m in self.round_medians_s]}
+
     @property
     def fresh_call_ratio(self) -> float | None:
         """The fastest call on fresh inputs over the median of the timed calls (about 1 for an

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from attnbench.analysis.curves import output_error
 from attnbench.storage.results import Row
 from attnbench.support.units import format_bytes, format_seconds
 
@@ -100,8 +101,7 @@ def _correctness_summary(row: Row) -> dict[str, str]:
 
 
 def _correctness_report(row: Row) -> dict[str, str]:
-    out = row.correctness.exact.get("out") if row.correctness else None
-    error = out.rel_fro if out else None
+    error = output_error(row)
     return {"rel. error": f"{error:.2e}" if error is not None and math.isfinite(error) else ""}
 
 

@@ -84,7 +84,7 @@ class Row:
         data = {"schema": SCHEMA_VERSION,
                 **{name: value for name, value in dataclasses.asdict(self).items() if name not in FIGURE_READERS}}
         data["case"] = self.case.to_json()
-        data["figures"] = {name: {**dataclasses.asdict(figures), **_derived(name, figures)}
+        data["figures"] = {name: {**dataclasses.asdict(figures), **getattr(figures, "derived", dict)()}
                            for name, figures in self.figures.items() if figures is not None}
         return _finite_or_string(data)
 
@@ -228,14 +228,6 @@ FIGURE_READERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "latency": _latency_from_json,
     "memory": lambda data: Memory(**data),
 }
-
-
-def _derived(name: str, figures: Any) -> dict[str, Any]:
-    """Figures derived for readers of the file; never read back."""
-    if name != "latency":
-        return {}
-    return {"median_s": figures.median_s, "iqr_s": figures.iqr_s, "noisy": figures.noisy,
-            "round_medians_s": [float(f"{m:.6g}") for m in figures.round_medians_s]}
 
 
 def _finite_or_string(value: Any) -> Any:
