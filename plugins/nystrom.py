@@ -39,8 +39,9 @@ class NystromAttention(attnbench.Implementation):
     unsupported_because = {"causal": "landmarks average over future tokens"}
     default_options = {"landmarks": 256, "pinv_iterations": 6}
     # Judged against its own float64 formula, whose pseudo-inverse amplifies float32 rounding by
-    # the landmark kernel's condition number: ~1e-6 of max |out| at the defaults, up to ~3e-4
-    # with a landmark per token and a converged inverse. A bug is off by orders more.
+    # the landmark kernel's condition number: ~1e-6 of max |out| at the defaults, typically up to
+    # ~3e-4 with a landmark per token and a converged inverse (30 iterations), though on some
+    # inputs several times more, which is reported as incorrect. A bug is off by orders more.
     tolerances = {**attnbench.Implementation.tolerances, torch.float32: attnbench.Tolerance(atol=1e-5, rtol=1e-3)}
 
     def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
