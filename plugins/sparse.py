@@ -23,6 +23,7 @@ compilation is unavailable; the row then carries the note why.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from attnbench import AttentionFn, Case
 from attnbench.measuring.reference import softmax_attention
 
 BACKENDS = ("auto", "flex", "blocked")
+FLEX_CPU_BACKWARD = "FlexAttention has no backward on the CPU"
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class SparseAttention(attnbench.Implementation):
             raise attnbench.NotSupported(f"backend=flex: {flex_refusal} (supported: backend blocked or auto)")
         if backend == "flex" or (backend == "auto" and not flex_refusal):
             try:
-                return _compiled_flex(case, pattern, block)
+                return compiled_flex(case, window_block_mask(pattern, case.seq_len, block, case.device))
             except Exception as error:  # no compiler here: in auto mode, say so and fall back
                 if backend == "flex":
                     raise
@@ -105,14 +107,14 @@ class SparseAttention(attnbench.Implementation):
 
 def _flex_refusal(case: Case) -> str | None:
     if case.backward and case.device_type == "cpu":
-        return "FlexAttention has no backward on the CPU"
+        return FLEX_CPU_BACKWARD
     return None
 
 
-def _compiled_flex(case: Case, pattern: SlidingWindow, block: int) -> AttentionFn:
+def compiled_flex(case: Case, block_mask: Any) -> AttentionFn:
+    """FlexAttention under ``block_mask`` (None: every pair), compiled for the case's shapes."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    block_mask = window_block_mask(pattern, case.seq_len, block, case.device)
     compiled = torch.compile(flex_attention, dynamic=False)
     grouped = case.kv_heads != case.heads
 
@@ -124,10 +126,26 @@ def _compiled_flex(case: Case, pattern: SlidingWindow, block: int) -> AttentionF
         shape = (case.batch, heads, case.seq_len, case.head_dim)
         return torch.zeros(shape, dtype=case.dtype, device=case.device, requires_grad=case.backward)
 
-    out = attention(zeros(case.heads), zeros(case.kv_heads), zeros(case.kv_heads))
-    if case.backward:
-        out.sum().backward()
+    # Compile in this thread: a pool of compile workers would outlive the compile and run beside
+    # the timed calls.
+    _quiet_progress_bars()
+    with torch._inductor.config.patch(compile_threads=1):
+        out = attention(zeros(case.heads), zeros(case.kv_heads), zeros(case.kv_heads))
+        if case.backward:
+            out.sum().backward()
     return attention
+
+
+def _quiet_progress_bars() -> None:
+    """torch's compiler opens tqdm progress bars, disabled ones too, for which tqdm would start a
+    monitor thread (awake beside the timed calls) and a multiprocessing lock (a semaphore the
+    worker process leaks): no monitor, and a thread lock instead."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.monitor_interval = 0
+    tqdm.set_lock(threading.RLock())
 
 
 def window_block_mask(pattern: SlidingWindow, seq_len: int, block: int, device: str):

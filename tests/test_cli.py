@@ -23,14 +23,17 @@ def test_list_shows_each_implementation_and_where_it_runs():
     listing = _attnbench("list")
     assert listing.returncode == 0, listing.stderr
     assert "naive  (exact; time n^2, memory n^2; plugin naive)" in listing.stdout
-    assert "flash  (exact; time n^2, memory n; plugin flash)" in listing.stdout
+    assert "flash  (exact; time n^2, memory n; plugin sdpa)" in listing.stdout
+    assert "sdpa_mem_efficient  (exact; time n^2, memory n; plugin sdpa)" in listing.stdout
+    assert "sdpa_cudnn  (exact; time n^2, memory n; plugin sdpa)" in listing.stdout
+    assert "flex  (exact; time n^2, memory n; plugin flex)" in listing.stdout
     assert "performer  (approximate; time n, memory n; plugin performer)" in listing.stdout
     assert "nystrom  (approximate; time n, memory n; plugin nystrom)" in listing.stdout
     assert "xformers  (exact; time n^2, memory n; plugin xformers_attention)" in listing.stdout
     assert "sparse  (approximate; time n, memory n; plugin sparse)" in listing.stdout
     assert "axial  (approximate; time n^1.5, memory n; plugin axial)" in listing.stdout
     assert "hybrid  (approximate; time n, memory n; plugin hybrid)" in listing.stdout
-    assert listing.stdout.count("cpu: runs (float32, float16, bfloat16)") == 7
+    assert listing.stdout.count("cpu: runs (float32, float16, bfloat16)") == 8
 
 
 def test_quick_suite_end_to_end(tmp_path):
@@ -41,9 +44,10 @@ def test_quick_suite_end_to_end(tmp_path):
     assert run.stdout.rstrip().endswith("(and table.csv, report.md, plots/)")
     assert (rows_path.parent / "report.html").exists() and list((rows_path.parent / "plots").glob("*.svg"))
     rows = read_rows(rows_path)
-    assert len(rows) == 8 * 8  # every built-in × the quick grid
-    expected = {"naive": "ok", "flash": "ok", "performer": "ok", "nystrom": "ok", "xformers": "unsupported",
-                "sparse": "ok", "axial": "ok", "hybrid": "ok"}
+    assert len(rows) == 10 * 8  # the suite's ten built-ins × the quick grid
+    expected = {"naive": "ok", "flash": "ok", "sdpa_mem_efficient": "unsupported", "sdpa_cudnn": "unsupported",
+                "performer": "ok", "nystrom": "ok", "xformers": "unsupported", "sparse": "ok", "axial": "ok",
+                "hybrid": "ok"}
     for row in rows:
         status = "unsupported" if row.implementation == "nystrom" and row.case.causal else expected[row.implementation]
         assert row.status == status, (row.implementation, row.case.describe(), row.reasons)

@@ -140,3 +140,19 @@ def test_row_mixing_approximations_are_not_misjudged_on_sampled_rows():
     assert sampled.status == "ok" and set(sampled.correctness.own) == {"out"}
     every_row = measure_case(MeanQuery(), TRAINING_FULL_HEADS, {}, CORRECTNESS_ONLY)
     assert every_row.status == "ok" and set(every_row.correctness.own) == {"out", "dq", "dk", "dv"}
+
+
+def test_set_up_in_prepare_is_reported_apart_from_the_timed_calls():
+    """A compiled kernel's compile time (or any set-up in prepare) is the row's prepare_s; it is
+    never part of a latency sample."""
+    import time
+
+    class SlowToPrepare(toys.Toy):
+        def prepare(self, case, options):
+            time.sleep(0.3)
+            return super().prepare(case, options)
+
+    latency_only = Measure(correctness=None, latency=LatencySettings(0.01, 0.05, 3), memory=False)
+    latency = measure_case(SlowToPrepare("toy", toys.exact_attention), small_case(), {}, latency_only).latency
+    assert latency.prepare_s >= 0.3
+    assert max(latency.samples_s) < 0.3 and latency.first_call_s < 0.3

@@ -81,3 +81,22 @@ def test_causal_outputs_never_depend_on_later_tokens(registry, name):
     before = attention(inputs.q, inputs.k, inputs.v)[:, :, :70]
     after = attention(inputs.q, later_k, later_v)[:, :, :70]
     torch.testing.assert_close(after, before, rtol=0, atol=1e-12)
+
+
+def test_flex_is_exact_forward_and_says_torch_has_no_cpu_backward(registry):
+    """FlexAttention, compiled: causal through the block mask built here, also when N is not a
+    multiple of its 128-wide blocks, and with grouped-query heads."""
+    import torch
+
+    flex = registry.get("flex")
+    cases = [small_case(seq_len=200, causal=True, kv_heads=2), small_case(seq_len=200, dtype=torch.bfloat16)]
+    measurements = check_implementation(flex, cases)
+    assert len(measurements) == 2
+    assert all(measurement.correctness.judged_against == "exact" for measurement in measurements.values())
+    backward = small_case(mode="forward_backward")
+    assert flex.not_supported_reasons(backward) == ["FlexAttention has no backward on the CPU"]
+
+
+@pytest.mark.parametrize("name", ["sdpa_mem_efficient", "sdpa_cudnn"])
+def test_cuda_only_sdpa_backends_say_so_on_the_cpu(registry, name):
+    assert registry.get(name).not_supported_reasons(small_case()) == ["device=cpu (supported: cuda)"]

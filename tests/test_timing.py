@@ -60,3 +60,75 @@ def test_the_summary_says_why_a_latency_is_noisy():
     quiet_rounds_apart = Latency.merge([Latency((3.0, 3.0, 3.0), (1,), 0, "t"), Latency((2.0, 2.0, 2.0), (1,), 0, "t")])
     table = summary_table([Row("r", "x", small_case(), "ok", latency=quiet_rounds_apart)])
     assert "noisy: rounds 50% apart" in table and "IQR" not in table.split("noisy:")[1]
+
+
+class ClockEvent:
+    """A stand-in for torch.cuda.Event on the CPU: record() reads a clock."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: ClockEvent) -> float:
+        return (end.at - self.at) * 1e3
+
+
+def test_cold_timing_flushes_before_every_call_and_leaves_the_flush_out():
+    from attnbench.measuring.timing import LastResult, event_timer
+
+    order = []
+
+    def call():
+        order.append("call")
+        time.sleep(0.002)
+        return len(order)
+
+    def flush():
+        order.append("flush")
+        time.sleep(0.02)  # ten times the call: counted, it could not hide
+
+    last = LastResult(call)
+    seconds = event_timer(last, ClockEvent, flush=flush)(3)
+    assert order == ["flush", "call"] * 3
+    assert 3 * 0.002 <= seconds < 3 * 0.002 + 0.02
+    assert last.kept[0] == 6  # the last call's result is kept
+
+    order.clear()
+    warm = event_timer(LastResult(call), ClockEvent)(3)
+    assert order == ["call"] * 3 and warm >= 3 * 0.002
+
+
+def test_the_row_says_whether_the_cache_was_flushed(monkeypatch):
+    """The CPU is always timed warm, whatever the suite asked; on CUDA the suite's choice is taken
+    and written down (here with events and a flush that run on the CPU)."""
+    from attnbench.measuring import timing
+
+    cpu, _ = measure_latency(lambda: 1, torch.device("cpu"), LatencySettings(0.01, 0.05, 3, cache="cold"), 0.0)
+    assert cpu.cache == "warm"
+
+    flushes = []
+    monkeypatch.setattr(timing.torch.cuda, "Event", lambda enable_timing: ClockEvent())
+    monkeypatch.setattr(timing, "_l2_bytes", lambda device: 0)
+    monkeypatch.setattr(timing.torch, "empty", lambda *shape, dtype, device: FakeBuffer(flushes))
+    monkeypatch.setattr(timing, "synchronize", lambda device: None)
+    for cache in ("cold", "warm"):
+        flushes.clear()
+        latency, _ = measure_latency(lambda: time.sleep(0.001), torch.device("cuda"),
+                                     LatencySettings(0.01, 0.05, 3, cache=cache), 0.0)
+        assert latency.cache == cache and latency.timer.startswith("torch.cuda.Event")
+        sizes = zip(latency.round_sizes, latency.calls_per_sample, strict=True)
+        calls = sum(size * calls for size, calls in sizes) + 1
+        assert len(flushes) == (calls if cache == "cold" else 0)
+
+
+class FakeBuffer:
+    def __init__(self, flushes: list) -> None:
+        self.flushes = flushes
+
+    def zero_(self) -> None:
+        self.flushes.append(True)

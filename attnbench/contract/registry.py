@@ -24,7 +24,8 @@ DISABLE_AUTOLOAD_VARIABLE = "ATTNBENCH_DISABLE_PLUGIN_AUTOLOAD"
 # The one place the core names implementations: the built-in plugin modules (plugins/).
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "attnbench_plugins.naive",
-    "attnbench_plugins.flash",
+    "attnbench_plugins.sdpa",
+    "attnbench_plugins.flex",
     "attnbench_plugins.performer",
     "attnbench_plugins.nystrom",
     "attnbench_plugins.xformers_attention",

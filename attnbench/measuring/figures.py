@@ -34,6 +34,10 @@ class Latency:
     # tensors after the timed calls (a call much slower than the samples suggests caching).
     round_loads: tuple[float | None, ...] = ()
     fresh_call_s: tuple[float, ...] = ()
+    # "cold": each timed call followed a flush of the device's L2 cache; "warm": calls back to
+    # back (always on the CPU). Empty: a row written before this was recorded.
+    cache: str = ""
+    prepare_s: float | None = None  # the untimed prepare() of the first round: set-up, compilation
 
     def __post_init__(self) -> None:
         if not self.samples_s:
@@ -68,6 +72,8 @@ class Latency:
             round_sizes=tuple(size for latency in rounds for size in latency.round_sizes),
             round_loads=tuple(load for latency in rounds for load in latency.round_loads),
             fresh_call_s=tuple(seconds for latency in rounds for seconds in latency.fresh_call_s),
+            cache=rounds[0].cache,
+            prepare_s=rounds[0].prepare_s,
         )
 
     @property

@@ -66,7 +66,10 @@ def measure_case(
     watch = _SettingsWatch(settings)
     with warnings.catch_warnings(record=True) as caught:  # the implementation's notes for the row
         warnings.simplefilter("always")
+        started = time.perf_counter()
         attention = implementation.prepare(case, options)
+        synchronize(device)
+        prepare_s = time.perf_counter() - started
         watch.put_back("prepare")
         call = attention_call(attention, inputs, case.backward)
         started = time.perf_counter()
@@ -91,6 +94,7 @@ def measure_case(
     latency = None
     if measure.latency:
         latency, last = measure_latency(call, device, measure.latency, first_call_s)
+        latency = dataclasses.replace(latency, prepare_s=prepare_s)
         problems += _check_call(last, case, verifier, checks, fresh=False, label="last timed call")
         del last
     memory = measure_peak_memory(call, device) if measure.memory else None
@@ -102,7 +106,7 @@ def measure_case(
         # which would hide a change the timed calls made).
         fresh = make_inputs(case, verifier.fresh_seed if verifier else secrets.randbits(63), source)
         write_into(inputs, fresh)
-        fresh_call_s, result = time_one_call(call, device)
+        fresh_call_s, result = time_one_call(call, device, measure.latency.cache if measure.latency else "warm")
         watch.refuse_changes("its calls")
         problems += _check_call(result, case, verifier, checks, fresh=True, label="a call on fresh inputs")
         del result

@@ -2,16 +2,20 @@
 
 The timed statement keeps the last call's result, so that it can be checked afterwards: an
 implementation cannot be right on the checked calls and wrong (or cached) on the timed ones.
+On CUDA, by default ("cold"), each timed call follows a write over a buffer larger than the L2
+cache, outside its events, as triton.testing.do_bench does: back to back, a call would find its
+inputs (and the previous call's output) in a 50 MB L2 and look faster than it runs in a model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.utils.benchmark as benchmark
@@ -37,6 +41,18 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+# do_bench's size; above the L2 of any GPU made so far, checked against the device's own figure.
+FLUSH_BYTES = 256 * 2**20
+
+
+class Event(Protocol):
+    """What the timer needs of a torch.cuda.Event (tests give it a clock of their own)."""
+
+    def record(self) -> None: ...
+    def synchronize(self) -> None: ...
+    def elapsed_time(self, end: Any) -> float: ...  # milliseconds
+
+
 def measure_latency(
     call: Callable[[], Any], device: torch.device, settings: LatencySettings, first_call_s: float
 ) -> tuple[Latency, Any]:
@@ -46,17 +62,16 @@ def measure_latency(
     if device.type == "cpu":
         latency = _cpu_latency(last, settings, first_call_s)
     else:
-        latency = _device_latency(last, device, settings, first_call_s)
+        latency = _device_latency(last, device, settings, first_call_s, _block_timer(last, device, settings.cache))
     load = other_load(start, read_clock())
     result, last.kept[0] = last.kept[0], None
     return dataclasses.replace(latency, round_loads=(load,)), result
 
 
-def time_one_call(call: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """One call, timed as the samples are (CUDA events on a GPU), and its result."""
+def time_one_call(call: Callable[[], Any], device: torch.device, cache: str = "warm") -> tuple[float, Any]:
+    """One call, timed as the samples are (CUDA events on a GPU, after a flush when cold), and its result."""
     last = LastResult(call)
-    time_block = _cuda_event_timer(last, device) if device.type == "cuda" else _synchronized_timer(last, device)
-    seconds = time_block(1)
+    seconds = _block_timer(last, device, cache).time(1)
     return seconds, last.kept[0]
 
 
@@ -79,20 +94,20 @@ def _cpu_latency(last: LastResult, settings: LatencySettings, first_call_s: floa
         calls_per_sample=(measurement.number_per_run,),
         first_call_s=first_call_s,
         timer="torch.utils.benchmark.Timer.adaptive_autorange",
+        cache="warm",
     )
 
 
 def _device_latency(
-    last: LastResult, device: torch.device, settings: LatencySettings, first_call_s: float
+    last: LastResult, device: torch.device, settings: LatencySettings, first_call_s: float, timer: BlockTimer
 ) -> Latency:
     """The same adaptive rule as on the CPU, timed by CUDA events (or a synchronised clock on MPS)."""
-    time_block = _cuda_event_timer(last, device) if device.type == "cuda" else _synchronized_timer(last, device)
-    one_call = time_block(1)
+    one_call = timer.time(1)
     calls_per_sample = max(1, math.ceil(1e-3 / max(one_call, 1e-9)))  # samples of >= 1 ms
     samples: list[float] = []
     spent = 0.0
     while True:
-        elapsed = time_block(calls_per_sample)
+        elapsed = timer.time(calls_per_sample)
         samples.append(elapsed / calls_per_sample)
         spent += elapsed
         enough = len(samples) >= max(settings.min_samples, 4) and spent >= settings.min_run_time_s
@@ -100,17 +115,42 @@ def _device_latency(
             break
         if spent >= settings.max_run_time_s and len(samples) >= settings.min_samples:
             break
-    timer = "torch.cuda.Event" if device.type == "cuda" else "time.perf_counter with synchronize"
-    return Latency(tuple(samples), (calls_per_sample,), first_call_s, timer)
+    return Latency(tuple(samples), (calls_per_sample,), first_call_s, timer.name, cache=timer.cache)
 
 
-def _cuda_event_timer(last: LastResult, device: torch.device) -> Callable[[int], float]:
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
+@dataclasses.dataclass(frozen=True)
+class BlockTimer:
+    """``time(calls)``: seconds the device spent on that many calls; ``cache``: what they found in it."""
+
+    time: Callable[[int], float]
+    name: str
+    cache: str
+
+
+def _block_timer(last: LastResult, device: torch.device, cache: str) -> BlockTimer:
+    if device.type != "cuda":
+        return BlockTimer(_synchronized_timer(last, device), "time.perf_counter with synchronize", "warm")
+    new_event = functools.partial(torch.cuda.Event, enable_timing=True)
+    if cache == "warm":
+        return BlockTimer(event_timer(last, new_event), "torch.cuda.Event", "warm")
+    buffer = torch.empty(max(FLUSH_BYTES, 2 * _l2_bytes(device)), dtype=torch.int8, device=device)
+    return BlockTimer(event_timer(last, new_event, flush=buffer.zero_), "torch.cuda.Event, L2 flushed per call", "cold")
+
+
+def _l2_bytes(device: torch.device) -> int:
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+
+
+def event_timer(
+    last: LastResult, new_event: Callable[[], Event], flush: Callable[[], Any] | None = None
+) -> Callable[[int], float]:
+    """Times blocks of calls with device events. Without ``flush``: one pair of events around
+    the block. With it: a flush before each call, outside a pair of events around that call, and
+    the block's time is the sum of the calls' own."""
     call, kept = last.call, last.kept
 
-    def time_block(calls: int) -> float:
-        synchronize(device)
+    def warm_block(calls: int) -> float:
+        start, end = new_event(), new_event()
         start.record()
         for _ in range(calls):
             kept[0] = call()
@@ -118,10 +158,21 @@ def _cuda_event_timer(last: LastResult, device: torch.device) -> Callable[[int],
         end.synchronize()
         return start.elapsed_time(end) / 1e3
 
-    return time_block
+    def cold_block(calls: int) -> float:
+        pairs = [(new_event(), new_event()) for _ in range(calls)]
+        for start, end in pairs:
+            flush()
+            start.record()
+            kept[0] = call()
+            end.record()
+        pairs[-1][1].synchronize()
+        return sum(start.elapsed_time(end) for start, end in pairs) / 1e3
+
+    return warm_block if flush is None else cold_block
 
 
 def _synchronized_timer(last: LastResult, device: torch.device) -> Callable[[int], float]:
+    """A wall clock around the block, the device's queue emptied at both ends."""
     call, kept = last.call, last.kept
 
     def time_block(calls: int) -> float:

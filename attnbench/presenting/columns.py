@@ -38,6 +38,9 @@ def _latency_table(row: Row) -> dict[str, Any]:
         "latency_is_result": latency is not None and not row.latency_voided,
         "load_cpus": latency.load if latency else None,
         "fresh_call_ratio": latency.fresh_call_ratio if latency else None,
+        "cache": latency.cache if latency else None,
+        "prepare_s": latency.prepare_s if latency else None,
+        "first_call_s": latency.first_call_s if latency else None,
     }
 
 

@@ -17,7 +17,7 @@ from attnbench.contract.case import AXES, DEVICE_PATTERN, DEVICES_ALLOWED, DTYPE
 from attnbench.contract.errors import UserError, did_you_mean
 from attnbench.contract.implementation import invalid_option_values, option_problem, setting_problem
 from attnbench.contract.registry import Registry
-from attnbench.settings.suite import CorrectnessSettings, LatencySettings, Limits, Measure, Suite, Sweep
+from attnbench.settings.suite import CACHE_STATES, CorrectnessSettings, LatencySettings, Limits, Measure, Suite, Sweep
 from attnbench.support.containment import contained
 
 T = TypeVar("T")
@@ -157,12 +157,8 @@ def _measure(check: _Checker, node: Any) -> Measure:
             check.fail(f"measure.{name}", f"{expected}, got {_show(value)}")
         given = check.mapping(value, f"measure.{name}", allowed)
         minimum = {"rows": MIN_CORRECTNESS_ROWS} if name == "correctness" else {}
-        parsed = {
-            key: check.integer(value, f"measure.{name}.{key}", minimum=minimum.get(key, 1))
-            if isinstance(getattr(default, key), int)
-            else check.number(value, f"measure.{name}.{key}")
-            for key, value in given.items()
-        }
+        parsed = {key: _setting(check, f"measure.{name}.{key}", value, getattr(default, key), minimum.get(key, 1))
+                  for key, value in given.items()}
         return type(default)(**parsed)
 
     latency = settings("latency", LatencySettings())
@@ -177,6 +173,15 @@ def _measure(check: _Checker, node: Any) -> Measure:
         memory=check.boolean(fields["memory"], "measure.memory") if "memory" in fields else True,
         threads=check.integer(fields["threads"], "measure.threads", minimum=1) if "threads" in fields else None,
     )
+
+
+def _setting(check: _Checker, path: str, value: Any, default: Any, minimum: int) -> Any:
+    """One measurement setting, checked against the kind of its default."""
+    if path == "measure.latency.cache":
+        return check.choice(value, path, CACHE_STATES, "cache state")
+    if isinstance(default, int):
+        return check.integer(value, path, minimum=minimum)
+    return check.number(value, path)
 
 
 def _limits(check: _Checker, node: Any) -> Limits:

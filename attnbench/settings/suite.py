@@ -34,6 +34,9 @@ class CorrectnessSettings:
     max_reference_gflop: float = 20.0
 
 
+CACHE_STATES = ("cold", "warm")
+
+
 @dataclass(frozen=True)
 class LatencySettings:
     min_run_time_s: float = 0.5  # adaptive repeats run at least this long...
@@ -43,9 +46,14 @@ class LatencySettings:
     # implementations taking turns, so that a slow spell of the machine or one process's bad
     # luck touches all of them alike. The run times and min_samples are for all rounds together.
     rounds: int = 3
+    # On CUDA, "cold": the L2 cache is flushed before each timed call (as triton.testing.do_bench
+    # does), so a call is not timed on inputs the previous call left in the cache; "warm": calls
+    # back to back. CPU timing is always warm; each row records which it was.
+    cache: str = "cold"
 
     def per_round(self) -> LatencySettings:
-        return LatencySettings(
+        return dataclasses.replace(
+            self,
             min_run_time_s=self.min_run_time_s / self.rounds,
             max_run_time_s=self.max_run_time_s / self.rounds,
             min_samples=-(-self.min_samples // self.rounds),

@@ -195,6 +195,8 @@ def _latency_from_json(data: Mapping[str, Any]) -> Latency:
         round_sizes=tuple(data.get("round_sizes", ())),
         round_loads=tuple(data.get("round_loads", ())),
         fresh_call_s=tuple(data.get("fresh_call_s", ())),
+        cache=data.get("cache", ""),
+        prepare_s=data.get("prepare_s"),
     )
 
 

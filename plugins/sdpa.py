@@ -1,0 +1,108 @@
+"""torch's fused scaled_dot_product_attention, each backend pinned as an implementation of its own.
+
+- flash: the FlashAttention backend (Dao et al., 2022): tiles with an online softmax, so the N×N
+  scores never exist in memory (time n², memory n). torch has it on the CPU and on CUDA.
+- sdpa_mem_efficient: the memory-efficient backend (Rabe & Staats, 2021; xFormers' kernel),
+  CUDA only; it takes float32 and head dims flash does not.
+- sdpa_cudnn: NVIDIA cuDNN's fused attention, CUDA only, on the GPUs and versions cuDNN supports.
+
+``sdpa_kernel`` pins the one backend, so a case that backend cannot take fails with torch's own
+reasons instead of silently running another kernel; whether it can is asked of torch itself, on
+a tiny call of the same kind.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import attnbench
+from attnbench import AttentionFn, Case
+
+
+class PinnedSdpa(attnbench.Implementation):
+    """scaled_dot_product_attention held to one backend."""
+
+    backend: SDPBackend
+    exact = True
+    time_complexity = "n^2"
+    memory_complexity = "n"
+
+    def not_supported_reasons(self, case: Case) -> list[str]:
+        declared = super().not_supported_reasons(case)
+        if declared:
+            return declared  # the backend cannot be asked on a device it does not run on
+        return list(_backend_refusals(self.backend, case.device, case.dtype, case.heads, case.kv_heads,
+                                      case.head_dim, case.causal, case.backward))
+
+    def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
+        backend, causal, grouped = self.backend, case.causal, case.kv_heads != case.heads
+
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=grouped)
+
+        return attention
+
+
+class FlashAttention(PinnedSdpa):
+    name = "flash"
+    description = "torch scaled_dot_product_attention pinned to its FlashAttention backend"
+    backend = SDPBackend.FLASH_ATTENTION
+    devices = ("cpu", "cuda")
+
+
+class MemoryEfficientSdpa(PinnedSdpa):
+    name = "sdpa_mem_efficient"
+    description = "torch scaled_dot_product_attention pinned to its memory-efficient backend (CUDA)"
+    backend = SDPBackend.EFFICIENT_ATTENTION
+    devices = ("cuda",)  # torch's CPU dispatch has only the flash and math kernels
+
+
+class CudnnSdpa(PinnedSdpa):
+    name = "sdpa_cudnn"
+    description = "torch scaled_dot_product_attention pinned to its cuDNN backend (CUDA)"
+    backend = SDPBackend.CUDNN_ATTENTION
+    devices = ("cuda",)
+
+
+@functools.cache
+def _backend_refusals(
+    backend: SDPBackend, device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+    causal: bool, backward: bool,
+) -> tuple[str, ...]:
+    """Ask the backend itself, on a tiny call of the same kind: torch knows its constraints
+    (dtype, head_dim, GPU architecture, grouped-query support) better than a copied list. torch
+    gives its reasons as warnings, then raises a generic error."""
+    q = torch.zeros(1, heads, 8, head_dim, dtype=dtype, device=device, requires_grad=backward)
+    k = torch.zeros(1, kv_heads, 8, head_dim, dtype=dtype, device=device, requires_grad=backward)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(q, k, k, is_causal=causal, enable_gqa=kv_heads != heads)
+            if backward:
+                out.sum().backward()
+        except RuntimeError as error:
+            reasons = [_clean(str(warning.message)) for warning in caught] or [_clean(str(error))]
+            return tuple(dict.fromkeys(reason for reason in reasons if reason))
+    return ()
+
+
+def _clean(message: str) -> str:
+    """One line, without torch's '(Triggered internally at ...)' source location."""
+    message = re.sub(r"\s*\(Triggered internally at [^)]*\)\.?", "", message)
+    return " ".join(message.split())
+
+
+@attnbench.hookimpl
+def attnbench_register_implementations(registry: attnbench.Registry) -> None:
+    for implementation in (FlashAttention(), MemoryEfficientSdpa(), CudnnSdpa()):
+        registry.add(implementation)
