@@ -60,6 +60,10 @@ def test_misbehaving_implementations_get_their_status_and_naive_stays_ok(tmp_pat
     assert result.run_dir.parent == tmp_path / "out" / "failures"
     environment = json.loads((result.run_dir / ENVIRONMENT_FILE).read_text())
     assert environment["torch_threads"] >= 1 and environment["cpu_model"] and environment["worker_allocator"]
+    # The yardsticks, measured in workers: matmul FLOP/s and copy bytes/s, each the best of its samples.
+    for rates in ("matmul_flops", "copy_bytes_per_s"):
+        samples = environment[f"{rates}_samples"]["cpu/float32"]
+        assert len(samples) >= 3 and environment[rates]["cpu/float32"] == max(samples) > 1e8
     assert (result.run_dir / SUITE_COPY).read_text() == suite.path.read_text()
 
 

@@ -48,7 +48,7 @@ class PointRound:
 
 @dataclass(frozen=True)
 class YardstickRound:
-    """The device's matmul rate, measured in a worker as the points are."""
+    """The device's matmul and copy rates, measured in a worker as the points are."""
 
     device: str
     dtype_name: str

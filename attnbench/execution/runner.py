@@ -94,7 +94,8 @@ def run_suite(
         done = []
 
     latency = suite.measure.latency
-    yardsticks = Yardsticks(executor, cases, threads, suite.limits.timeout_s, environment.matmul_flops_samples)
+    yardsticks = Yardsticks(executor, cases, threads, suite.limits.timeout_s, environment.matmul_flops_samples,
+                            environment.copy_bytes_per_s_samples)
     skips = SkipPredictor(suite.limits, latency.min_samples if latency else 1, latency.rounds if latency else 1)
     for row in done:  # earlier points still inform predictions and budgets
         skips.record(row)
@@ -126,7 +127,9 @@ def run_suite(
         executor.cancel()
         writer.close()
         environment = dataclasses.replace(environment, matmul_flops=yardsticks.best,
-                                          matmul_flops_samples=yardsticks.samples)
+                                          matmul_flops_samples=yardsticks.samples,
+                                          copy_bytes_per_s=yardsticks.best_copy,
+                                          copy_bytes_per_s_samples=yardsticks.copy_samples)
         run_folder.write_environment(run_dir, environment)
         lock.close()
     return RunResult(run_dir, tuple(rows), environment, interrupted)

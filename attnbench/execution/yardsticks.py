@@ -1,4 +1,5 @@
-"""The matmul yardstick: the device's matmul rate, against which implausible speed is judged."""
+"""The yardsticks: the device's matmul rate, against which implausible speed is judged and achieved
+FLOP/s are put, and its copy rate (memory bandwidth)."""
 
 from __future__ import annotations
 
@@ -18,22 +19,30 @@ YARDSTICK_FIRST_REPEATS = 3  # before the first point: one disturbed measurement
 
 
 class Yardsticks:
-    """Matmul FLOP/s per (device, dtype) the sweep uses and this machine has, measured in workers
-    (as the points are) at the start and again between cases; the best so far is the yardstick."""
+    """Matmul FLOP/s and copy bytes/s per (device, dtype) the sweep uses and this machine has,
+    measured in workers (as the points are) at the start and again between cases; the best so far
+    is the yardstick."""
 
     def __init__(self, executor: Executor, cases: Sequence[Case], threads: int, timeout_s: float,
-                 stored: dict[str, list[float]]) -> None:
+                 stored_flops: dict[str, list[float]], stored_copy: dict[str, list[float]]) -> None:
         self.executor = executor
         self.keys = [(device, dtype) for device, dtype in dict.fromkeys((c.device, c.dtype_name) for c in cases)
                      if device_unavailable_reason(device) is None]
         self.threads = threads
         self.timeout_s = timeout_s
-        self.samples: dict[str, list[float]] = {key: list(values) for key, values in stored.items()}
+        self.samples: dict[str, list[float]] = {key: list(values) for key, values in stored_flops.items()}
+        self.copy_samples: dict[str, list[float]] = {key: list(values) for key, values in stored_copy.items()}
         self.last = -float("inf")
 
     @property
     def best(self) -> dict[str, float]:
-        return {key: max(values) for key, values in self.samples.items() if values}
+        """Matmul FLOP/s."""
+        return _best(self.samples)
+
+    @property
+    def best_copy(self) -> dict[str, float]:
+        """Copy bytes/s."""
+        return _best(self.copy_samples)
 
     def measure_if_due(self) -> None:
         if time.monotonic() - self.last < YARDSTICK_INTERVAL_S:
@@ -47,4 +56,9 @@ class Yardsticks:
             if isinstance(finished.outcome, Yardstick) and isinstance(unit, YardstickRound):
                 key = matmul_key(unit.device, unit.dtype_name)
                 self.samples.setdefault(key, []).append(float(f"{finished.outcome.flops:.6g}"))
+                self.copy_samples.setdefault(key, []).append(float(f"{finished.outcome.copy_bytes_per_s:.6g}"))
         self.last = time.monotonic()
+
+
+def _best(samples: dict[str, list[float]]) -> dict[str, float]:
+    return {key: max(values) for key, values in samples.items() if values}

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from attnbench.measuring.gpu_state import GpuSample, throttling
+
 # IQR / median (or the spread between rounds) above this marks a latency as noisy; the same
 # threshold stops adaptive repeats.
 NOISY_RELATIVE_IQR = 0.1
@@ -38,6 +40,8 @@ class Latency:
     # back (always on the CPU). Empty: a row written before this was recorded.
     cache: str = ""
     prepare_s: float | None = None  # the untimed prepare() of the first round: set-up, compilation
+    # The GPU's state (NVML) just before and just after each round's timed calls; empty: not sampled.
+    gpu_samples: tuple[GpuSample, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.samples_s:
@@ -74,6 +78,7 @@ class Latency:
             fresh_call_s=tuple(seconds for latency in rounds for seconds in latency.fresh_call_s),
             cache=rounds[0].cache,
             prepare_s=rounds[0].prepare_s,
+            gpu_samples=tuple(sample for latency in rounds for sample in latency.gpu_samples),
         )
 
     @property
@@ -116,6 +121,11 @@ class Latency:
         """CPUs other processes kept busy while this was timed, averaged over the rounds."""
         known = [load for load in self.round_loads if load is not None]
         return sum(known) / len(known) if known else None
+
+    @property
+    def throttling(self) -> list[str]:
+        """What slowed the GPU down while this was timed (power cap, heat); empty: nothing seen."""
+        return throttling(self.gpu_samples)
 
     def derived(self) -> dict[str, Any]:
         """Figures derived from the samples, written to rows.jsonl for its readers; never read back."""

@@ -42,9 +42,10 @@ class Failure:
 
 @dataclass(frozen=True)
 class Yardstick:
-    """The device's matmul throughput, measured in a worker as the points are."""
+    """The device's matmul and copy rates, measured in a worker as the points are."""
 
     flops: float
+    copy_bytes_per_s: float
 
 
 # What a worker sends back.

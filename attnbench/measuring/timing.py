@@ -22,6 +22,7 @@ import torch.utils.benchmark as benchmark
 
 from attnbench.measuring.cpu_load import other_load, read_clock
 from attnbench.measuring.figures import NOISY_RELATIVE_IQR, Latency
+from attnbench.measuring.gpu_state import sampler
 from attnbench.settings.suite import LatencySettings
 
 
@@ -56,16 +57,20 @@ class Event(Protocol):
 def measure_latency(
     call: Callable[[], Any], device: torch.device, settings: LatencySettings, first_call_s: float
 ) -> tuple[Latency, Any]:
-    """The latency, with the load other processes put on the CPUs meanwhile, and the last result."""
+    """The latency, with the load other processes put on the CPUs meanwhile, the GPU's state
+    before and after, and the last result."""
     last = LastResult(call)
+    sample_gpu = sampler(device)
+    before = sample_gpu() if sample_gpu else None
     start = read_clock()
     if device.type == "cpu":
         latency = _cpu_latency(last, settings, first_call_s)
     else:
         latency = _device_latency(last, device, settings, first_call_s, _block_timer(last, device, settings.cache))
     load = other_load(start, read_clock())
+    gpu_samples = (before, sample_gpu()) if sample_gpu and before else ()
     result, last.kept[0] = last.kept[0], None
-    return dataclasses.replace(latency, round_loads=(load,)), result
+    return dataclasses.replace(latency, round_loads=(load,), gpu_samples=gpu_samples), result
 
 
 def time_one_call(call: Callable[[], Any], device: torch.device, cache: str = "warm") -> tuple[float, Any]:

@@ -116,7 +116,8 @@ def _flag_table(rows: Sequence[Row]) -> Table:
     note = ("What the harness found beside the figures. implausible_speed and fresh_inputs_slower: the latency is "
             "not a result and is left out of every comparison; loose_tolerance: correct only at a tolerance looser "
             "than the dtype's default, never a baseline; under_load: other processes kept CPUs busy while it was "
-            "timed; memory_outside_torch: the process peak far above torch's count (verdicts use the larger).")
+            "timed; throttled: the GPU slowed itself down (power cap, heat) while it was timed; "
+            "memory_outside_torch: the process peak far above torch's count (verdicts use the larger).")
     return Table("Flags", ("implementation", "case", CURVE_LABEL, "flag", "what"), lines, note)
 
 
@@ -206,7 +207,7 @@ def _heading(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
         ("flagged", ", ".join(f"{kind} {n}" for kind, n in Counter(f.kind for r in run.rows for f in r.flags).items())
          or "none"),
         ("load while timed", _timed_load_text(run.rows)),
-        ("matmul yardstick", _yardstick_text(env)),
+        ("matmul and copy yardsticks", _yardstick_text(env)),
         ("correctness checks", "query rows (and key rows for dk, dv) drawn per point after its first call; the "
                                "first call, the last timed call of every round and a call on fresh inputs compared "
                                "with float64 references of the inputs as made; inputs compared after every call"),
@@ -238,10 +239,12 @@ def _timed_load_text(rows: Sequence[Row]) -> str:
 def _yardstick_text(env: Mapping[str, object]) -> str:
     samples = env.get("matmul_flops_samples") or {}
     best = env.get("matmul_flops") or {}
+    copy = env.get("copy_bytes_per_s") or {}
     if not best:
         return "not measured"
-    return ", ".join(f"{key}: best {value / 1e9:.1f} GFLOP/s of {len(samples.get(key, [])) or 1} measurement(s)"
-                     for key, value in best.items())
+    return ", ".join(f"{key}: best {value / 1e9:.1f} GFLOP/s"
+                     + (f", copy {copy[key] / 1e9:.1f} GB/s" if key in copy else "")
+                     + f" of {len(samples.get(key, [])) or 1} measurement(s)" for key, value in best.items())
 
 
 def _load_text(env: Mapping[str, object]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from attnbench.measuring.allocator import worker_allocator_policy
+from attnbench.measuring.gpu_state import device_facts
 from attnbench.support.process_state import TIMING_VARIABLES
 
 PACKAGES = ("attnbench", "torch", "pluggy", "numpy", "pyyaml", "xformers")
@@ -36,12 +37,18 @@ class Environment:
     torch_parallel: str  # torch's own account: OpenMP/MKL versions and thread counts
     timing_variables: dict[str, str]
     devices: dict[str, str] = field(default_factory=dict)  # e.g. "cuda:0" -> name and capability
+    # "cuda:0" -> name, uuid, compute capability, memory, SMs, L2, and the driver, CUDA and cuDNN
+    # versions: what a GPU result is tied to
+    gpus: dict[str, dict[str, str]] = field(default_factory=dict)
     git_commit: str | None = None
     git_dirty: bool | None = None
     # "device/dtype" -> FLOP/s: the best of the measurements taken in workers during the run
     # (matmul_flops_samples), so that a busy moment cannot lower the yardstick.
     matmul_flops: dict[str, float] = field(default_factory=dict)
     matmul_flops_samples: dict[str, list[float]] = field(default_factory=dict)
+    # "device/dtype" -> bytes read and written per second by a large copy, kept the same way
+    copy_bytes_per_s: dict[str, float] = field(default_factory=dict)
+    copy_bytes_per_s_samples: dict[str, list[float]] = field(default_factory=dict)
     load_average: tuple[float, float, float] | None = None  # 1, 5, 15 minutes, when the run started
     cpu_frequency: str = ""  # current MHz range over the CPUs and the scaling governor, where Linux tells
     worker_allocator: str = ""  # what each worker does to malloc (attnbench.measuring.allocator)
@@ -87,6 +94,7 @@ def capture_environment(threads: int | None = None, plugins: dict[str, dict[str,
         torch_parallel=torch.__config__.parallel_info(),
         timing_variables={name: os.environ[name] for name in TIMING_VARIABLES if name in os.environ},
         devices=_devices(),
+        gpus=gpu_details(),
         git_commit=commit,
         git_dirty=dirty,
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -168,3 +176,25 @@ def _devices() -> dict[str, str]:
     if torch.backends.mps.is_available():
         devices["mps"] = "Apple Metal Performance Shaders"
     return devices
+
+
+def gpu_details() -> dict[str, dict[str, str]]:
+    """Each visible CUDA GPU as torch and NVML (where installed) describe it."""
+    if not torch.cuda.is_available():
+        return {}
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    details = {}
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        details[f"cuda:{index}"] = {
+            "name": properties.name,
+            "uuid": str(getattr(properties, "uuid", "")),
+            "compute_capability": f"{properties.major}.{properties.minor}",
+            "memory_bytes": str(properties.total_memory),
+            "multiprocessors": str(properties.multi_processor_count),
+            "l2_cache_bytes": str(getattr(properties, "L2_cache_size", "")),
+            "cuda": str(torch.version.cuda),
+            "cudnn": str(cudnn),
+            **device_facts(torch.device("cuda", index)),
+        }
+    return details

@@ -34,7 +34,8 @@ MEMORY_GAP_BYTES = 16 * 2**20
 
 def flags_of(row: Row, exact: bool, yardstick: Mapping[str, float]) -> tuple[Flag, ...]:
     """Every flag the row's figures call for; ``yardstick``: matmul FLOP/s per "device/dtype"."""
-    found = [*_speed(row, exact, yardstick), *_fresh_calls(row), *_load(row), *_tolerance(row), *_memory(row)]
+    found = [*_speed(row, exact, yardstick), *_fresh_calls(row), *_load(row), *_throttled(row), *_tolerance(row),
+             *_memory(row)]
     return tuple(found)
 
 
@@ -79,6 +80,13 @@ def _load(row: Row) -> list[Flag]:
     if load is None or load <= LOAD_CPUS:
         return []
     return [Flag("under_load", f"measured under load: other processes kept {load:.1f} CPUs busy while it was timed")]
+
+
+def _throttled(row: Row) -> list[Flag]:
+    reasons = row.latency.throttling if row.latency is not None else []
+    if not reasons:
+        return []
+    return [Flag("throttled", f"GPU throttled while timed: {'; '.join(reasons)}")]
 
 
 def _tolerance(row: Row) -> list[Flag]:

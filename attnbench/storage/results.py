@@ -14,6 +14,7 @@ from typing import Any
 from attnbench.contract.case import Case
 from attnbench.contract.errors import UserError
 from attnbench.measuring.figures import Correctness, ErrorFigures, Latency, Memory
+from attnbench.measuring.gpu_state import GpuSample
 from attnbench.measuring.outcome import Status
 from attnbench.support.text import bounded_block, one_line
 
@@ -43,9 +44,11 @@ class Flag:
 # implausible_speed: faster than the device's measured matmul peak allows.
 # fresh_inputs_slower: a call on fresh inputs was far slower than the timed calls on repeated ones.
 # under_load: other processes kept CPUs busy while it was timed.
+# throttled: the GPU slowed itself down (power cap, heat) while it was timed (NVML).
 # loose_tolerance: judged at a tolerance looser than the dtype's default.
 # memory_outside_torch: the process grew far beyond what torch's allocator counted.
-FLAG_KINDS = ("implausible_speed", "fresh_inputs_slower", "under_load", "loose_tolerance", "memory_outside_torch")
+FLAG_KINDS = ("implausible_speed", "fresh_inputs_slower", "under_load", "throttled", "loose_tolerance",
+              "memory_outside_torch")
 LATENCY_VOIDING_FLAGS = ("implausible_speed", "fresh_inputs_slower")
 
 
@@ -197,6 +200,8 @@ def _latency_from_json(data: Mapping[str, Any]) -> Latency:
         fresh_call_s=tuple(data.get("fresh_call_s", ())),
         cache=data.get("cache", ""),
         prepare_s=data.get("prepare_s"),
+        gpu_samples=tuple(GpuSample(**{**sample, "slowdown_reasons": tuple(sample.get("slowdown_reasons", ()))})
+                          for sample in data.get("gpu_samples", ())),
     )
 
 

@@ -16,7 +16,7 @@ from attnbench.contract.inputs import BUILTIN_SOURCES
 from attnbench.contract.registry import Registry
 from attnbench.execution.executor import Finished, StartedCallback, WorkUnit, YardstickRound
 from attnbench.execution.local.isolation import run_isolated
-from attnbench.execution.local.worker import Job, MatmulJob
+from attnbench.execution.local.worker import Job, YardstickJob
 from attnbench.measuring import outcome
 from attnbench.settings.suite import Limits
 from attnbench.storage.environment import Environment, capture_environment
@@ -48,7 +48,7 @@ class LocalExecutor:
 
     def _run(self, unit: WorkUnit) -> Finished:
         if isinstance(unit, YardstickRound):
-            result = run_isolated(MatmulJob(unit.device, unit.dtype_name, unit.run_time_s), unit.timeout_s,
+            result = run_isolated(YardstickJob(unit.device, unit.dtype_name, unit.run_time_s), unit.timeout_s,
                                   unit.threads)
             return Finished(unit, result.outcome, result.wall_time_s, result.log_tail, result.notes)
         ref = unit.implementation

@@ -32,8 +32,8 @@ from attnbench.execution.local import sandbox
 from attnbench.measuring import outcome as outcome_of
 from attnbench.measuring.allocator import steady_cpu_allocator
 from attnbench.measuring.correctness import Verifier
+from attnbench.measuring.device_rates import copy_bytes_per_s, matmul_flops
 from attnbench.measuring.figures import Measurement
-from attnbench.measuring.matmul import matmul_flops
 from attnbench.measuring.measure import measure_case
 from attnbench.measuring.outcome import Failure, Outcome, Yardstick
 from attnbench.settings.suite import Measure
@@ -63,13 +63,14 @@ class Job:
 
 
 @dataclass(frozen=True)
-class MatmulJob:
+class YardstickJob:
     device: str
     dtype_name: str
     min_run_time_s: float
 
     def run(self, settings: process_state.Snapshot) -> Outcome:
-        return Yardstick(matmul_flops(self.device, self.dtype_name, self.min_run_time_s))
+        return Yardstick(matmul_flops(self.device, self.dtype_name, self.min_run_time_s),
+                         copy_bytes_per_s(self.device, self.dtype_name, self.min_run_time_s / 2))
 
 
 def child_main(connection: Connection, output: Connection, payload: bytes, threads: int) -> None:
