@@ -27,7 +27,8 @@ else:
     MISSING = ""
 
 IMPLEMENTATIONS = sorted(
-    {"axial", "flash", "hybrid", "naive", "nystrom", "performer", "sparse", "xformers"}
+    {"axial", "flash", "flex", "hybrid", "naive", "nystrom", "performer", "sdpa_cudnn", "sdpa_mem_efficient", "sparse",
+     "xformers"}
     | {name for name in os.environ.get("ATTNBENCH_ASV_EXTRA", "").split(",") if name}
 )
 SEQ_LENS = [256, 1024, 2048]

@@ -127,5 +127,23 @@ def test_a_point_faster_than_the_matmul_yardstick_is_flagged_and_no_result(tmp_p
     run = load_run(write_run(tmp_path / "run", rows, {"fast": declared(True, "n^2", "n")}, matmul=1e12))
     assert all(r.latency_voided and r.flags[0].kind == "implausible_speed" for r in run.rows)
     message = run.rows[0].flags[0].message
-    assert "is 204800% of the device's best measured matmul (1000 GFLOP/s); not a result" in message
+    assert "is 204800% of the device's best measured matmul (1000 GFLOP/s in float32); not a result" in message
     assert _fit(run, "fast", "latency").exponent is None  # no latency to fit
+
+
+def test_a_precision_without_fast_matmuls_is_judged_against_float32():
+    """float16 matmuls on many CPUs run a hundred times slower than float32 ones, while an
+    attention kernel may compute in float32: the ceiling is the faster of the two yardsticks."""
+    import dataclasses
+
+    import torch
+
+    from attnbench.storage import flags
+
+    (fp16,) = [dataclasses.replace(r, case=dataclasses.replace(r.case, dtype=torch.float16))
+               for r in curve("fp16", lambda n: 0.1, lambda n: 4096 * n, 1e-3)[:1]]  # 5.4 GFLOP/s
+    slow_fp16 = {"cpu/float16": 1e9}
+    assert [f.kind for f in flags.flags_of(fp16, True, slow_fp16)] == ["implausible_speed"]
+    assert flags.flags_of(fp16, True, {**slow_fp16, "cpu/float32": 1e11}) == ()
+    (flag,) = flags.flags_of(fp16, True, {**slow_fp16, "cpu/float32": 2e9})
+    assert "(2 GFLOP/s in float32)" in flag.message

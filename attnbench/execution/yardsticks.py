@@ -26,7 +26,10 @@ class Yardsticks:
     def __init__(self, executor: Executor, cases: Sequence[Case], threads: int, timeout_s: float,
                  stored_flops: dict[str, list[float]], stored_copy: dict[str, list[float]]) -> None:
         self.executor = executor
-        self.keys = [(device, dtype) for device, dtype in dict.fromkeys((c.device, c.dtype_name) for c in cases)
+        # float32 on every device too: the ceiling for lower precisions without fast matmuls there
+        # (attnbench.storage.flags).
+        pairs = [pair for case in cases for pair in ((case.device, case.dtype_name), (case.device, "float32"))]
+        self.keys = [(device, dtype) for device, dtype in dict.fromkeys(pairs)
                      if device_unavailable_reason(device) is None]
         self.threads = threads
         self.timeout_s = timeout_s

@@ -9,8 +9,10 @@ from torch.utils import benchmark
 from attnbench.contract.case import DTYPES
 
 # Square matmuls this large run near the device's best sustained rate without taking long; which
-# size is fastest depends on the caches, so the best of two is the rate.
-SIZES = {"cpu": (1024, 2048), "cuda": (4096, 8192), "mps": (2048, 4096)}
+# size is fastest depends on the caches, so the best is the rate. Tried smallest first: a size
+# whose one call would outlast its share of the time at the best rate so far is left out (a
+# dtype without fast kernels, float16 on many CPUs, runs at a hundredth of the rate).
+SIZES = {"cpu": (256, 1024, 2048), "cuda": (1024, 4096, 8192), "mps": (1024, 2048, 4096)}
 # Copies this large go through memory, not a cache (a GPU's L2 and a CPU's last level are smaller).
 COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30, "mps": 512 * 2**20}
 
@@ -20,7 +22,13 @@ def matmul_flops(device: str, dtype_name: str, min_run_time_s: float = 1.0) -> f
     blocks: a peak rate, with this process's torch threads. The runner measures it in workers,
     again and again during a run, and keeps the best (attnbench.execution.yardsticks)."""
     sizes = SIZES.get(device.split(":")[0], SIZES["cpu"])
-    return max(_matmul_rate(device, DTYPES[dtype_name], n, min_run_time_s / len(sizes)) for n in sizes)
+    share_s = min_run_time_s / len(sizes)
+    best = 0.0
+    for n in sizes:
+        if best and 2.0 * n**3 / best > share_s:
+            break
+        best = max(best, _matmul_rate(device, DTYPES[dtype_name], n, share_s))
+    return best
 
 
 def copy_bytes_per_s(device: str, dtype_name: str, min_run_time_s: float = 0.5) -> float:

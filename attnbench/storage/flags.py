@@ -53,14 +53,20 @@ def refresh(rows: Sequence[Row], exact: Mapping[str, bool], yardstick: Mapping[s
 
 
 def _speed(row: Row, exact: bool, yardstick: Mapping[str, float]) -> list[Flag]:
-    peak = yardstick.get(matmul_key(row.case.device, row.case.dtype_name))
+    """Faster than the device's matmul in the row's dtype or in float32 allows: an implementation
+    may compute in float32 where the device has no fast kernels for its dtype (float16 on many CPUs)."""
+    device, dtype = row.case.device, row.case.dtype_name
+    peaks = {name: yardstick.get(matmul_key(device, name)) for name in (dtype, "float32")}
+    peak_dtype, peak = max(((name, value) for name, value in peaks.items() if value), key=lambda item: item[1],
+                           default=(dtype, None))
     if not exact or row.latency is None or not peak:
         return []
     achieved = attention_flops(row.case) / row.latency.median_s
     if achieved <= IMPLAUSIBLE_HEADROOM * peak:
         return []
     return [Flag("implausible_speed", f"implausible speed: {achieved / 1e9:.4g} GFLOP/s is {achieved / peak:.0%} of "
-                                      f"the device's best measured matmul ({peak / 1e9:.4g} GFLOP/s); not a result")]
+                                      f"the device's best measured matmul ({peak / 1e9:.4g} GFLOP/s in {peak_dtype}); "
+                                      "not a result")]
 
 
 def _fresh_calls(row: Row) -> list[Flag]:
