@@ -12,8 +12,12 @@ cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if ! "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e . >/tmp/attnbench-gpu-check-install.log 2>&1; then
-  echo "gpu_check.sh: error: could not install attnbench into $PYTHON (needs pip and setuptools); see /tmp/attnbench-gpu-check-install.log" >&2
-  exit 2
+log=$(mktemp -t attnbench-gpu-check-install.XXXXXX)
+if ! "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e . >"$log" 2>&1; then
+  # An old setuptools, or none: run from this checkout instead (plugins/ is attnbench_plugins).
+  echo "gpu_check.sh: warning: could not install attnbench into $PYTHON (see $log); running from the source tree" >&2
+  source_tree=$(mktemp -d -t attnbench-source.XXXXXX)
+  ln -s "$PWD/plugins" "$source_tree/attnbench_plugins"
+  export PYTHONPATH="$PWD:$source_tree${PYTHONPATH:+:$PYTHONPATH}"
 fi
 exec "$PYTHON" -m benchmarks.gpu_check "$@"

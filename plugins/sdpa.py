@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +25,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnbench
 from attnbench import AttentionFn, Case
+
+
+# How torch says no kernel of the pinned backend takes the call: on CUDA, "No available kernel.
+# Aborting execution." after its reasons as warnings; on the CPU, "No viable backend ...".
+REFUSAL_MARKERS = ("No available kernel", "No viable backend")
 
 
 class PinnedSdpa(attnbench.Implementation):
@@ -45,9 +50,18 @@ class PinnedSdpa(attnbench.Implementation):
     def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
         backend, causal, grouped = self.backend, case.causal, case.kv_heads != case.heads
 
-        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def pinned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=grouped)
+
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            try:
+                return pinned(q, k, v)
+            except RuntimeError as error:  # a limit the tiny call could not show (e.g. on N)
+                reasons = _refusals(lambda: pinned(q, k, v))
+                if not reasons:
+                    raise
+                raise attnbench.NotSupported("; ".join(reasons)) from error
 
         return attention
 
@@ -79,18 +93,29 @@ def _backend_refusals(
     causal: bool, backward: bool,
 ) -> tuple[str, ...]:
     """Ask the backend itself, on a tiny call of the same kind: torch knows its constraints
-    (dtype, head_dim, GPU architecture, grouped-query support) better than a copied list. torch
-    gives its reasons as warnings, then raises a generic error."""
+    (dtype, head_dim, GPU architecture, grouped-query support) better than a copied list."""
     q = torch.zeros(1, heads, 8, head_dim, dtype=dtype, device=device, requires_grad=backward)
     k = torch.zeros(1, kv_heads, 8, head_dim, dtype=dtype, device=device, requires_grad=backward)
+
+    def tiny_call() -> None:
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(q, k, k, is_causal=causal, enable_gqa=kv_heads != heads)
+        if backward:
+            out.sum().backward()
+
+    return _refusals(tiny_call)
+
+
+def _refusals(call: Callable[[], Any]) -> tuple[str, ...]:
+    """Why torch refused the pinned call (empty: it ran, or failed otherwise). torch gives its
+    reasons as warnings, then raises a generic error."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with sdpa_kernel(backend):
-                out = F.scaled_dot_product_attention(q, k, k, is_causal=causal, enable_gqa=kv_heads != heads)
-            if backward:
-                out.sum().backward()
+            call()
         except RuntimeError as error:
+            if not any(marker in str(error) for marker in REFUSAL_MARKERS):
+                return ()  # not a refusal: an error of the call itself
             reasons = [_clean(str(warning.message)) for warning in caught] or [_clean(str(error))]
             return tuple(dict.fromkeys(reason for reason in reasons if reason))
     return ()

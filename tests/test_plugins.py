@@ -100,3 +100,20 @@ def test_flex_is_exact_forward_and_says_torch_has_no_cpu_backward(registry):
 @pytest.mark.parametrize("name", ["sdpa_mem_efficient", "sdpa_cudnn"])
 def test_cuda_only_sdpa_backends_say_so_on_the_cpu(registry, name):
     assert registry.get(name).not_supported_reasons(small_case()) == ["device=cpu (supported: cuda)"]
+
+
+def test_a_pinned_backend_refusing_the_real_call_makes_the_point_unsupported(registry):
+    """The tiny call that asks torch cannot show every limit (one on N, say): a refusal at the
+    real call is still torch's reason and an unsupported point, never an error or another kernel.
+    Here the memory-efficient backend, which the CPU lacks, stands in for such a limit."""
+    import torch
+
+    import attnbench
+    from attnbench_plugins import sdpa
+
+    case = small_case()
+    attention = registry.get("sdpa_mem_efficient").prepare(case, {})
+    q = torch.randn(case.batch, case.heads, case.seq_len, case.head_dim)
+    with pytest.raises(attnbench.NotSupported, match="No viable backend"):
+        attention(q, q, q)
+    assert sdpa._refusals(lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access"))) == ()

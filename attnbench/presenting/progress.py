@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
-from tqdm import tqdm
+try:
+    from tqdm import tqdm
+except ImportError:  # machines with only torch's scientific stack (benchmarks/gpu_check.sh): lines, no bar
+    tqdm = None
 
 from attnbench.contract.case import CURVE_LABEL, Case, curve_x
 from attnbench.storage.results import Row
@@ -17,8 +20,8 @@ class TerminalProgress:
         # Looked up when the bar is made, not when this module was imported: sys.stderr may
         # have been replaced since (pytest's capture, a redirecting caller).
         self.stream = stream if stream is not None else sys.stderr
-        self.interactive = self.stream.isatty()
-        self.bar: tqdm | None = None
+        self.interactive = self.stream.isatty() and tqdm is not None
+        self.bar: Any = None  # a tqdm bar on a terminal
         self.done = 0
         self.total = 0
 
