@@ -338,8 +338,9 @@ def _yardstick_lines(environment: dict) -> list[str]:
 
 def _headline(runs: list[RunFolder], plan: Plan) -> list[str]:
     """Latency and TFLOP/s (against the matmul yardstick) of the exact GPU implementations at the
-    headline lengths and dtype, without grouped-query heads."""
-    lines = ["implementation      N      mode              latency    TFLOP/s  of matmul  status"]
+    headline lengths and dtype, without grouped-query heads; prepare is set-up and compilation
+    (flex's compile time), outside the latency; flags (throttled, ...) follow the status."""
+    lines = ["implementation      N      mode              latency    TFLOP/s  of matmul   prepare  status"]
     for run in runs:
         for row in sorted(run.rows, key=lambda r: (HEADLINE.index(r.implementation), r.case.mode, r.case.seq_len)
                           if r.implementation in HEADLINE else (99, "", 0)):
@@ -355,10 +356,13 @@ def _headline_line(row: Row, peak: float | None) -> str:
     case, latency = row.case, row.latency
     start = f"{row.implementation:<18} {case.seq_len:>6}  {case.mode:<16}"
     if row.status != "ok" or latency is None:
-        return f"{start} {'':>9} {'':>9} {'':>10}  {row.status}: {one_line(row.reasons[0] if row.reasons else '', 60)}"
+        why = one_line(row.reasons[0] if row.reasons else "", 60)
+        return f"{start} {'':>9} {'':>9} {'':>10} {'':>9}  {row.status}: {why}"
     flops = attention_flops(case) / latency.median_s
     share = f"{flops / peak:.0%}" if peak else "?"
-    return f"{start} {format_seconds(latency.median_s):>9} {flops / 1e12:>9.3g} {share:>10}  ok"
+    prepare = format_seconds(latency.prepare_s) if latency.prepare_s is not None else "?"
+    flags = "".join(f", {flag.kind}" for flag in row.flags)
+    return f"{start} {format_seconds(latency.median_s):>9} {flops / 1e12:>9.3g} {share:>10} {prepare:>9}  ok{flags}"
 
 
 def _default_outdir(device: str) -> Path:

@@ -26,7 +26,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import attnbench
 from attnbench import AttentionFn, Case
 
-
 # How torch says no kernel of the pinned backend takes the call: on CUDA, "No available kernel.
 # Aborting execution." after its reasons as warnings; on the CPU, "No viable backend ...".
 REFUSAL_MARKERS = ("No available kernel", "No viable backend")

@@ -10,6 +10,7 @@ import pytest
 import toys
 
 from attnbench.contract.registry import Registry
+from attnbench.storage.run_folder import load_run
 from benchmarks import gpu_check, gpu_probes
 from benchmarks.gpu_check import Plan, Shape
 
@@ -37,8 +38,15 @@ limits: {memory_gb: 0.05}
 )
 
 
-def test_the_check_runs_every_step_on_the_cpu(tmp_path, registry):
-    verdict = gpu_check.run_check(TINY, "cpu", tmp_path, registry)
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory, registry):
+    """The whole check, run once: (its output folder, its verdict)."""
+    outdir = tmp_path_factory.mktemp("gpu_check")
+    return outdir, gpu_check.run_check(TINY, "cpu", outdir, registry)
+
+
+def test_the_check_runs_every_step_on_the_cpu(checked):
+    tmp_path, verdict = checked
     lines = verdict.text.splitlines()
     assert verdict.passed, verdict.text
     verdicts = {line[6:33].strip(): line[:5].strip() for line in lines if line[:5].strip() in ("PASS", "FAIL", "n/a")}
@@ -49,7 +57,7 @@ def test_the_check_runs_every_step_on_the_cpu(tmp_path, registry):
     assert "naive at B=1 H=4 N=2048 D=32 float32 cpu forward: oom" in verdict.text
     assert "3 implementations × 3 dtypes × 2 modes × 2 masks: " in verdict.text
     assert lines[-1].startswith("VERDICT: PASS")
-    assert any(line.startswith("flash") and " 256 " in line and line.endswith("ok") for line in lines)  # headline
+    assert any(line.startswith("flash") and " 256 " in line and "  ok" in line for line in lines)  # headline
     assert (tmp_path / "verdict.txt").read_text() == verdict.text + "\n"
     assert len((tmp_path / "kit.tsv").read_text().splitlines()) == 1 + 3 * 3 * 2 * 2
     assert list((tmp_path / "runs" / "tiny_check").glob("*/report.html"))
@@ -78,8 +86,9 @@ def test_the_peak_check_fails_without_the_n_by_n_buffers(registry):
     assert check.verdict == "FAIL"
 
 
-def test_the_oom_check_wants_naive_oom_and_flash_ok(tmp_path, registry):
-    run, _ = gpu_check._sweep(TINY.oom, "cpu", tmp_path, registry)
+def test_the_oom_check_wants_naive_oom_and_flash_ok(checked):
+    (folder,) = (checked[0] / "runs" / "tiny_oom").iterdir()
+    run = load_run(folder)
     assert gpu_check._oom_check(run).verdict == "PASS"
     ok_naive = dataclasses.replace(run, rows=tuple(dataclasses.replace(row, status="ok") for row in run.rows))
     assert gpu_check._oom_check(ok_naive).verdict == "FAIL"

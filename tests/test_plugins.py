@@ -107,9 +107,9 @@ def test_a_pinned_backend_refusing_the_real_call_makes_the_point_unsupported(reg
     real call is still torch's reason and an unsupported point, never an error or another kernel.
     Here the memory-efficient backend, which the CPU lacks, stands in for such a limit."""
     import torch
+    from attnbench_plugins import sdpa
 
     import attnbench
-    from attnbench_plugins import sdpa
 
     case = small_case()
     attention = registry.get("sdpa_mem_efficient").prepare(case, {})
