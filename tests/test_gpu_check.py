@@ -103,3 +103,20 @@ def test_a_device_this_machine_lacks_is_one_line_and_exit_2(device, capsys):
     assert gpu_check.main(["--device", device]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith(f"gpu_check: error: --device: {device} is not available here")
+
+
+@pytest.mark.parametrize(("name", "kernels", "verdict"), [
+    ("flash", {"void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>"}, "PASS"),
+    ("flash", {"void at::native::elementwise_kernel<128, 4>"}, "FAIL"),  # the op ran, but no flash kernel
+    ("sdpa_mem_efficient", {"fmha_cutlassF_bf16_aligned_64x128_rf_sm80"}, "PASS"),
+    ("sdpa_cudnn", {"sm90_xmma_fprop_generated"}, "PASS"),  # cuDNN's kernels are not named after it
+    ("sdpa_cudnn", set(), "FAIL"),
+])
+def test_on_a_gpu_the_backends_kernels_are_named(monkeypatch, registry, name, kernels, verdict):
+    """The GPU branch of the kernel check, with the profiler's answer faked (no GPU here)."""
+    op = gpu_probes.SDPA_OPS[name][0]
+    monkeypatch.setattr(gpu_probes, "plugin_reasons", lambda implementation, case: [])
+    monkeypatch.setattr(gpu_probes, "_call", lambda implementation, case: None)
+    monkeypatch.setattr(gpu_probes, "_profiled_names", lambda call, device: ({op}, kernels))
+    check = gpu_probes.sdpa_kernels(registry.get(name), TINY.kernels.case("cuda"))
+    assert check.verdict == verdict, check.detail
