@@ -36,7 +36,7 @@ from typing import TypeVar
 
 import torch
 
-from attnbench.contract.case import Case, available_devices
+from attnbench.contract.case import DTYPES, Case, device_unavailable_reason
 from attnbench.contract.errors import NotSupported
 from attnbench.contract.implementation import Implementation, effective_options, plugin_reasons
 from attnbench.contract.registry import Registry, load_registry
@@ -50,14 +50,14 @@ from attnbench.storage.results import Row
 from attnbench.storage.run_folder import RunFolder, load_run
 from attnbench.support.text import one_line
 from attnbench.support.units import format_seconds
-from attnbench.testing import CORRECTNESS_ONLY
+from attnbench.testing import CORRECTNESS_ONLY, small_case
 from benchmarks import gpu_probes
 from benchmarks.gpu_probes import Check
 
 T = TypeVar("T")
 FAILED = ("error", "crashed", "incorrect", "timeout")  # a sweep row with one of these fails the check
 HEADLINE = ("flash", "sdpa_cudnn", "sdpa_mem_efficient", "flex", "xformers")
-DTYPES = ("float16", "bfloat16", "float32")
+KIT_DTYPES = ("float16", "bfloat16", "float32")
 MODES = ("forward", "forward_backward")
 
 
@@ -70,10 +70,9 @@ class Shape:
     dtype: str
 
     def case(self, device: str, **overrides: object) -> Case:
-        fields = dict(batch=self.batch, heads=self.heads, kv_heads=self.heads, seq_len=self.seq_len,
-                      head_dim=self.head_dim, dtype=getattr(torch, self.dtype), device=device, causal=False,
-                      mode="forward")
-        return Case(**{**fields, **overrides})
+        fields = dict(batch=self.batch, heads=self.heads, seq_len=self.seq_len, head_dim=self.head_dim,
+                      dtype=DTYPES[self.dtype], device=device)
+        return small_case(**{**fields, **overrides})
 
 
 @dataclass(frozen=True)
@@ -157,16 +156,22 @@ limits: {memory_gb: 0.25, timeout_s: 120}  # naive's scores are 256 MiB
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     device = args.device
-    if device not in available_devices() and not (device.startswith("cuda") and torch.cuda.is_available()):
-        print(f"gpu_check: error: --device: {device} is not available here (available: "
-              f"{', '.join(available_devices())}; use --device cpu to check the logic without a GPU)",
-              file=sys.stderr)
+    problem = _unavailable(device)
+    if problem:
+        print(f"gpu_check: error: --device: {device} is not available here ({problem}; use --device cpu to check "
+              "the logic without a GPU)", file=sys.stderr)
         return 2
     plan = CPU if device == "cpu" else GPU
     outdir = args.outdir or _default_outdir(device)
     verdict = run_check(plan, device, outdir, load_registry())
     print(verdict.text)
     return 0 if verdict.passed else 1
+
+
+def _unavailable(device: str) -> str | None:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        return "the check runs on cpu, cuda or cuda:N"
+    return device_unavailable_reason(device)
 
 
 @dataclass(frozen=True)
@@ -257,7 +262,7 @@ def _kit(registry: Registry, names: Sequence[str], shape: Shape, device: str, ta
     this process, correctness only."""
     lines, outcomes = ["implementation\tcase\tstatus\treason"], Counter()
     failures = []
-    for name, dtype, mode, causal in itertools.product(names, DTYPES, MODES, (True, False)):
+    for name, dtype, mode, causal in itertools.product(names, KIT_DTYPES, MODES, (True, False)):
         implementation = registry.get(name)
         case = dataclasses.replace(shape, dtype=dtype).case(device, mode=mode, causal=causal,
                                                             kv_heads=shape.heads // 2 if causal else shape.heads)
@@ -342,13 +347,12 @@ def _headline(runs: list[RunFolder], plan: Plan) -> list[str]:
     (flex's compile time), outside the latency; flags (throttled, ...) follow the status."""
     lines = ["implementation      N      mode              latency    TFLOP/s  of matmul   prepare  status"]
     for run in runs:
-        for row in sorted(run.rows, key=lambda r: (HEADLINE.index(r.implementation), r.case.mode, r.case.seq_len)
-                          if r.implementation in HEADLINE else (99, "", 0)):
-            case = row.case
-            if (row.implementation not in HEADLINE or case.seq_len not in plan.headline_seq_lens
-                    or case.dtype_name != plan.headline_dtype or case.kv_heads != plan.headline_kv_heads):
-                continue
-            lines.append(_headline_line(row, run.matmul_flops.get(matmul_key(case.device, case.dtype_name))))
+        shown = [row for row in run.rows
+                 if row.implementation in HEADLINE and row.case.seq_len in plan.headline_seq_lens
+                 and row.case.dtype_name == plan.headline_dtype and row.case.kv_heads == plan.headline_kv_heads]
+        for row in sorted(shown, key=lambda r: (HEADLINE.index(r.implementation), r.case.mode, r.case.seq_len)):
+            peak = run.matmul_flops.get(matmul_key(row.case.device, row.case.dtype_name))
+            lines.append(_headline_line(row, peak))
     return lines
 
 
