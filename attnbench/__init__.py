@@ -21,8 +21,9 @@ from attnbench.contract.hookspecs import hookimpl
 from attnbench.contract.implementation import AttentionFn, Implementation, Tolerance
 from attnbench.contract.inputs import InputSource
 from attnbench.contract.registry import Registry
+from attnbench.contract.work import FlopCount
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionFn", "Case", "Implementation", "InputSource", "NotSupported", "Registry", "Tolerance", "UserError",
-           "hookimpl"]
+__all__ = ["AttentionFn", "Case", "FlopCount", "Implementation", "InputSource", "NotSupported", "Registry", "Tolerance",
+           "UserError", "hookimpl"]

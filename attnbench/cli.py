@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from attnbench.analysis.compare import ALPHA, CHANGE_HEADERS, DEFAULT_THRESHOLD, compare_runs, format_changes
 from attnbench.analysis.curves import scaling_fits
@@ -18,11 +20,12 @@ from attnbench.contract.errors import UserError, did_you_mean
 from attnbench.contract.implementation import Implementation, plugin_reasons
 from attnbench.contract.registry import Registry, load_registry
 from attnbench.execution.runner import run_suite
+from attnbench.presenting.answer import answer_text
 from attnbench.presenting.progress import TerminalProgress
-from attnbench.presenting.summary import format_table, summary_table
-from attnbench.settings.loader import load_suite
-from attnbench.settings.suite import Suite
-from attnbench.storage.run_folder import Declared, declared_of, load_run
+from attnbench.presenting.summary import format_table, points_by_implementation, summary_table
+from attnbench.settings.loader import load_report_settings, load_suite
+from attnbench.settings.suite import MAX_ERROR_BUDGETS, Suite
+from attnbench.storage.run_folder import SUITE_COPY, Declared, declared_of, load_run
 from attnbench.support.containment import Interrupted, PluginFault, contained, install_interrupt_handlers
 from attnbench.support.text import one_line
 
@@ -51,8 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line naming the flag and what is allowed (exit 2), without the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"attnbench: error: {self.prog}: {one_line(message)} (see: {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnbench", description=__doc__)
+    parser = _OneLineParser(prog="attnbench", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a suite and summarise it")
@@ -69,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="rebuild a run's reports (CSV, Markdown, HTML, plots) from its rows")
     report.add_argument("run_dir", type=Path, help="a run folder, e.g. results/long_seq/<run-id>")
+    report.add_argument("--error-budgets", type=_budgets, metavar="E1,E2",
+                        help="relative errors under which approximations are compared (default: the suite's "
+                             "report.error_budgets, else 0.01,0.1)")
     report.set_defaults(command=_report)
 
     compare = commands.add_parser("compare", help="compare two runs point by point")
@@ -87,6 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--plots", type=Path, help="folder for the plots (default: SUITE_RESULTS/history)")
     history.set_defaults(command=_history)
     return parser
+
+
+def _budgets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(sorted(float(part) for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected relative errors separated by commas, e.g. 0.01,0.1, got {text!r}") from None
+    if not values or len(values) > MAX_ERROR_BUDGETS or not all(0 < value < math.inf for value in values):
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_ERROR_BUDGETS} positive finite relative errors, e.g. "
+                                         f"0.01,0.1, got {text!r}")
+    return values
 
 
 def _fraction(text: str) -> float:
@@ -111,11 +136,14 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     if result.rows:
-        print(summary_table(result.rows))
+        run = load_run(result.run_dir)
+        budgets = suite.report.error_budgets
+        print(summary_table(run.rows))
+        print("\n" + answer_text(run.rows, run.declared, budgets))
         print(f"\nresults: {result.rows_path}")
         from attnbench.presenting.report import write_reports  # (matplotlib and pandas: see _report)
 
-        written = write_reports(load_run(result.run_dir))
+        written = write_reports(run, budgets)
         print(f"report: {written[2]} (and {', '.join(path.name for path in written[:2])}, plots/)")
     if result.interrupted is not None:
         finished = len(result.rows)
@@ -144,10 +172,12 @@ def _report(args: argparse.Namespace) -> int:
     from attnbench.presenting.report import write_reports
 
     run = load_run(args.run_dir, fallback=_declared_from_registry())
-    written = write_reports(run)
+    budgets = args.error_budgets or load_report_settings(run.path / SUITE_COPY).error_budgets
+    written = write_reports(run, budgets)
     for fit in scaling_fits(run.rows, run.declared):
         if fit.exponent is not None:
             print(f"{fit.implementation:16s} {fit.metric:8s} {describe_group(fit.group)}: {fit.sentence()}")
+    print("\n" + answer_text(run.rows, run.declared, budgets) + "\n")
     print(f"report: {written[2]} (and {', '.join(path.name for path in written[:2])}, plots/)")
     return 0
 
@@ -159,8 +189,8 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"attnbench: warning: the runs' environments differ: {difference}", file=sys.stderr)
     print(format_table(CHANGE_HEADERS, format_changes(comparison.changes)))
     for label, rows in (("only in base", comparison.only_in_base), ("only in new", comparison.only_in_new)):
-        for row in rows:
-            print(f"{label}: {row.implementation} {row.case.describe()}")
+        for line in points_by_implementation(rows):
+            print(f"{label}: {line}")
     typical = comparison.typical_ratio
     if typical is not None:
         print(f"\nmedian new/base ratio over all points: {typical:.2f} (machine-wide drift shows here)")

@@ -55,9 +55,10 @@ def check_implementation(
     cases: Iterable[Case] | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> dict[Case, Measurement]:
-    """Assert the contract holds and each supported case measures ``ok``; returns the measurements.
-
-    Unsupported cases are left out of the result (their reasons must be non-empty strings).
+    """Assert the contract holds and each supported case measures ``ok`` (correct outputs and
+    gradients, inputs left alone, a usable FLOP declaration where it declares one); returns the
+    measurements. A failure names the case and the check. Unsupported cases are left out of the
+    result (their reasons must be non-empty strings).
     """
     violations = contract_violations(implementation)
     assert not violations, f"{implementation!r} breaks the contract: {violations}"
@@ -69,10 +70,17 @@ def check_implementation(
         reasons = plugin_reasons(implementation, case)
         if reasons:
             continue
+        where = f"{implementation.name} on {case.describe()}"
         try:
             measurement = measure_case(implementation, case, resolved, CORRECTNESS_ONLY)
         except NotSupported:
             continue
-        assert measurement.status == "ok", f"{implementation.name} on {case.describe()}: {measurement.reasons}"
+        except Exception as error:  # noqa: BLE001 (the plugin's own failure, named with its case)
+            raise AssertionError(f"{where}: prepare or the call raised {type(error).__name__}: {error} (the "
+                                 "traceback above shows where; a case it cannot take needs a reason from "
+                                 "not_supported_reasons or a declared capability)") from error
+        assert measurement.status == "ok", f"{where}: {measurement.status}: {'; '.join(measurement.reasons)}"
+        broken = [note for note in measurement.notes if note.startswith("flops() ")]
+        assert not broken, f"{where}: its FLOP declaration: {broken[0]}"
         measurements[case] = measurement
     return measurements

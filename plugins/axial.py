@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import attnbench
 from attnbench import AttentionFn, Case
+from attnbench.contract.work import timed_call
 
 MOST_ELONGATED = 16  # a grid with cols > 16 × rows is no longer axial in any useful sense
 
@@ -74,6 +75,16 @@ class AxialAttention(attnbench.Implementation):
             return along_columns.view(batch, heads, cols, rows, dim).transpose(2, 3).reshape(batch, heads, seq_len, dim)
 
         return attention
+
+    def flops(self, case: Case, options: Mapping[str, Any]) -> attnbench.FlopCount:
+        """Each query meets the cols keys of its row, then the rows keys of its column:
+        4·B·H·N·(rows+cols)·D; causal, each pass looks back only: 2·B·H·N·(rows+cols+2)·D."""
+        rows, cols = _grid(case, options)
+        b, h, n, d = case.batch, case.heads, case.seq_len, case.head_dim
+        if case.causal:
+            return timed_call(case, 2.0 * b * h * n * (rows + cols + 2) * d,
+                              f"2·B·H·N·(rows+cols+2)·D, grid {rows}×{cols}")
+        return timed_call(case, 4.0 * b * h * n * (rows + cols) * d, f"4·B·H·N·(rows+cols)·D, grid {rows}×{cols}")
 
     def reference(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case, options: Mapping[str, Any],

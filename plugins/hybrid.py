@@ -31,6 +31,7 @@ from attnbench_plugins.performer import random_projection
 
 import attnbench
 from attnbench import AttentionFn, Case
+from attnbench.contract.work import banded_pairs, random_features, timed_call
 
 
 class HybridAttention(attnbench.Implementation):
@@ -47,6 +48,14 @@ class HybridAttention(attnbench.Implementation):
             if options[key] < minimum:
                 problems[key] = f"must be at least {minimum}, got {options[key]}"
         return problems
+
+    def flops(self, case: Case, options: Mapping[str, Any]) -> attnbench.FlopCount:
+        """Exact weights on the band's P pairs, 4·B·H·P·D, and the FAVOR+ estimate of the rest,
+        4·B·(H+KV)·N·m·D (the estimate's corrections inside the window's blocks not counted)."""
+        pairs = banded_pairs(case.seq_len, options["window"], case.causal)
+        estimate, formula = random_features(case, options["features"])
+        return timed_call(case, 4.0 * case.batch * case.heads * pairs * case.head_dim + estimate,
+                          f"4·B·H·P·D + {formula}, P={pairs} pairs (window {options['window']})")
 
     def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
         projection = _projection(case, options).to(case.device)  # (D, m), scaled by d^-¼

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import attnbench
 from attnbench import AttentionFn, Case
+from attnbench.contract.work import timed_call
 
 
 class NystromAttention(attnbench.Implementation):
@@ -75,6 +76,15 @@ class NystromAttention(attnbench.Implementation):
             return out.to(dtype)
 
         return attention
+
+    def flops(self, case: Case, options: Mapping[str, Any]) -> attnbench.FlopCount:
+        """m = min(landmarks, N), t iterations: the two attention calls through the landmarks
+        (4·N·m·D each), the landmark kernel (2·m²·D), t − 1 pseudo-inverse steps of four (m × m)
+        products and the last applied to the values (8·(t−1)·m³ + 2·m³ + 8·m²·D), per head."""
+        m, t = min(options["landmarks"], case.seq_len), options["pinv_iterations"]
+        b, h, n, d = case.batch, case.heads, case.seq_len, case.head_dim
+        forward = b * h * (8.0 * n * m * d + 10.0 * m * m * d + (8.0 * t - 6) * m**3)
+        return timed_call(case, forward, f"B·H·(8·N·m·D + 10·m²·D + (8t−6)·m³), m={m}, t={t}")
 
     def reference(self, q, k, v, case, options, rows):
         """The same formula in float64 with the (N × m) softmax matrices written out."""

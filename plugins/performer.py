@@ -36,6 +36,7 @@ import torch
 
 import attnbench
 from attnbench import AttentionFn, Case
+from attnbench.contract.work import random_features, timed_call
 
 
 class PerformerAttention(attnbench.Implementation):
@@ -72,6 +73,11 @@ class PerformerAttention(attnbench.Implementation):
             return out.reshape(batch, heads, seq_len, head_dim).to(dtype)
 
         return attention
+
+    def flops(self, case: Case, options: Mapping[str, Any]) -> attnbench.FlopCount:
+        """φ(Q), φ(K), φ(K)ᵀ[V, 1] and φ(Q)·(that): 4·B·(H+KV)·N·m·D; causal adds each chunk's
+        masked (c × c) products, 2·B·H·N·c·(m+D)."""
+        return timed_call(case, *random_features(case, options["features"], options["chunk_size"]))
 
     def reference(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case, options: Mapping[str, Any],

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import attnbench
 from attnbench import AttentionFn, Case
+from attnbench.contract.work import banded_pairs, timed_call
 from attnbench.measuring.reference import softmax_attention
 
 BACKENDS = ("auto", "flex", "blocked")
@@ -76,6 +77,14 @@ class SparseAttention(attnbench.Implementation):
         if options["backend"] not in BACKENDS:
             problems["backend"] = f"unknown backend {options['backend']!r} (allowed: {', '.join(BACKENDS)})"
         return problems
+
+    def flops(self, case: Case, options: Mapping[str, Any]) -> attnbench.FlopCount:
+        """Exact attention on the pattern's P (query, key) pairs: 4·B·H·P·D (the blocked backend's
+        padding is not counted: it shows as a lower throughput)."""
+        pairs = banded_pairs(case.seq_len, options["window"], case.causal, options["global_tokens"])
+        return timed_call(case, 4.0 * case.batch * case.heads * pairs * case.head_dim,
+                          f"4·B·H·P·D, P={pairs} pairs (window {options['window']}, "
+                          f"{options['global_tokens']} global)")
 
     def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
         pattern = SlidingWindow(options["window"], min(options["global_tokens"], case.seq_len), case.causal)

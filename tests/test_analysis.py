@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from synthetic_runs import curve, declared, standard_run, write_run
 
-from attnbench.analysis.curves import attention_flops, crossovers, pareto, scaling_fits, throughputs
+from attnbench.analysis.curves import crossovers, pareto, scaling_fits, throughputs
+from attnbench.measuring.flops import attention_flops
 from attnbench.storage.run_folder import load_run
 from attnbench.testing import small_case
 
@@ -35,7 +36,7 @@ def test_a_curve_with_gaps_is_fitted_on_what_ran(run):
 
 
 def test_crossover_is_interpolated_on_the_log_log_curves(run):
-    found = {(c.implementation, c.metric): c for c in crossovers(run.rows, run.declared)}
+    found = {(c.implementation, c.metric): c for c in crossovers(run.rows, run.declared, 1.0)}
     # linear 4e-5·n against the best exact, tiled 5e-10·n²: equal at n = 80000, beyond the range.
     assert found[("linear", "latency")].seq_len is None
     assert "not faster within the measured range" in found[("linear", "latency")].text
@@ -50,7 +51,7 @@ def test_crossover_inside_the_range(tmp_path):
             *curve("approx", lambda n: 2e-6 * n, lambda n: n, 0.1)]
     declarations = {"exact": declared(True, "n^2", "n"), "approx": declared(False, "n", "n")}
     run = load_run(write_run(tmp_path / "r" / "x", rows, declarations))
-    latency = next(c for c in crossovers(run.rows, run.declared) if c.metric == "latency")
+    latency = next(c for c in crossovers(run.rows, run.declared, 1.0) if c.metric == "latency")
     assert latency.seq_len == pytest.approx(2000, rel=1e-6)  # 1e-9·n² = 2e-6·n
     assert latency.text == "faster from ~2000 (between 1024 and 2048)"
 
@@ -65,7 +66,7 @@ def test_throughput_counts_flops_as_flashattention_does(run):
     tiled = results[("tiled", 4096)]  # 4·8·4096²·64 FLOPs in 5e-10·4096² s
     assert tiled.achieved_flops == pytest.approx(4 * 8 * 64 / 5e-10)
     assert tiled.fraction_of_matmul == pytest.approx(tiled.achieved_flops / 1e13)
-    assert ("linear", 4096) not in results  # approximations have no attention FLOP count
+    assert ("linear", 4096) not in results  # an approximation that declared no work has no throughput
 
 
 def test_pareto_front_keeps_only_the_unbeaten(run):
@@ -117,7 +118,7 @@ def test_a_point_correct_only_at_a_loose_tolerance_is_never_the_baseline(tmp_pat
     declarations = {"honest": declared(True, "n^2", "n"), "loose": declared(True, "n^2", "n"),
                     "linear": declared(False, "n", "n")}
     run = load_run(write_run(tmp_path / "run", rows, declarations, matmul=1e14))
-    found = {(c.implementation, c.metric): c for c in crossovers(run.rows, run.declared)}
+    found = {(c.implementation, c.metric): c for c in crossovers(run.rows, run.declared, 1.0)}
     # Against honest (1e-9·n²), linear (4e-6·n) wins from n = 4000; the 10× faster 'loose' would move it.
     assert found[("linear", "latency")].seq_len == pytest.approx(4000, rel=1e-6)
 

@@ -120,3 +120,13 @@ def test_a_row_without_latency_samples_is_named_in_one_line(tmp_path, capsys):
         assert err.count("\n") == 1
         assert "line 2 (slowed B=1 H=8 N=1024 D=64 float32 cpu forward) is not a result row (ValueError: a latency " \
                "with no samples)" in err
+
+
+def test_points_in_one_run_only_take_one_line_per_implementation(tmp_path, capsys):
+    base = _run(tmp_path, "20260101T000000Z-aaaaaaa")
+    rows = [*load_run(base).rows, *(row("newcomer", n, 1e-6, 4096, 0.1, run_id="20260102T000000Z-aaaaaaa")
+                                    for n in (512, 1024, 2048))]
+    new = write_run(tmp_path / "new", rows, {**DECLARED, "newcomer": declared(False, "n", "n")})
+    assert main(["compare", str(base), str(new)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("only in")]
+    assert lines == ["only in new: newcomer: 3 points (B=1 H=8 D=64 float32 cpu forward at N=512,1024,2048)"]

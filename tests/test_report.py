@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pandas as pd
+import pytest
 from synthetic_runs import SEQ_LENS, standard_run
 
 from attnbench.cli import main
@@ -25,6 +26,11 @@ def test_every_report_file_is_written_from_the_rows(tmp_path):
             assert path.stat().st_size > 1000, path
 
     markdown = (folder / "report.md").read_text()
+    sections = re.findall(r"^## (.*)$", markdown, re.M)
+    assert sections[0] == "Answer: which implementation at each N" and sections[-1] == "How this was measured"
+    answer = markdown.split("## ", 2)[1]
+    assert "| 8192 | tiled 33.55 ms · 32.0 MiB · err 2.0e-07 | none (closest: linear, err 3.0e-01) |" in answer
+    assert "flaky (oom)" in answer
     assert "| liar | B=1 H=8 D=64 float32 cpu forward | latency | n | n^2.00 ± 0.00 over 1024–8192 | does not hold |" \
         in markdown
     assert "| flaky | 4096 | oom |" in markdown  # a failed point is a row with its status, not a gap
@@ -49,3 +55,20 @@ def test_report_on_a_folder_without_rows_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no rows.jsonl here" in err
+
+
+def test_the_error_budgets_come_from_the_runs_suite_or_the_command_line(tmp_path, capsys):
+    folder = standard_run(tmp_path / "results" / "synthetic" / "run")
+    (folder / "suite.yaml").write_text("name: synthetic\nreport: {error_budgets: [0.4]}\n")
+    assert main(["report", str(folder)]) == 0
+    assert "fastest approx., err ≤ 0.4" in capsys.readouterr().out
+    assert "| 8192 | tiled 33.55 ms · 32.0 MiB · err 2.0e-07 | linear 327.68 ms (9.8× slower)" in (
+        folder / "report.md").read_text()
+    assert main(["report", str(folder), "--error-budgets", "0.001,1"]) == 0
+    assert "fastest approx., err ≤ 0.001" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(["report", str(folder), "--error-budgets=-1"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.count("\n") == 1 and "--error-budgets" in err and "positive finite" in err
+

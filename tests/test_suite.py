@@ -86,6 +86,11 @@ def test_shipped_suites_load(registry, name):
 
 BAD_SUITES = [
     # (what is wrong, YAML, words the one-line message must contain)
+    ("negative error budget", "report: {error_budgets: [0.01, -1]}",
+     ["report.error_budgets[1]: must be a positive finite number, got -1"]),
+    ("too many error budgets", "report: {error_budgets: [0.01, 0.02, 0.05, 0.1, 0.2]}",
+     ["report.error_budgets: 5 budgets given (allowed: 1 to 4"]),
+    ("unknown report field", "report: {budgets: [0.1]}", ["report.budgets: unknown field (allowed: error_budgets)"]),
     ("typo'd top-level key", "sweeep: {seq_len: 4}", ["sweeep: unknown field", "allowed:", "did you mean 'sweep'"]),
     ("typo'd sweep key", "sweep: {seqlen: 4}", ["sweep.seqlen: unknown field", "seq_len"]),
     ("string for a number", "sweep: {batch: four}", ["sweep.batch: expected a positive integer, got 'four'"]),
@@ -199,3 +204,10 @@ def test_cli_prints_one_line_and_exits_2(write_suite, capsys, problem, text, exp
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"attnbench: error: {path}: ")
     assert "Traceback" not in captured.err
+
+
+def test_error_budgets_default_and_are_kept_ascending(registry, write_suite):
+    assert load_suite(write_suite("name: plain\n"), registry).report.error_budgets == (0.01, 0.1)
+    chosen = load_suite(write_suite("report: {error_budgets: [0.2, 0.05]}\n"), registry)
+    assert chosen.report.error_budgets == (0.05, 0.2)
+

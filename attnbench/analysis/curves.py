@@ -19,7 +19,9 @@ import numpy as np
 from scipy import stats
 
 from attnbench.contract.case import Case, curve_x, group_key
-from attnbench.measuring.flops import attention_flops, matmul_key
+from attnbench.contract.work import exact_attention
+from attnbench.measuring.figures import Work
+from attnbench.measuring.flops import matmul_key
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import Declared
 
@@ -91,6 +93,7 @@ class Crossover:
     against: str  # "best exact": the fastest (or leanest) exact implementation at each seq_len
     seq_len: float | None  # interpolated; None when not within the measured range
     text: str
+    budget: float  # only the points with an output error at most this were compared
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Throughput:
     flops: float
     achieved_flops: float  # per second
     fraction_of_matmul: float | None  # of the run's measured matmul throughput on that device and dtype
+    formula: str  # how the FLOPs were counted
 
 
 @dataclass(frozen=True)
@@ -146,35 +150,53 @@ def scaling_fits(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[
     return fits
 
 
-def crossovers(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[Crossover]:
-    """For each approximate implementation: from which seq_len it beats the best exact one."""
+def crossovers(rows: Sequence[Row], declared: Mapping[str, Declared], budget: float) -> list[Crossover]:
+    """For each approximate implementation: from which seq_len it beats the best exact one,
+    counting only its points whose output error is within ``budget`` (relative Frobenius)."""
     by_curve = curves(rows)
     results = []
     for group in dict.fromkeys(group for _, group in by_curve):
-        exact = [points for (name, g), points in by_curve.items() if g == group and _is_exact(name, declared)]
+        exact = [points for (name, g), points in by_curve.items() if g == group and is_exact(name, declared)]
         for (name, g), points in by_curve.items():
-            if g != group or _is_exact(name, declared) or name not in declared:
+            if g != group or is_exact(name, declared) or name not in declared:
                 continue
+            kept = [row for row in points if within_budget(row, budget)]
             for metric in METRICS:
                 best = _best_per_seq_len(exact, metric)
-                mine = {curve_x(row.case): value for row in points if (value := metric_value(row, metric))}
-                seq_len, text = crossover_between(mine, best, "faster" if metric == "latency" else "leaner")
-                results.append(Crossover(name, group, metric, "best exact", seq_len, text))
+                mine = {curve_x(row.case): value for row in kept if (value := metric_value(row, metric))}
+                if not mine and any(metric_value(row, metric) for row in points):
+                    seq_len, text = None, f"error over {budget:g} wherever it ran: not compared"
+                else:
+                    seq_len, text = crossover_between(mine, best, "faster" if metric == "latency" else "leaner")
+                results.append(Crossover(name, group, metric, "best exact", seq_len, text, budget))
     return results
+
+
+def within_budget(row: Row, budget: float) -> bool:
+    """The output's error against exact attention is known, finite and at most ``budget``."""
+    error = output_error(row)
+    return error is not None and math.isfinite(error) and error <= budget
 
 
 def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_flops: Mapping[str, float]) -> list[
     Throughput
 ]:
-    """Achieved FLOP/s of exact implementations, counted as FlashAttention's benchmarks count."""
+    """Achieved FLOP/s of every row with a latency and a work count: exact attention as the harness
+    counts it, an approximation's as it declared it (attnbench.contract.work); none for a row
+    without a declaration or whose declaration its latency makes implausible."""
     results = []
     for row in rows:
-        if not _is_exact(row.implementation, declared) or metric_value(row, "latency") is None:
+        if metric_value(row, "latency") is None or any(flag.kind == "implausible_work" for flag in row.flags):
             continue  # (a flagged latency is no result: its throughput is in the flag's message)
-        flops = attention_flops(row.case)
-        achieved = flops / row.latency.median_s
+        work = row.work
+        if work is None and is_exact(row.implementation, declared):  # a row from before work was stored
+            count = exact_attention(row.case)
+            work = Work(count.flops, count.formula, declared=False)
+        if work is None:
+            continue
+        achieved = work.flops / row.latency.median_s
         peak = matmul_flops.get(matmul_key(row.case.device, row.case.dtype_name))
-        results.append(Throughput(row, flops, achieved, achieved / peak if peak else None))
+        results.append(Throughput(row, work.flops, achieved, achieved / peak if peak else None, work.formula))
     return results
 
 
@@ -203,7 +225,7 @@ def output_error(row: Row) -> float | None:
     return figures.rel_fro if figures else None
 
 
-def _is_exact(name: str, declared: Mapping[str, Declared]) -> bool:
+def is_exact(name: str, declared: Mapping[str, Declared]) -> bool:
     return name in declared and declared[name].exact
 
 

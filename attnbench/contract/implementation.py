@@ -13,6 +13,7 @@ import torch
 from attnbench.contract.capabilities import capability_reasons, declaration_problems
 from attnbench.contract.case import Case, device_unavailable_reason
 from attnbench.contract.errors import UserError, did_you_mean
+from attnbench.contract.work import FlopCount
 from attnbench.support.text import one_line
 
 # (q, k, v) -> out, all (batch, heads, seq_len, head_dim); k and v may have fewer heads.
@@ -142,6 +143,13 @@ class Implementation:
         (batch, heads, len(rows), head_dim). Without an override, outputs are judged
         against full softmax attention when ``exact`` and only reported otherwise.
         """
+        return None
+
+    def flops(self, case: Case, options: Mapping[str, Any]) -> FlopCount | None:
+        """The FLOPs of one timed call (a training step when ``case.backward``) with the formula
+        they come from (helpers in attnbench.contract.work); None: not declared, and its rows
+        have no throughput. Exact implementations are counted by the harness as exact attention,
+        whatever they declare."""
         return None
 
     def tolerance(self, dtype: torch.dtype) -> Tolerance:

@@ -132,6 +132,7 @@ class _Point:
             correctness=Correctness.merge(checks) if checks else None,
             latency=Latency.merge(latencies) if latencies else None,
             memory=first.memory,
+            work=first.work,
             notes=tuple(note for m in self.measurements for note in m.notes),
         )
 

@@ -107,6 +107,17 @@ class Latency:
         return quartiles[2] - quartiles[0]
 
     @property
+    def band_s(self) -> tuple[float, float]:
+        """Where the latency lay: from the fastest round's first quartile up to its third quartile
+        or the slowest round's median, whichever is higher (the plots' error bars)."""
+        fastest = min(self.rounds, key=statistics.median)
+        low, high = self.median_s, max(self.round_medians_s)
+        if len(fastest) >= 2:
+            quartiles = statistics.quantiles(fastest, n=4, method="inclusive")
+            low, high = min(low, quartiles[0]), max(high, quartiles[2])
+        return low, high
+
+    @property
     def round_spread(self) -> float:
         """How much slower the slowest round's median was than the fastest's (0.25: 25%)."""
         medians = self.round_medians_s
@@ -153,6 +164,16 @@ class Memory:
         torch's allocator (numpy, a native library) is counted too."""
         known = [value for value in (self.allocator_peak_bytes, self.rss_peak_bytes) if value is not None]
         return max(known) if known else None
+
+
+@dataclass(frozen=True)
+class Work:
+    """The FLOPs of one timed call: exact attention's as the harness counts it, or what the
+    implementation declared (attnbench.contract.work)."""
+
+    flops: float
+    formula: str
+    declared: bool  # by the implementation (an approximation); False: counted by the harness
 
 
 @dataclass(frozen=True)
@@ -238,6 +259,7 @@ class Measurement:
     latency: Latency | None
     memory: Memory | None
     notes: tuple[str, ...] = ()  # warnings the implementation gave, settings it changed (put back)
+    work: Work | None = None  # the FLOPs of one timed call, where counted or declared
     # Round 1 hands its float64 references to the later rounds (attnbench.correctness.Verifier);
     # never written to a row.
     verifier: Any = None

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from attnbench.contract.case import Case
+from attnbench.contract.work import exact_attention
 
 
 def attention_flops(case: Case) -> float:
-    """4·B·H·N²·D forward (two matmuls), halved when causal; backward counts 2.5× forward (as
-    FlashAttention's benchmarks count)."""
-    forward = 4.0 * case.batch * case.heads * case.seq_len**2 * case.head_dim
-    if case.causal:
-        forward /= 2
-    return forward * (3.5 if case.backward else 1.0)
+    """4·B·H·N²·D forward (two matmuls), halved when causal; a training step counts 3.5× the
+    forward (as FlashAttention's benchmarks count): attnbench.contract.work.exact_attention."""
+    return exact_attention(case).flops
 
 
 def matmul_key(device: str, dtype_name: str) -> str:

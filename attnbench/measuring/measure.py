@@ -40,6 +40,7 @@ from attnbench.measuring.inputs import make_inputs
 from attnbench.measuring.memory import measure_peak_memory
 from attnbench.measuring.outcome import SettingsChangedInCall, round_status
 from attnbench.measuring.timing import measure_latency, synchronize, time_one_call
+from attnbench.measuring.work import counted_work
 from attnbench.settings.suite import Measure
 from attnbench.support.process_state import Snapshot, changes, restore
 
@@ -78,6 +79,8 @@ def measure_case(
         first_call_s = time.perf_counter() - started
         watch.put_back("the first call")  # lazy set-up may touch settings once; not every call
     notes = [*_own_warnings(caught, implementation), *watch.notes]
+    work, work_note = counted_work(implementation, case, options)
+    notes += [work_note] if work_note else []
 
     checks: list[Correctness] = []
     out, grads = _split(result, case)
@@ -125,6 +128,7 @@ def measure_case(
         memory=memory,
         notes=tuple(dict.fromkeys(notes)),
         verifier=verifier,
+        work=work,
     )
 
 

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from attnbench.analysis.curves import output_error
+from attnbench.analysis.curves import metric_value, output_error
+from attnbench.contract.case import curve_x
+from attnbench.measuring.figures import NOISY_RELATIVE_IQR, Latency
 from attnbench.storage.results import Row
 from attnbench.support.units import format_bytes, format_seconds
 
@@ -54,8 +56,10 @@ def _latency_summary(row: Row) -> dict[str, str]:
 
 def _latency_report(row: Row) -> dict[str, str]:
     if row.latency is None:
-        return {"median": ""}
-    return {"median": "no result (flagged)" if row.latency_voided else format_seconds(row.latency.median_s)}
+        return {"median": "", "IQR": ""}
+    if row.latency_voided:
+        return {"median": "no result (flagged)", "IQR": ""}
+    return {"median": format_seconds(row.latency.median_s), "IQR": f"{row.latency.iqr_s / row.latency.median_s:.0%}"}
 
 
 def _memory_table(row: Row) -> dict[str, Any]:
@@ -92,30 +96,57 @@ def _correctness_table(row: Row) -> dict[str, Any]:
     }
 
 
+def _own_error(row: Row) -> float | None:
+    """Relative Frobenius error of the output against the implementation's own float64 reference
+    (what it computes exactly: its sparsity pattern, its random features); None without one."""
+    own = row.correctness.own if row.correctness else None
+    figures = own.get("out") if own else None
+    return figures.rel_fro if figures else None
+
+
 def _correctness_summary(row: Row) -> dict[str, str]:
-    """Against float64 softmax attention: max abs and relative Frobenius error of the output; in
-    training mode also the largest max abs error of dq, dk, dv."""
+    """Against float64 softmax attention: relative Frobenius and max abs error of the output, and
+    against the implementation's own reference where it has one; in training mode also the
+    largest max abs error of dq, dk, dv."""
     out = row.correctness.exact.get("out") if row.correctness else None
-    cells = {"max abs err": f"{out.max_abs:.2e}" if out else "", "rel err": f"{out.rel_fro:.2e}" if out else ""}
+    cells = {"error": _scientific(out.rel_fro if out else None), "vs own ref": _scientific(_own_error(row)),
+             "max abs err": _scientific(out.max_abs if out else None)}
     if row.case.backward:
         grads = _grad_errors(row)
-        cells["grad err"] = f"{max(grads):.2e}" if grads else ""
+        cells["grad err"] = _scientific(max(grads) if grads else None)
     return cells
 
 
 def _correctness_report(row: Row) -> dict[str, str]:
-    error = output_error(row)
-    return {"rel. error": f"{error:.2e}" if error is not None and math.isfinite(error) else ""}
+    return {"error vs exact": _scientific(output_error(row)), "vs own reference": _scientific(_own_error(row))}
+
+
+def _scientific(value: float | None) -> str:
+    return f"{value:.2e}" if value is not None and math.isfinite(value) else ("nan" if value is not None else "")
 
 
 def _bytes(value: int | None) -> str:
     return format_bytes(value) if value is not None else ""
 
 
+def _work_table(row: Row) -> dict[str, Any]:
+    work = row.work
+    achieved = work.flops / row.latency.median_s if work and row.latency and not row.latency_voided else None
+    return {"flops": work.flops if work else None, "flop_formula": work.formula if work else None,
+            "achieved_flops_per_s": achieved}
+
+
+def _work_summary(row: Row) -> dict[str, str]:
+    achieved = _work_table(row)["achieved_flops_per_s"]
+    return {"GFLOP/s": f"{achieved / 1e9:.3g}" if achieved else ""}
+
+
+# The error comes first, beside the status: "ok" next to an error of 2.7 must not read as good.
 COLUMNS: tuple[FigureColumns, ...] = (
+    FigureColumns("correctness", _correctness_table, _correctness_summary, _correctness_report),
     FigureColumns("latency", _latency_table, _latency_summary, _latency_report),
     FigureColumns("memory", _memory_table, _memory_summary, _memory_report),
-    FigureColumns("correctness", _correctness_table, _correctness_summary, _correctness_report),
+    FigureColumns("work", _work_table, _work_summary, _work_summary),
 )
 
 
@@ -129,3 +160,27 @@ def summary_cells(row: Row) -> dict[str, str]:
 
 def report_cells(row: Row) -> dict[str, str]:
     return {header: cell for kind in COLUMNS for header, cell in kind.report(row).items()}
+
+
+def point_note(row: Row) -> str:
+    """Everything said about a point beside its figures: a noisy latency, the harness's flags,
+    the reasons it did not run or was judged incorrect, the implementation's own notes."""
+    latency = row.latency
+    noise = [f"noisy: {_noise(latency)}"] if latency is not None and latency.noisy and row.status == "ok" else []
+    return "; ".join((*noise, *(flag.message for flag in row.flags), *row.reasons, *row.notes))
+
+
+def _noise(latency: Latency) -> str:
+    """What made the latency noisy: the spread within its best round, or between its rounds."""
+    parts = []
+    if latency.iqr_s > NOISY_RELATIVE_IQR * latency.median_s:
+        parts.append(f"IQR {latency.iqr_s / latency.median_s:.0%} of median")
+    if latency.round_spread > NOISY_RELATIVE_IQR:
+        parts.append(f"rounds {latency.round_spread:.0%} apart")
+    return ", ".join(parts)
+
+
+def speed_order(row: Row) -> tuple[int, int, float, str]:
+    """Points listed by N, then fastest first, then those without a latency by name."""
+    latency = metric_value(row, "latency")
+    return curve_x(row.case), latency is None, latency if latency is not None else math.inf, row.implementation

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from attnbench.contract.case import CURVE_LABEL, curve_x, describe_group, group_key
-from attnbench.measuring.figures import NOISY_RELATIVE_IQR, Latency
-from attnbench.presenting.columns import summary_cells
+from attnbench.presenting.columns import point_note, speed_order, summary_cells
 from attnbench.storage.results import Row
 
 NOTE_CHARS = 120
@@ -20,7 +19,7 @@ def summary_table(rows: Sequence[Row]) -> str:
     for group_rows in groups.values():
         case = group_rows[0].case
         heading = describe_group(case)
-        ordered = sorted(group_rows, key=lambda row: (row.implementation, curve_x(row.case)))
+        ordered = sorted(group_rows, key=speed_order)
         table = [_cells(row) for row in ordered]
         headers = (*LEADING, *summary_cells(ordered[0]), "note")
         sections.append(heading + "\n" + format_table(headers, table))
@@ -33,10 +32,7 @@ LEADING = ("implementation", CURVE_LABEL, "status")
 
 
 def _cells(row: Row) -> list[str]:
-    latency = row.latency
-    note = "; ".join((*(flag.message for flag in row.flags), *row.reasons, *row.notes))
-    if latency is not None and latency.noisy and row.status == "ok":
-        note = f"noisy: {_noise(latency)}" + (f"; {note}" if note else "")
+    note = point_note(row)
     cells = [row.implementation, str(curve_x(row.case)), row.status + ("!" if row.flags else ""),
              *summary_cells(row).values()]
     return [*cells, note if len(note) <= NOTE_CHARS else note[: NOTE_CHARS - 1] + "…"]
@@ -60,11 +56,16 @@ def _looks_numeric(cell: str) -> bool:
     return cell == "" or cell[0].isdigit()
 
 
-def _noise(latency: Latency) -> str:
-    """What made the latency noisy: the spread within its best round, or between its rounds."""
-    parts = []
-    if latency.iqr_s > NOISY_RELATIVE_IQR * latency.median_s:
-        parts.append(f"IQR {latency.iqr_s / latency.median_s:.0%} of median")
-    if latency.round_spread > NOISY_RELATIVE_IQR:
-        parts.append(f"rounds {latency.round_spread:.0%} apart")
-    return ", ".join(parts)
+def points_by_implementation(rows: Sequence[Row]) -> list[str]:
+    """One line per implementation: how many points, in which groups, at which N."""
+    by_name: dict[str, dict[str, list[int]]] = {}
+    for row in rows:
+        by_name.setdefault(row.implementation, {}).setdefault(describe_group(group_key(row.case)), []).append(
+            curve_x(row.case))
+    lines = []
+    for name, groups in sorted(by_name.items()):
+        count = sum(len(seq_lens) for seq_lens in groups.values())
+        where = "; ".join(f"{group} at {CURVE_LABEL}={','.join(map(str, sorted(set(seq_lens))))}"
+                          for group, seq_lens in groups.items())
+        lines.append(f"{name}: {count} point{'s' if count != 1 else ''} ({where})")
+    return lines

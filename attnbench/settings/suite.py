@@ -78,6 +78,18 @@ class Limits:
     budget_s: float | None = None  # wall time per implementation over the whole run
 
 
+# Bounds on the relative Frobenius error of the output against float64 exact attention within
+# which an approximation is compared with anything (the report's answer, crossovers, plots):
+# 1e-2 is about what bfloat16 rounding costs a long sum; 1e-1 a rough sketch of the pattern.
+DEFAULT_ERROR_BUDGETS: tuple[float, ...] = (1e-2, 1e-1)
+MAX_ERROR_BUDGETS = 4  # columns of the report's answer
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    error_budgets: tuple[float, ...] = DEFAULT_ERROR_BUDGETS  # ascending
+
+
 @dataclass(frozen=True)
 class Suite:
     path: Path
@@ -89,5 +101,6 @@ class Suite:
     sweep: Sweep = Sweep()
     measure: Measure = Measure()
     limits: Limits = Limits()
+    report: ReportSettings = ReportSettings()
     seed: int = 0
     output: Path = Path("results")

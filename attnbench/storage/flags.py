@@ -2,8 +2,8 @@
 
 The runner flags each row as it finishes; ``attnbench report`` flags again with the run's final
 yardstick (the matmul throughput is re-measured during the run and the best kept): a flag
-written to rows.jsonl is kept, except that implausible speed is judged against the final,
-highest yardstick.
+written to rows.jsonl is kept, except that implausible speed and implausible declared work are
+judged against the final, highest yardstick.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ MEMORY_GAP_BYTES = 16 * 2**20
 
 def flags_of(row: Row, exact: bool, yardstick: Mapping[str, float]) -> tuple[Flag, ...]:
     """Every flag the row's figures call for; ``yardstick``: matmul FLOP/s per "device/dtype"."""
-    found = [*_speed(row, exact, yardstick), *_fresh_calls(row), *_load(row), *_throttled(row), *_tolerance(row),
-             *_memory(row)]
+    found = [*_speed(row, exact, yardstick), *_declared_work(row, yardstick), *_fresh_calls(row), *_load(row),
+             *_throttled(row), *_tolerance(row), *_memory(row)]
     return tuple(found)
 
 
 def with_flags(row: Row, exact: bool, yardstick: Mapping[str, float]) -> Row:
     """The row with its stored flags and any new ones (one of each kind). Implausible speed is
     judged afresh: the yardstick only grows during a run, so the final one is the fairest."""
-    stored = tuple(flag for flag in row.flags if flag.kind != "implausible_speed")
+    stored = tuple(flag for flag in row.flags if flag.kind not in ("implausible_speed", "implausible_work"))
     kinds = {flag.kind for flag in stored}
     found = stored + tuple(flag for flag in flags_of(row, exact, yardstick) if flag.kind not in kinds)
     return dataclasses.replace(row, flags=found) if found != row.flags else row
@@ -55,10 +55,7 @@ def refresh(rows: Sequence[Row], exact: Mapping[str, bool], yardstick: Mapping[s
 def _speed(row: Row, exact: bool, yardstick: Mapping[str, float]) -> list[Flag]:
     """Faster than the device's matmul in the row's dtype or in float32 allows: an implementation
     may compute in float32 where the device has no fast kernels for its dtype (float16 on many CPUs)."""
-    device, dtype = row.case.device, row.case.dtype_name
-    peaks = {name: yardstick.get(matmul_key(device, name)) for name in (dtype, "float32")}
-    peak_dtype, peak = max(((name, value) for name, value in peaks.items() if value), key=lambda item: item[1],
-                           default=(dtype, None))
+    peak_dtype, peak = best_yardstick(row, yardstick)
     if not exact or row.latency is None or not peak:
         return []
     achieved = attention_flops(row.case) / row.latency.median_s
@@ -67,6 +64,29 @@ def _speed(row: Row, exact: bool, yardstick: Mapping[str, float]) -> list[Flag]:
     return [Flag("implausible_speed", f"implausible speed: {achieved / 1e9:.4g} GFLOP/s is {achieved / peak:.0%} of "
                                       f"the device's best measured matmul ({peak / 1e9:.4g} GFLOP/s in {peak_dtype}); "
                                       "not a result")]
+
+
+def _declared_work(row: Row, yardstick: Mapping[str, float]) -> list[Flag]:
+    """An approximation's declared FLOPs that its latency could only do beyond the device's matmul
+    rate: the declaration is wrong (the latency still stands; the throughput is not shown)."""
+    peak_dtype, peak = best_yardstick(row, yardstick)
+    if row.work is None or not row.work.declared or row.latency is None or not peak:
+        return []
+    achieved = row.work.flops / row.latency.median_s
+    if achieved <= IMPLAUSIBLE_HEADROOM * peak:
+        return []
+    return [Flag("implausible_work",
+                 f"implausible declared work: {row.work.flops:.3g} FLOPs in {row.latency.median_s:.3g} s would be "
+                 f"{achieved / peak:.0%} of the device's best measured matmul ({peak / 1e9:.4g} GFLOP/s in "
+                 f"{peak_dtype}); no throughput shown")]
+
+
+def best_yardstick(row: Row, yardstick: Mapping[str, float]) -> tuple[str, float | None]:
+    """The highest matmul rate measured on the row's device, in its dtype or in float32."""
+    device, dtype = row.case.device, row.case.dtype_name
+    peaks = {name: yardstick.get(matmul_key(device, name)) for name in (dtype, "float32")}
+    return max(((name, value) for name, value in peaks.items() if value), key=lambda item: item[1],
+               default=(dtype, None))
 
 
 def _fresh_calls(row: Row) -> list[Flag]:

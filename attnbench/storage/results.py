@@ -13,7 +13,7 @@ from typing import Any
 
 from attnbench.contract.case import Case
 from attnbench.contract.errors import UserError
-from attnbench.measuring.figures import Correctness, ErrorFigures, Latency, Memory
+from attnbench.measuring.figures import Correctness, ErrorFigures, Latency, Memory, Work
 from attnbench.measuring.gpu_state import GpuSample
 from attnbench.measuring.outcome import Status
 from attnbench.support.text import bounded_block, one_line
@@ -22,7 +22,8 @@ from attnbench.support.text import bounded_block, one_line
 # 2: latency rounds (round_sizes, calls_per_sample per round).
 # 3: flags; latency round_loads and fresh_call_s; correctness seeds, checks and tolerance.
 # 4: the figures under "figures", one entry per kind (FIGURE_READERS); before, at the top level.
-SCHEMA_VERSION = 4
+# 5: "work", the FLOPs of one timed call.
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,14 @@ class Flag:
 
 
 # implausible_speed: faster than the device's measured matmul peak allows.
+# implausible_work: an approximation's declared FLOPs would put it beyond that peak (no throughput).
 # fresh_inputs_slower: a call on fresh inputs was far slower than the timed calls on repeated ones.
 # under_load: other processes kept CPUs busy while it was timed.
 # throttled: the GPU slowed itself down (power cap, heat) while it was timed (NVML).
 # loose_tolerance: judged at a tolerance looser than the dtype's default.
 # memory_outside_torch: the process grew far beyond what torch's allocator counted.
-FLAG_KINDS = ("implausible_speed", "fresh_inputs_slower", "under_load", "throttled", "loose_tolerance",
-              "memory_outside_torch")
+FLAG_KINDS = ("implausible_speed", "implausible_work", "fresh_inputs_slower", "under_load", "throttled",
+              "loose_tolerance", "memory_outside_torch")
 LATENCY_VOIDING_FLAGS = ("implausible_speed", "fresh_inputs_slower")
 
 
@@ -63,6 +65,7 @@ class Row:
     correctness: Correctness | None = None
     latency: Latency | None = None
     memory: Memory | None = None
+    work: Work | None = None
     wall_time_s: float = 0.0  # the whole point, worker start to result
     detail: str = ""  # traceback or the worker's last output, for failures
     notes: tuple[str, ...] = ()  # warnings from the implementation, e.g. which path it took
@@ -234,6 +237,7 @@ FIGURE_READERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "correctness": _correctness_from_json,
     "latency": _latency_from_json,
     "memory": lambda data: Memory(**data),
+    "work": lambda data: Work(**data),
 }
 
 

@@ -1,0 +1,89 @@
+"""The facts of a run a reader needs to trust its figures: where, when, with what, under which
+load and settings; listed at the end of every report, and one line of them at its top."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from attnbench.measuring.figures import NOISY_RELATIVE_IQR
+from attnbench.storage.results import Row
+from attnbench.storage.run_folder import RunFolder
+
+
+def identity_line(run: RunFolder) -> str:
+    """Which run, on what, in one line: the report's first line under its title."""
+    env = run.environment
+    torch_version = env.get("packages", {}).get("torch", "?")
+    devices = ", ".join(f"{k}: {v}" for k, v in env.get("devices", {}).items()) or "CPU only"
+    return (f"{env.get('started_at', 'unknown')} · {devices} · {env.get('cpu_model', 'unknown CPU')}, torch threads "
+            f"{env.get('torch_threads', '?')} · torch {torch_version} · commit {str(env.get('git_commit') or '?')[:10]}"
+            f"{' (uncommitted changes)' if env.get('git_dirty') else ''} · {len(run.rows)} points")
+
+
+def run_facts(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
+    """The report's title, and every fact of the run as (label, text)."""
+    env = run.environment
+    packages = env.get("packages", {})
+    facts = [
+        ("run", run.run_id),
+        ("started", env.get("started_at", "unknown")),
+        ("commit", f"{env.get('git_commit') or 'unknown'}{' (uncommitted changes)' if env.get('git_dirty') else ''}"),
+        ("CPU", f"{env.get('cpu_model', 'unknown')}, {env.get('cpus_usable', '?')} usable cores, "
+                f"torch threads {env.get('torch_threads', '?')}"),
+        ("devices", ", ".join(f"{k}: {v}" for k, v in env.get("devices", {}).items()) or "CPU only"),
+        ("packages", ", ".join(f"{k} {v}" for k, v in packages.items())),
+        ("timing settings", ", ".join(f"{k}={v}" for k, v in env.get("timing_variables", {}).items()) or "none set"),
+        ("load at start", _load_text(env)),
+        ("worker allocator", env.get("worker_allocator") or "not recorded"),
+        ("latency rounds", _rounds_text(run.rows)),
+        ("rows", f"{len(run.rows)} ({', '.join(f'{s} {n}' for s, n in Counter(r.status for r in run.rows).items())})"),
+        ("flagged", ", ".join(f"{kind} {n}" for kind, n in Counter(f.kind for r in run.rows for f in r.flags).items())
+         or "none"),
+        ("load while timed", _timed_load_text(run.rows)),
+        ("matmul and copy yardsticks", _yardstick_text(env)),
+        ("correctness checks", "query rows (and key rows for dk, dv) drawn per point after its first call; the "
+                               "first call, the last timed call of every round and a call on fresh inputs compared "
+                               "with float64 references of the inputs as made; inputs compared after every call"),
+        ("plugins", ", ".join(f"{name}: {info.get('distribution')} {info.get('version')}"
+                              for name, info in env.get("plugins", {}).items()) or "not recorded"),
+    ]
+    return f"attnbench report — {run.suite_name} — {run.run_id}", facts
+
+
+def _rounds_text(rows: Sequence[Row]) -> str:
+    """How the timed points were measured: rounds per point, and how many had rounds that disagree."""
+    timed = [row.latency for row in rows if row.latency is not None]
+    if not timed:
+        return "no latency measured"
+    counts = sorted({len(latency.round_sizes) for latency in timed})
+    spread = sum(latency.round_spread > NOISY_RELATIVE_IQR for latency in timed)
+    return (f"{'/'.join(map(str, counts))} per point, implementations taking turns; headline = fastest round's "
+            f"median; {spread} of {len(timed)} points with rounds more than {NOISY_RELATIVE_IQR:.0%} apart")
+
+
+def _timed_load_text(rows: Sequence[Row]) -> str:
+    loads = [row.latency.load for row in rows if row.latency is not None and row.latency.load is not None]
+    if not loads:
+        return "not recorded"
+    return (f"other processes kept {statistics.median(loads):.2f} CPUs busy (median over points), at most "
+            f"{max(loads):.2f}")
+
+
+def _yardstick_text(env: Mapping[str, object]) -> str:
+    samples = env.get("matmul_flops_samples") or {}
+    best = env.get("matmul_flops") or {}
+    copy = env.get("copy_bytes_per_s") or {}
+    if not best:
+        return "not measured"
+    return ", ".join(f"{key}: best {value / 1e9:.1f} GFLOP/s"
+                     + (f", copy {copy[key] / 1e9:.1f} GB/s" if key in copy else "")
+                     + f" of {len(samples.get(key, [])) or 1} measurement(s)" for key, value in best.items())
+
+
+def _load_text(env: Mapping[str, object]) -> str:
+    load = env.get("load_average")
+    text = f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)" if load else "not recorded"
+    frequency = env.get("cpu_frequency")
+    return f"{text}; CPU {frequency}" if frequency else text
