@@ -128,7 +128,7 @@ def test_rows_of_the_first_schema_are_still_read(tmp_path):
         return line
 
     _rewrite_rows(rows_path, as_schema_1)
-    assert read_rows(rows_path) == now and SCHEMA_VERSION == 4
+    assert read_rows(rows_path) == now and SCHEMA_VERSION == 5
 
 
 def test_rows_of_schema_3_are_still_read(tmp_path):

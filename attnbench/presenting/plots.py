@@ -118,6 +118,8 @@ def pareto_plot(
                       where="post", color="0.6", linewidth=1, zorder=0)
         for budget in budgets:
             axes.axhline(budget, color=GUIDE_COLOUR, linestyle=":", linewidth=1)
+            axes.text(0.99, budget, f"budget {budget:g}", transform=axes.get_yaxis_transform(), fontsize=6,
+                      color=GUIDE_COLOUR, ha="right", va="bottom")
         widen_to(axes, 4.0)
         log_axes(axes, y_formatter=None, x_formatter=SECONDS)
         axes.set_title(f"{CURVE_LABEL}={seq_len}", fontsize=9)
