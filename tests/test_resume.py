@@ -163,7 +163,7 @@ def test_rows_from_a_newer_schema_are_refused_in_one_line(tmp_path, capsys, comm
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert "line 1 was written by a newer attnbench (row schema 99; this version reads schemas 1 to 4)" in err
+    assert "line 1 was written by a newer attnbench (row schema 99; this version reads schemas 1 to 5)" in err
 
 
 def test_resume_of_a_folder_that_is_no_run_is_one_line_and_leaves_it_as_it_was(tmp_path, capsys):
