@@ -19,9 +19,6 @@ from attnbench.contract.case import Case, curve_x, group_key
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import Declared
 
-# Relative Frobenius error of the output: 1e-2 is about what bfloat16 rounding costs a long
-# sum; 1e-1 is a rough sketch of the attention pattern, often still useful in a model.
-DEFAULT_ERROR_BUDGETS: tuple[float, ...] = (1e-2, 1e-1)
 # The statuses of points that were tried and did not give a usable result.
 FELL_OVER = ("oom", "timeout", "crashed", "incorrect", "error", "skipped")
 
@@ -32,7 +29,7 @@ class Answer:
     seq_len: int
     fastest_exact: Row | None  # an exact implementation correct at its dtype's default tolerance
     fastest_within: Mapping[float, Row | None]  # budget -> the fastest approximation within it
-    closest_over: Mapping[float, Row | None]  # budget -> where none is within: the least error over it
+    closest_over: Mapping[float, Row | None]  # budget -> the approximation with the least error over it
     leanest: Row | None  # least peak memory among the exact and the approximations within the loosest budget
     fell_over: tuple[Row, ...]  # tried without a usable result (FELL_OVER), by name
 

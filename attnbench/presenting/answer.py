@@ -43,7 +43,8 @@ def _line(answer: Answer, budgets: Sequence[float]) -> tuple[str, ...]:
         pick = answer.fastest_within[budget]
         cells.append(_figures(pick, exact) if pick else _none_within(answer, budget))
     lean = answer.leanest
-    cells.append(f"{lean.implementation} {format_bytes(metric_value(lean, 'memory'))}" if lean else "—")
+    cells.append(f"{lean.implementation} {format_bytes(metric_value(lean, 'memory'))} · "
+                 f"{format_seconds(metric_value(lean, 'latency'))} · err {_error(lean)}" if lean else "—")
     cells.append(", ".join(f"{row.implementation} ({_failure(row)})" for row in answer.fell_over) or "—")
     return tuple(cells)
 
