@@ -35,10 +35,10 @@ SDPA_OPS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 PEAK_TOLERANCE = 0.05  # naive's allocator peak against its two N×N buffers
 # The harness's timer against a wall clock, on one call of at least LONG_CALL_S (launch and
-# synchronisation costs well under it). A CPU shared with other work moves one call by several
-# percent from one run to the next, so its tolerance is wider (units or a missed synchronisation
-# would still be caught: they are off by far more).
-CLOCK_TOLERANCE = {"cuda": 0.03, "cpu": 0.10}
+# synchronisation costs well under it). A shared CPU moves the fastest of several calls by over
+# ten percent from one alternation to the next, so its tolerance is wider (wrong units or a
+# missed synchronisation would still be caught: they are off by far more).
+CLOCK_TOLERANCE = {"cuda": 0.03, "cpu": 0.25}
 LONG_CALL_S = 0.2
 ALTERNATIONS = 7  # timer, clock, timer, ...: the fastest of each (interruptions only add time)
 
