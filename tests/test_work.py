@@ -20,6 +20,7 @@ from attnbench.contract.work import banded_pairs
 from attnbench.measuring.figures import Work
 from attnbench.measuring.measure import measure_case
 from attnbench.measuring.work import counted_work
+from attnbench.presenting.columns import table_columns
 from attnbench.settings.suite import Measure
 from attnbench.storage.run_folder import load_run
 from attnbench.testing import small_case
@@ -86,6 +87,7 @@ def test_a_declaration_its_latency_makes_implausible_is_flagged_and_shows_no_thr
     assert not any(name == "boastful" for name, _ in achieved)
     flagged = [r for r in run.rows if r.implementation == "boastful"]
     assert all(r.flags[0].kind == "implausible_work" and not r.latency_voided for r in flagged)
+    assert all(table_columns(r)["achieved_flops_per_s"] is None for r in flagged)  # the table and summary agree
 
 
 def test_rows_from_before_work_was_stored_still_give_exact_throughput(tmp_path):

@@ -131,7 +131,9 @@ def _bytes(value: int | None) -> str:
 
 def _work_table(row: Row) -> dict[str, Any]:
     work = row.work
-    achieved = work.flops / row.latency.median_s if work and row.latency and not row.latency_voided else None
+    # As the throughput table: none for a latency that is no result or a declaration it makes implausible.
+    shown = work and row.latency and not row.latency_voided and not any(f.kind == "implausible_work" for f in row.flags)
+    achieved = work.flops / row.latency.median_s if shown else None
     return {"flops": work.flops if work else None, "flop_formula": work.formula if work else None,
             "achieved_flops_per_s": achieved}
 
@@ -180,7 +182,7 @@ def _noise(latency: Latency) -> str:
     return ", ".join(parts)
 
 
-def speed_order(row: Row) -> tuple[int, int, float, str]:
+def speed_order(row: Row) -> tuple[int, bool, float, str]:
     """Points listed by N, then fastest first, then those without a latency by name."""
     latency = metric_value(row, "latency")
     return curve_x(row.case), latency is None, latency if latency is not None else math.inf, row.implementation
