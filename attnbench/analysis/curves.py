@@ -186,7 +186,7 @@ def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_fl
     without a declaration or whose declaration its latency makes implausible."""
     results = []
     for row in rows:
-        if metric_value(row, "latency") is None or any(flag.kind == "implausible_work" for flag in row.flags):
+        if metric_value(row, "latency") is None or row.throughput_voided:
             continue  # (a flagged latency is no result: its throughput is in the flag's message)
         work = row.work
         if work is None and is_exact(row.implementation, declared):  # a row from before work was stored

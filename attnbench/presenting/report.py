@@ -20,6 +20,7 @@ from attnbench.analysis.curves import (
     can_be_baseline,
     crossovers,
     curves,
+    is_exact,
     metric_value,
     pareto,
     scaling_fits,
@@ -98,7 +99,7 @@ def _baseline(group_curves: Mapping[str, list[Row]], declared: Mapping[str, Decl
     only points correct at the default tolerance."""
     candidates = []
     for name, points in group_curves.items():
-        if name in declared and declared[name].exact:
+        if is_exact(name, declared):
             times = [value for row in points if can_be_baseline(row) and (value := metric_value(row, "latency"))]
             if times:
                 candidates.append((-len(times), sum(times), name))

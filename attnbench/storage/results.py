@@ -82,6 +82,11 @@ class Row:
         return any(flag.voids_latency for flag in self.flags)
 
     @property
+    def throughput_voided(self) -> bool:
+        """The FLOPs it declared are not believable (implausible_work): no throughput is shown."""
+        return any(flag.kind == "implausible_work" for flag in self.flags)
+
+    @property
     def figures(self) -> dict[str, Any]:
         """Every kind of figures the row can carry (FIGURE_READERS), by name; None where not measured."""
         return {name: getattr(self, name) for name in FIGURE_READERS}
