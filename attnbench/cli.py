@@ -223,7 +223,7 @@ def _history(args: argparse.Namespace) -> int:
 
 def _declared_from_registry() -> dict[str, Declared]:
     """For runs stored before they kept their implementations' declarations."""
-    return declared_of(load_registry().implementations())
+    return declared_of({impl.name: impl for impl in load_registry().implementations()})
 
 
 def _apply_flags(suite: Suite, args: argparse.Namespace, registry: Registry) -> Suite:
@@ -241,7 +241,8 @@ def _apply_flags(suite: Suite, args: argparse.Namespace, registry: Registry) -> 
     if args.device is not None:
         if not DEVICE_PATTERN.match(args.device):
             raise UserError(f"--device: unknown device {args.device!r} (allowed: {DEVICES_ALLOWED})")
-        suite = dataclasses.replace(suite, sweep=dataclasses.replace(suite.sweep, device=(args.device,)))
+        suite = dataclasses.replace(suite, sweeps=tuple(dataclasses.replace(sweep, device=(args.device,))
+                                                        for sweep in suite.sweeps))
     return suite
 
 

@@ -3,7 +3,8 @@
 They time ``prepared_call(...)()``; the figures they cannot see (peak memory, error against the
 float64 reference) come from ``point_figures``, attnbench's own measurement of the same point.
 An implementation that is not registered or cannot take the case raises NotSupported with the
-reasons, which the runner turns into its own skip.
+reasons, which the runner turns into its own skip. A name may be a variant's, as a suite's option
+sweep names them (``performer[features=64]``): that implementation with those options.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from attnbench.measuring.inputs import make_inputs
 from attnbench.measuring.measure import attention_call, measure_case
 from attnbench.measuring.timing import synchronize
 from attnbench.settings.suite import CorrectnessSettings, Measure
+from attnbench.settings.variants import parse_variant
 
 
 def point(
@@ -40,7 +42,9 @@ def registry() -> Registry:
 
 
 def supported(name: str, case: Case) -> Implementation:
-    """The registered implementation, or NotSupported saying why it cannot run this case here."""
+    """The registered implementation (of a variant: the one it runs), or NotSupported saying why
+    it cannot run this case here."""
+    name, _ = _variant(name)
     if name not in registry().names():
         raise NotSupported(f"{name} is not registered (registered: {', '.join(registry().names())})")
     implementation = registry().get(name)
@@ -55,7 +59,7 @@ def prepared_call(name: str, case: Case, options: Mapping[str, Any] | None = Non
     """The attention call (forward, or forward and backward) on seeded inputs, prepared and
     run once, so that what is timed is the call alone."""
     implementation = supported(name, case)
-    attention = implementation.prepare(case, effective_options(implementation, options or {}))
+    attention = implementation.prepare(case, effective_options(implementation, _options(name, options)))
     call = attention_call(attention, make_inputs(case, seed), case.backward)
     call()  # lazy set-up (compilation, caches) is not the call's cost
     synchronize(torch.device(case.device))
@@ -73,10 +77,23 @@ def point_figures(name: str, case: Case, options: Mapping[str, Any] | None = Non
     """Peak memory and error of one point, as `attnbench run` measures them (no timing)."""
     implementation = supported(name, case)
     measure = Measure(correctness=CorrectnessSettings(rows=256), latency=None, memory=True)
-    measurement = measure_case(implementation, case, effective_options(implementation, options or {}), measure, seed)
+    measurement = measure_case(implementation, case, effective_options(implementation, _options(name, options)),
+                               measure, seed)
     correctness = measurement.correctness
     return Figures(
         peak_bytes=measurement.memory.peak_bytes if measurement.memory else None,
         error=correctness.exact["out"].rel_fro if correctness else None,
         status=measurement.status,
     )
+
+
+def _variant(name: str) -> tuple[str, dict[str, Any]]:
+    try:
+        return parse_variant(name)
+    except ValueError as error:
+        raise NotSupported(str(error)) from None
+
+
+def _options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A variant's options with ``options`` laid over them."""
+    return {**_variant(name)[1], **(options or {})}

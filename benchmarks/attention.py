@@ -26,9 +26,13 @@ except ImportError as error:  # a commit from before attnbench.tracking: every p
 else:
     MISSING = ""
 
+# A variant (an implementation at other options, as a suite's option sweep names it) is a
+# series of its own: the cheap settings of the approximations, tracked beside their defaults.
+VARIANTS = ["nystrom[landmarks=64]", "performer[features=64]"]
 IMPLEMENTATIONS = sorted(
     {"axial", "flash", "flex", "hybrid", "naive", "nystrom", "performer", "sdpa_cudnn", "sdpa_mem_efficient", "sparse",
      "xformers"}
+    | set(VARIANTS)
     | {name for name in os.environ.get("ATTNBENCH_ASV_EXTRA", "").split(",") if name}
 )
 SEQ_LENS = [256, 1024, 2048]

@@ -149,7 +149,8 @@ def test_units_name_their_implementation_and_any_order_of_results_gives_the_same
 
 
 def test_a_unit_naming_what_is_not_installed_is_an_error_outcome():
-    unit = PointRound(ImplementationRef("elsewhere", "missing"), small_case(), {}, CORRECTNESS_ONLY, Limits(), 0, 1)
+    unit = PointRound(ImplementationRef("elsewhere", "missing"), "missing", small_case(), {}, CORRECTNESS_ONLY,
+                      Limits(), 0, 1)
     executor = LocalExecutor(Registry())
     executor.submit(unit)
     (finished,) = list(executor.finished())

@@ -10,7 +10,7 @@ from conftest import REPO
 
 from attnbench.cli import main
 from attnbench.contract.errors import UserError
-from attnbench.settings.grid import expand
+from attnbench.settings.grid import expand, expand_all
 from attnbench.settings.loader import load_suite
 from attnbench.settings.suite import LatencySettings
 
@@ -19,8 +19,8 @@ def test_a_minimal_suite_takes_defaults(registry, write_suite):
     suite = load_suite(write_suite("sweep: {seq_len: [2048, 512]}\n", name="tiny.yaml"), registry)
     assert suite.name == "tiny"
     assert suite.implementations == tuple(registry.names())
-    assert suite.sweep.seq_len == (512, 2048)
-    cases = expand(suite.sweep)
+    assert suite.sweeps[0].seq_len == (512, 2048)
+    cases = expand(suite.sweeps[0])
     assert [case.seq_len for case in cases] == [512, 2048]
     first = cases[0]
     assert (first.batch, first.heads, first.kv_heads, first.head_dim) == (1, 8, 8, 64)
@@ -58,11 +58,11 @@ limits: {timeout_s: 30, memory_gb: 1.5, budget_s: 100}
     )
     assert suite.implementations == ("flash",)
     assert suite.seed == 7 and suite.output == Path("elsewhere")
-    assert suite.sweep.kv_heads == (2, 8) and suite.sweep.device == ("cpu", "cuda:1")
+    assert suite.sweeps[0].kv_heads == (2, 8) and suite.sweeps[0].device == ("cpu", "cuda:1")
     assert suite.measure.correctness.rows == 64 and suite.measure.latency is None
     assert suite.limits.memory_gb == 1.5 and suite.limits.budget_s == 100
-    assert len(expand(suite.sweep)) == 2 * 2 * 2 * 2 * 2 * 2 * 2
-    assert {case.inputs for case in expand(suite.sweep)} == {"gaussian", "structured"}
+    assert len(expand(suite.sweeps[0])) == 2 * 2 * 2 * 2 * 2 * 2 * 2
+    assert {case.inputs for case in expand(suite.sweeps[0])} == {"gaussian", "structured"}
 
 
 def test_limits_may_be_null_where_the_default_is_none(registry, write_suite):
@@ -81,7 +81,7 @@ def test_shipped_suites_load(registry, name):
     left_out = {"quick": {"flex"}, "long_seq": set()}[name]
     assert set(suite.implementations) == set(registry.names()) - left_out
     if name == "long_seq":
-        assert min(suite.sweep.seq_len) <= 512 and max(suite.sweep.seq_len) >= 32768
+        assert min(suite.sweeps[0].seq_len) <= 512 and max(suite.sweeps[0].seq_len) >= 32768
 
 
 BAD_SUITES = [
@@ -107,7 +107,10 @@ BAD_SUITES = [
      ["sweep.device[1]: unknown device 'tpu'", "allowed: cpu, cuda, cuda:N, mps"]),
     ("unknown mode", "sweep: {mode: backward}", ["sweep.mode: unknown mode 'backward'", "forward_backward"]),
     ("unknown inputs", "sweep: {inputs: [gaussian, spiky]}",
-     ["sweep.inputs[1]: unknown input distribution 'spiky' (allowed: gaussian, structured)"]),
+     ["sweep.inputs[1]: unknown input distribution 'spiky' (allowed: gaussian, structured, sink, low_entropy, "
+      "outliers, minilm, smollm2)"]),
+    ("empty list of sweeps", "sweep: []", ["sweep: expected a mapping of axes, or a non-empty list of them"]),
+    ("bad axis in the second sweep", "sweep: [{heads: 8}, {heads: 0}]", ["sweep[1].heads: must be at least 1"]),
     ("options for a missing implementation", "options: {sparse9: {window: 4}}",
      ["options.sparse9: unknown implementation 'sparse9'", "registered:"]),
     ("unknown option", "options: {naive: {window: 4}}", ["options.naive.window: unknown option for naive"]),
@@ -211,3 +214,14 @@ def test_error_budgets_default_and_are_kept_ascending(registry, write_suite):
     chosen = load_suite(write_suite("report: {error_budgets: [0.2, 0.05]}\n"), registry)
     assert chosen.report.error_budgets == (0.05, 0.2)
 
+
+
+def test_a_list_of_sweeps_measures_the_cases_of_each_once_in_order(registry, write_suite):
+    suite = load_suite(write_suite("sweep:\n  - {inputs: [gaussian, minilm], heads: 12, head_dim: 32, seq_len: [128]}\n"
+                                   "  - {inputs: [gaussian, smollm2], heads: 9, kv_heads: 3, causal: true, "
+                                   "seq_len: [256, 128]}\n  - {inputs: [minilm], heads: 12, head_dim: 32, "
+                                   "seq_len: [128]}\n"), registry)
+    cases = expand_all(suite.sweeps)
+    assert [(c.inputs, c.heads, c.kv_heads, c.head_dim, c.seq_len) for c in cases] == [
+        ("gaussian", 12, 12, 32, 128), ("minilm", 12, 12, 32, 128),
+        ("gaussian", 9, 3, 64, 128), ("gaussian", 9, 3, 64, 256), ("smollm2", 9, 3, 64, 128), ("smollm2", 9, 3, 64, 256)]

@@ -67,8 +67,28 @@ class InputSource:
         """q (B, H, N, D) and k, v (B, KV, N, D), float32 on the CPU, drawn from ``generator``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement draw()")
 
+    def not_supported_reasons(self, case: Case) -> list[str]:
+        """Why this source cannot give the case's inputs (a shape its model does not have, a
+        length beyond its context, a missing package); empty when it can. The point is then
+        ``unsupported`` with these reasons."""
+        return []
+
+    def notes(self) -> list[str]:
+        """What this process's draws did that a reader of the results should know (a capture
+        and its cost, a cache read); kept with the point's row."""
+        return []
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def source_reasons(source: InputSource, case: Case) -> list[str]:
+    """The source's ``not_supported_reasons``, checked to be a list of non-empty strings."""
+    reasons = source.not_supported_reasons(case)
+    if not isinstance(reasons, (list, tuple)) or not all(isinstance(reason, str) and reason for reason in reasons):
+        raise TypeError(f"input source {source.name!r}: not_supported_reasons returned {reasons!r:.200} "
+                        "(expected a list of non-empty strings)")
+    return [f"input source {source.name}: {reason}" for reason in reasons]
 
 
 def source_violations(obj: object) -> list[str]:

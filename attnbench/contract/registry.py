@@ -32,6 +32,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "attnbench_plugins.sparse",
     "attnbench_plugins.axial",
     "attnbench_plugins.hybrid",
+    "attnbench_plugins.stress_inputs",
+    "attnbench_plugins.model_inputs",
 )
 
 

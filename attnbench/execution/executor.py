@@ -36,6 +36,7 @@ class PointRound:
     """One round of one point: measure ``implementation`` on ``case``."""
 
     implementation: ImplementationRef
+    series: str  # the row's name: the implementation's, or a variant's (attnbench.settings.variants)
     case: Case
     options: Mapping[str, Any]  # the implementation's defaults with the suite's options laid over
     measure: Measure

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,8 +20,9 @@ from attnbench.execution.local.executor import LocalExecutor
 from attnbench.execution.scheduler import CaseContext, run_case
 from attnbench.execution.skips import SkipPredictor
 from attnbench.execution.yardsticks import Yardsticks
-from attnbench.settings.grid import expand
+from attnbench.settings.grid import expand_all
 from attnbench.settings.suite import Suite
+from attnbench.settings.variants import Variant, variants
 from attnbench.storage import flags, run_folder
 from attnbench.storage.environment import Environment
 from attnbench.storage.results import Row
@@ -75,10 +76,11 @@ def run_suite(
     """
     warn = warn or (lambda text: None)
     executor = executor or LocalExecutor(registry, started=_progress_of_points(progress))
-    implementations = [registry.get(name) for name in suite.implementations]
+    series = variants(suite)
+    implementations = {variant.name: registry.get(variant.implementation) for variant in series}
     threads = suite.measure.threads or torch.get_num_threads()
-    options, broken = _resolve_options(implementations, suite)
-    cases = expand(suite.sweep)
+    options, broken = _resolve_options(series, implementations)
+    cases = expand_all(suite.sweeps)
     _announce_size(suite, len(cases) * len(implementations), warn)
 
     if resume is not None:
@@ -86,7 +88,7 @@ def run_suite(
         environment, done, lock = run_folder.resume_run(run_dir, suite, warn)
     else:
         run_dir, lock = run_folder.new_run_folder(output, suite)
-        environment = executor.environment(threads, _plugin_sources(registry, implementations))
+        environment = executor.environment(threads, _plugin_sources(registry, series))
         busy = environment.busy_warning()
         if busy:
             warn(busy)
@@ -100,7 +102,8 @@ def run_suite(
     for row in done:  # earlier points still inform predictions and budgets
         skips.record(row)
     recorded = {(row.implementation, row.case) for row in done}
-    refs = {impl.name: ImplementationRef(registry.plugin_of(impl.name), impl.name) for impl in implementations}
+    refs = {variant.name: ImplementationRef(registry.plugin_of(variant.implementation), variant.implementation)
+            for variant in series}
     context = CaseContext(suite, executor, skips, refs, options, broken, run_dir.name, threads)
     writer = run_folder.row_writer(run_dir)
     rows: list[Row] = list(done)
@@ -109,12 +112,11 @@ def run_suite(
         progress.started(len(cases) * len(implementations) - len(recorded))
     try:
         for case in cases:
-            todo = [impl for impl in implementations if (impl.name, case) not in recorded]
+            todo = {name: impl for name, impl in implementations.items() if (name, case) not in recorded}
             if todo and latency is not None:
                 yardsticks.measure_if_due()
             for row in run_case(case, todo, context):
-                implementation = registry.get(row.implementation)
-                row = flags.with_flags(row, implementation.exact, yardsticks.best)
+                row = flags.with_flags(row, implementations[row.implementation].exact, yardsticks.best)
                 skips.record(row)
                 with deferred_interrupts():
                     writer.write(row)
@@ -141,25 +143,25 @@ def _progress_of_points(progress: ProgressListener | None) -> Callable[[WorkUnit
 
     def started(unit: WorkUnit) -> None:
         if isinstance(unit, PointRound):
-            progress.point(unit.implementation.name, unit.case)
+            progress.point(unit.series, unit.case)
 
     return started
 
 
 def _resolve_options(
-    implementations: Sequence[Implementation], suite: Suite
+    series: Sequence[Variant], implementations: Mapping[str, Implementation]
 ) -> tuple[dict[str, dict], dict[str, str]]:
-    """Each implementation's options; and, for a plugin whose invalid_options fails, why (its
-    points become error rows)."""
+    """Each series' options; and, for a plugin whose invalid_options fails, why (its points
+    become error rows)."""
     options, broken = {}, {}
-    for implementation in implementations:
-        given = suite.options.get(implementation.name, {})
-        resolved = contained(functools.partial(effective_options, implementation, given), "invalid_options",
-                             passthrough=(UserError,))
+    for variant in series:
+        implementation = implementations[variant.name]
+        resolved = contained(functools.partial(effective_options, implementation, variant.options),
+                             "invalid_options", passthrough=(UserError,))
         if isinstance(resolved, PluginFault):
-            broken[implementation.name] = resolved.message
+            broken[variant.name] = resolved.message
         else:
-            options[implementation.name] = resolved
+            options[variant.name] = resolved
     return options, broken
 
 
@@ -172,13 +174,13 @@ def _announce_size(suite: Suite, points: int, warn: Callable[[str], None]) -> No
          f"{format_seconds(per_point)} each, so at least {points * per_point / 3600:.1f} h in all")
 
 
-def _plugin_sources(registry: Registry, implementations: Sequence[Implementation]) -> dict[str, dict]:
+def _plugin_sources(registry: Registry, series: Sequence[Variant]) -> dict[str, dict]:
     sources: dict[str, dict] = {}
-    for implementation in implementations:
-        plugin = registry.plugin_of(implementation.name)
-        source = registry.source_of(implementation.name)
+    for name in dict.fromkeys(variant.implementation for variant in series):
+        plugin = registry.plugin_of(name)
+        source = registry.source_of(name)
         entry = sources.setdefault(plugin, {"distribution": source.distribution if source else "unknown",
                                             "version": source.version if source else "unknown",
                                             "implementations": []})
-        entry["implementations"].append(implementation.name)
+        entry["implementations"].append(name)
     return sources

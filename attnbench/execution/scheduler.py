@@ -33,15 +33,16 @@ class CaseContext:
     suite: Suite
     executor: Executor
     skips: SkipPredictor
-    refs: Mapping[str, ImplementationRef]  # implementation name -> its plugin and name
-    options: Mapping[str, Mapping[str, Any]]  # implementation name -> its effective options
-    broken: Mapping[str, str]  # implementation name -> why its options could not be checked
+    refs: Mapping[str, ImplementationRef]  # series name -> its implementation's plugin and name
+    options: Mapping[str, Mapping[str, Any]]  # series name -> its effective options
+    broken: Mapping[str, str]  # series name -> why its options could not be checked
     run_id: str
     threads: int
 
 
-def run_case(case: Case, implementations: Sequence[Implementation], context: CaseContext) -> Iterator[Row]:
-    """The rows of one case, each as soon as it is final."""
+def run_case(case: Case, implementations: Mapping[str, Implementation], context: CaseContext) -> Iterator[Row]:
+    """The rows of one case, each as soon as it is final; ``implementations``: series name (an
+    implementation, or a variant of one) -> what it runs."""
     suite = context.suite
     latency = suite.measure.latency
     rounds = latency.rounds if latency else 1
@@ -50,10 +51,10 @@ def run_case(case: Case, implementations: Sequence[Implementation], context: Cas
     cap = context.executor.memory_cap_bytes(suite.limits, case.device)
 
     points: dict[str, _Point] = {}
-    for implementation in implementations:
-        point = _Point(implementation.name, case, context.options.get(implementation.name, {}), context.run_id, rounds)
-        refusal = outcome.refused(context.broken.get(implementation.name), device_unavailable_reason(case.device),
-                                  context.skips.skip_reason(implementation, case, cap))
+    for name, implementation in implementations.items():
+        point = _Point(name, case, context.options.get(name, {}), context.run_id, rounds)
+        refusal = outcome.refused(context.broken.get(name), device_unavailable_reason(case.device),
+                                  context.skips.skip_reason(name, implementation, case, cap))
         if refusal:
             yield point.failed(refusal, log_tail="")
             continue
@@ -62,7 +63,7 @@ def run_case(case: Case, implementations: Sequence[Implementation], context: Cas
 
     timed: list[_Point] = []
     for finished in context.executor.finished():
-        point = points[finished.unit.implementation.name]
+        point = points[finished.unit.series]
         ended = point.add(finished)
         if ended:
             yield ended
@@ -76,7 +77,7 @@ def run_case(case: Case, implementations: Sequence[Implementation], context: Cas
         for point in timed[turn:] + timed[:turn]:
             context.executor.submit(point.unit(later_round, context))
         for finished in context.executor.finished():
-            point = points[finished.unit.implementation.name]
+            point = points[finished.unit.series]
             ended = point.add(finished)
             if ended:
                 timed.remove(point)
@@ -89,7 +90,7 @@ def run_case(case: Case, implementations: Sequence[Implementation], context: Cas
 class _Point:
     """One (implementation, case) while its rounds are measured."""
 
-    implementation: str
+    implementation: str  # the series: an implementation, or a variant of one
     case: Case
     options: Mapping[str, Any]
     run_id: str
@@ -101,8 +102,9 @@ class _Point:
 
     def unit(self, measure: Measure, context: CaseContext) -> PointRound:
         suite = context.suite
-        return PointRound(context.refs[self.implementation], self.case, self.options, measure, suite.limits, suite.seed,
-                          context.threads, self.verifier, suite.source_options.get(self.case.inputs, {}))
+        return PointRound(context.refs[self.implementation], self.implementation, self.case, self.options, measure,
+                          suite.limits, suite.seed, context.threads, self.verifier,
+                          suite.source_options.get(self.case.inputs, {}))
 
     def add(self, finished: Finished) -> Row | None:
         """Takes one round's outcome; the point's final row when it failed there."""

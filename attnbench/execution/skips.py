@@ -27,8 +27,8 @@ class SkipPredictor:
         self.rows[(row.implementation, group_key(row.case))].append(row)
         self.spent_s[row.implementation] += row.wall_time_s
 
-    def skip_reason(self, implementation: Implementation, case: Case, memory_cap: int | None) -> str | None:
-        name = implementation.name
+    def skip_reason(self, name: str, implementation: Implementation, case: Case, memory_cap: int | None) -> str | None:
+        """Why the series ``name`` (running ``implementation``) should not run ``case``; None: run it."""
         earlier = self.rows[(name, group_key(case))]
         budget = self.limits.budget_s
         if budget is not None and self.spent_s[name] >= budget:

@@ -43,6 +43,7 @@ from attnbench.measuring.timing import measure_latency, synchronize, time_one_ca
 from attnbench.measuring.work import counted_work
 from attnbench.settings.suite import Measure
 from attnbench.support.process_state import Snapshot, changes, restore
+from attnbench.support.text import one_line
 
 
 def measure_case(
@@ -78,7 +79,7 @@ def measure_case(
         synchronize(device)
         first_call_s = time.perf_counter() - started
         watch.put_back("the first call")  # lazy set-up may touch settings once; not every call
-    notes = [*_own_warnings(caught, implementation), *watch.notes]
+    notes = [*_own_warnings(caught, implementation), *watch.notes, *_source_notes(source)]
     work, work_note = counted_work(implementation, case, options)
     notes += [work_note] if work_note else []
 
@@ -130,6 +131,14 @@ def measure_case(
         verifier=verifier,
         work=work,
     )
+
+
+def _source_notes(source: InputSource | None) -> list[str]:
+    """What the case's input source did (a capture, a cache read), bounded like any plugin text."""
+    if source is None:
+        return []
+    notes = source.notes()
+    return [one_line(note) for note in notes if isinstance(note, str)] if isinstance(notes, (list, tuple)) else []
 
 
 def _split(result: Any, case: Case) -> tuple[Any, Grads | None]:

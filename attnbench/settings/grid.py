@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from attnbench.contract.case import AXES, DTYPES, Case
@@ -9,6 +10,11 @@ from attnbench.settings.suite import Sweep
 
 # The axes from the outermost loop to the innermost (attnbench.contract.case.Axis.nesting).
 NESTING = sorted(AXES, key=lambda name: AXES[name].nesting)
+
+
+def expand_all(sweeps: Sequence[Sweep]) -> list[Case]:
+    """The cases of every sweep in turn, each case once."""
+    return list(dict.fromkeys(case for sweep in sweeps for case in expand(sweep)))
 
 
 def expand(sweep: Sweep) -> list[Case]:

@@ -13,7 +13,12 @@ from typing import Any, TypeVar
 
 from attnbench.contract.case import AXES, DTYPES, MODES, AxisKind
 from attnbench.contract.errors import did_you_mean
-from attnbench.contract.implementation import invalid_option_values, option_problem, setting_problem
+from attnbench.contract.implementation import (
+    Implementation,
+    invalid_option_values,
+    option_problem,
+    setting_problem,
+)
 from attnbench.contract.registry import Registry
 from attnbench.settings.checking import MAX_SEED, Checker, read_yaml, show
 from attnbench.settings.suite import (
@@ -23,10 +28,12 @@ from attnbench.settings.suite import (
     LatencySettings,
     Limits,
     Measure,
+    OptionSweep,
     ReportSettings,
     Suite,
     Sweep,
 )
+from attnbench.settings.variants import expand_options
 from attnbench.support.containment import contained
 
 T = TypeVar("T")
@@ -42,6 +49,7 @@ TOP_LEVEL_FIELDS = (
 MEASURE_FIELDS = tuple(Measure.__dataclass_fields__)
 MEASUREMENTS = ("correctness", "latency", "memory")  # the short form lists these
 LIMIT_FIELDS = tuple(Limits.__dataclass_fields__)
+MAX_VARIANTS = 64  # per implementation: each is a full series of the sweep
 
 
 def load_suite(path: str | Path, registry: Registry) -> Suite:
@@ -64,7 +72,7 @@ def load_suite(path: str | Path, registry: Registry) -> Suite:
         implementations=implementations,
         options=_options(check, top.get("options", {}), registry),
         source_options=_source_options(check, top.get("source_options", {}), registry),
-        sweep=_sweep(check, top.get("sweep", {}), tuple(registry.input_sources)),
+        sweeps=_sweeps(check, top.get("sweep", {}), tuple(registry.input_sources)),
         measure=_measure(check, top.get("measure", {})),
         limits=_limits(check, top.get("limits", {})),
         report=_report(check, top.get("report", {})),
@@ -94,25 +102,55 @@ def _implementations(check: Checker, node: Any, registry: Registry) -> tuple[str
 
 
 def _options(check: Checker, node: Any, registry: Registry) -> dict[str, dict[str, Any]]:
+    """Each implementation's options; a list of values (or ``{sweep: [...]}``) sweeps one."""
     unknown = lambda key: _unknown_implementation(key, registry)  # noqa: E731
     options = check.mapping(node, "options", registry.names(), unknown=unknown)
     result: dict[str, dict[str, Any]] = {}
     for name, given in options.items():
         given = check.mapping(given, f"options.{name}", None)
         implementation = registry.get(name)
-        for key, value in given.items():
-            problem = option_problem(implementation, key, value)
-            if problem:
-                check.fail(f"options.{name}.{key}", problem)
-        # The plugin's own check runs contained: if it fails, the run reports it against that
-        # plugin (error rows for its points) rather than refusing the suite.
-        merged = {**implementation.default_options, **given}
-        problems = contained(functools.partial(invalid_option_values, implementation, merged),
-                             f"invalid_options of {name}")
-        for key, problem in problems.items() if isinstance(problems, dict) else ():
-            check.fail(f"options.{name}.{key}", problem)
-        result[name] = dict(given)
+        parsed = {key: _option(check, f"options.{name}.{key}", implementation, key, value)
+                  for key, value in given.items()}
+        found = expand_options(name, parsed)
+        if len(found) > MAX_VARIANTS:
+            check.fail(f"options.{name}", f"the swept values make {len(found)} variants (allowed: at most "
+                                          f"{MAX_VARIANTS} per implementation)")
+        for variant in found:
+            # The plugin's own check runs contained: if it fails, the run reports it against that
+            # plugin (error rows for its points) rather than refusing the suite.
+            merged = {**implementation.default_options, **variant.options}
+            problems = contained(functools.partial(invalid_option_values, implementation, merged),
+                                 f"invalid_options of {name}")
+            for key, problem in problems.items() if isinstance(problems, dict) else ():
+                where = f" (in {variant.name})" if variant.name != name else ""
+                check.fail(f"options.{name}.{key}", problem + where)
+        result[name] = parsed
     return result
+
+
+def _option(check: Checker, path: str, implementation: Implementation, key: str, value: Any) -> Any:
+    """One option's value, or an OptionSweep of values: a list sweeps an option whose default is
+    a single value; ``{sweep: [...]}`` sweeps any option (one whose values are lists, too)."""
+    default = implementation.default_options.get(key)
+    if isinstance(value, dict) and set(value) == {"sweep"}:
+        values, path = value["sweep"], f"{path}.sweep"
+    elif isinstance(value, list) and key in implementation.default_options \
+            and not isinstance(default, (list, tuple)) and default is not None:
+        values = value
+    else:
+        problem = option_problem(implementation, key, value)
+        if problem:
+            check.fail(path, problem)
+        return value
+    if not isinstance(values, list) or not values:
+        check.fail(path, f"expected a non-empty list of values to sweep, got {show(values)}")
+    for index, item in enumerate(values):
+        problem = option_problem(implementation, key, item)
+        if problem:
+            check.fail(f"{path}[{index}]", problem)
+        if item in values[:index]:
+            check.fail(f"{path}[{index}]", f"{show(item)} is listed twice")
+    return OptionSweep(tuple(values))
 
 
 def _source_options(check: Checker, node: Any, registry: Registry) -> dict[str, dict[str, Any]]:
@@ -129,8 +167,17 @@ def _source_options(check: Checker, node: Any, registry: Registry) -> dict[str, 
     return result
 
 
-def _sweep(check: Checker, node: Any, sources: Sequence[str]) -> Sweep:
-    fields = check.mapping(node, "sweep", tuple(AXES))
+def _sweeps(check: Checker, node: Any, sources: Sequence[str]) -> tuple[Sweep, ...]:
+    """One grid (a mapping of axes), or a list of them whose cases are all measured."""
+    if not isinstance(node, list):
+        return (_sweep(check, node, sources, "sweep"),)
+    if not node:
+        check.fail("sweep", "expected a mapping of axes, or a non-empty list of them")
+    return tuple(_sweep(check, item, sources, f"sweep[{index}]") for index, item in enumerate(node))
+
+
+def _sweep(check: Checker, node: Any, sources: Sequence[str], where: str) -> Sweep:
+    fields = check.mapping(node, where, tuple(AXES))
     items: dict[AxisKind, Callable[[Any, str], Any]] = {
         "count": lambda value, path: check.integer(value, path, minimum=1),
         "dtype": lambda value, path: check.choice(value, path, tuple(DTYPES), "dtype"),
@@ -139,14 +186,14 @@ def _sweep(check: Checker, node: Any, sources: Sequence[str]) -> Sweep:
         "mode": lambda value, path: check.choice(value, path, MODES, "mode"),
         "source": lambda value, path: check.choice(value, path, sources, "input distribution"),
     }
-    values = {name: check.axis(fields[name], f"sweep.{name}", items[AXES[name].kind])
+    values = {name: check.axis(fields[name], f"{where}.{name}", items[AXES[name].kind])
               for name in AXES if name in fields}
     values |= {name: tuple(sorted(values[name])) for name in values if AXES[name].curve}
     sweep = Sweep(**values)
     for index, kv in enumerate(sweep.kv_heads or ()):
         for h in sweep.heads:
             if h % kv:
-                check.fail(f"sweep.kv_heads[{index}]", f"{kv} does not divide heads={h} (kv_heads must divide heads)")
+                check.fail(f"{where}.kv_heads[{index}]", f"{kv} does not divide heads={h} (kv_heads must divide heads)")
     return sweep
 
 

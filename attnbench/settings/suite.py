@@ -86,6 +86,14 @@ MAX_ERROR_BUDGETS = 4  # columns of the report's answer
 
 
 @dataclass(frozen=True)
+class OptionSweep:
+    """An option given several values: one variant of the implementation per value
+    (attnbench.settings.variants)."""
+
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
 class ReportSettings:
     error_budgets: tuple[float, ...] = DEFAULT_ERROR_BUDGETS  # ascending
 
@@ -96,9 +104,12 @@ class Suite:
     name: str
     description: str = ""
     implementations: tuple[str, ...] = ()
+    # implementation -> option -> value, or an OptionSweep of values
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # input source -> parameters
-    sweep: Sweep = Sweep()
+    # The grids whose cases the suite measures: usually one; several when their shapes differ
+    # (a model's inputs come in its own heads and head_dim), their cases taken in order.
+    sweeps: tuple[Sweep, ...] = (Sweep(),)
     measure: Measure = Measure()
     limits: Limits = Limits()
     report: ReportSettings = ReportSettings()

@@ -15,7 +15,7 @@ import fcntl
 import json
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,16 +68,17 @@ class RunFolder:
         return self.environment.get("matmul_flops", {})
 
 
-def declared_of(implementations: Iterable[Implementation]) -> dict[str, Declared]:
+def declared_of(implementations: Mapping[str, Implementation]) -> dict[str, Declared]:
+    """``implementations``: series name (an implementation or a variant) -> what it runs."""
     return {
-        impl.name: Declared(
+        name: Declared(
             exact=impl.exact,
             time_complexity=impl.time_complexity,
             memory_complexity=impl.memory_complexity,
             time_exponent=complexity_exponent(impl.time_complexity),
             memory_exponent=complexity_exponent(impl.memory_complexity),
         )
-        for impl in implementations
+        for name, impl in implementations.items()
     }
 
 
@@ -210,7 +211,7 @@ def new_run_folder(output: Path | None, suite: Suite) -> tuple[Path, IO[str]]:
     return candidate, lock_run_folder(candidate, label)
 
 
-def write_run_files(run_dir: Path, environment: Environment, implementations: Sequence[Implementation],
+def write_run_files(run_dir: Path, environment: Environment, implementations: Mapping[str, Implementation],
                      suite: Suite) -> None:
     try:
         write_environment(run_dir, environment)

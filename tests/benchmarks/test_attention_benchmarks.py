@@ -24,6 +24,8 @@ from attnbench.tracking import point, point_figures, prepared_call, registry
 SEQ_LENS = (256, 1024)
 MODES = ("forward", "forward_backward")
 OPTIONS = {"sparse": {"backend": "blocked"}}  # no compilation inside a timed test session
+# Variants, as a suite's option sweep names them: series of their own.
+VARIANTS = ("nystrom[landmarks=64]", "performer[features=64]")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +42,7 @@ def steady_process():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seq_len", SEQ_LENS)
-@pytest.mark.parametrize("name", registry().names())
+@pytest.mark.parametrize("name", [*registry().names(), *VARIANTS])
 def test_attention(benchmark, name: str, seq_len: int, mode: str) -> None:
     case = point(seq_len, heads=4, mode=mode)
     options = OPTIONS.get(name)
