@@ -22,6 +22,7 @@ from attnbench.contract.registry import Registry, load_registry
 from attnbench.execution.runner import run_suite
 from attnbench.presenting.answer import answer_text
 from attnbench.presenting.progress import TerminalProgress
+from attnbench.presenting.run_facts import input_capture_text
 from attnbench.presenting.summary import format_table, points_by_implementation, summary_table
 from attnbench.settings.loader import load_report_settings, load_suite
 from attnbench.settings.suite import MAX_ERROR_BUDGETS, Suite
@@ -140,6 +141,9 @@ def _run(args: argparse.Namespace) -> int:
         budgets = suite.report.error_budgets
         print(summary_table(run.rows))
         print("\n" + answer_text(run.rows, run.declared, budgets))
+        captures = input_capture_text(run.rows)
+        if not captures.startswith("none"):
+            print(f"\ninputs: {captures}")
         print(f"\nresults: {result.rows_path}")
         from attnbench.presenting.report import write_reports  # (matplotlib and pandas: see _report)
 

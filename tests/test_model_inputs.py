@@ -189,3 +189,38 @@ def test_configured_copies_do_not_share_what_they_drew():
     copy_of = copy.copy(source.configured({"layers": [0]}))
     make_inputs(_minilm_case(), 0, copy_of)
     assert copy_of.notes() and not source.notes()
+
+
+FAST = "measure: {correctness: {rows: 32}, latency: {min_run_time_s: 0.01, max_run_time_s: 0.05, rounds: 1}}\n"
+
+
+def test_a_run_reports_error_per_source_the_frontiers_and_what_was_captured(registry, write_suite, tmp_path):
+    from attnbench.execution.runner import run_suite
+    from attnbench.presenting.report import write_reports
+    from attnbench.settings.loader import load_suite
+    from attnbench.storage.run_folder import load_run
+
+    cache = tmp_path / "captures"
+    text = ("implementations: [flash, performer]\noptions: {performer: {features: [8, 64]}}\n"
+            f"source_options: {{minilm: {{layers: [1], texts: 1, cache: '{cache}'}}}}\n"
+            "sweep: {inputs: [gaussian, minilm], seq_len: [64], heads: 12, head_dim: 32}\n" + FAST)
+    first = run_suite(load_suite(write_suite(text), registry), registry, output=tmp_path / "out")
+    rows = {(row.implementation, row.case.inputs): row for row in first.rows}
+    assert {row.status for row in rows.values()} == {"ok"}
+    captured = [note for note in rows[("flash", "minilm")].notes if "captured" in note]
+    assert captured and captured[0].startswith("inputs: minilm: captured q, k, v of layers 1 on text window 0")
+    run = load_run(first.run_dir)
+    write_reports(run)
+    report = (first.run_dir / "report.md").read_text()
+    assert "Error by input source — B=1 H=12 D=32 float32 cpu forward" in report
+    table = report[report.index("Error by input source —"):]
+    line = next(line for line in table.splitlines() if line.startswith("| performer\\[features=8\\] "))
+    assert line.count("· cos") == 2  # its error on gaussian and on minilm, side by side
+    assert "minilm: all-MiniLM-L6-v2's own q, k, v" in report and "layers=\\[1\\]" in report  # named
+    plots = {path.name for path in (first.run_dir / "plots").glob("*.png")}
+    assert "b-1-h-12-d-32-float32-cpu-forward-inputs-minilm-pareto-memory.png" in plots, plots
+
+    second = run_suite(load_suite(write_suite(text), registry), registry, output=tmp_path / "out")
+    notes = [note for row in second.rows if row.case.inputs == "minilm" for note in row.notes]
+    assert notes and not any("captured" in note for note in notes)
+    assert any("read from the cache" in note for note in notes)

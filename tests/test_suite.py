@@ -224,4 +224,5 @@ def test_a_list_of_sweeps_measures_the_cases_of_each_once_in_order(registry, wri
     cases = expand_all(suite.sweeps)
     assert [(c.inputs, c.heads, c.kv_heads, c.head_dim, c.seq_len) for c in cases] == [
         ("gaussian", 12, 12, 32, 128), ("minilm", 12, 12, 32, 128),
-        ("gaussian", 9, 3, 64, 128), ("gaussian", 9, 3, 64, 256), ("smollm2", 9, 3, 64, 128), ("smollm2", 9, 3, 64, 256)]
+        ("gaussian", 9, 3, 64, 128), ("gaussian", 9, 3, 64, 256),
+        ("smollm2", 9, 3, 64, 128), ("smollm2", 9, 3, 64, 256)]

@@ -109,7 +109,8 @@ class Throughput:
 class ParetoPoint:
     row: Row
     error: float  # relative Frobenius error of the output against float64 exact attention
-    on_front: bool  # no other implementation is both faster and more accurate at this point
+    on_front: bool  # nothing else at this point is both cheaper and more accurate
+    cost: float  # what the front was drawn against: median latency (s) or peak memory (bytes)
 
 
 def curves(rows: Sequence[Row]) -> dict[tuple[str, Case], list[Row]]:
@@ -200,22 +201,20 @@ def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_fl
     return results
 
 
-def pareto(rows: Sequence[Row]) -> list[ParetoPoint]:
-    """At each point (fixed axes and seq_len), who is not beaten on both error and latency."""
-    by_point: dict[Case, list[tuple[Row, float]]] = defaultdict(list)
+def pareto(rows: Sequence[Row], metric: Metric = "latency") -> list[ParetoPoint]:
+    """At each point (fixed axes and seq_len), who is not beaten on both error and ``metric``
+    (latency or peak memory): the accuracy-cost frontier over implementations and variants."""
+    by_point: dict[Case, list[tuple[Row, float, float]]] = defaultdict(list)
     for row in rows:
-        error = output_error(row)
-        if metric_value(row, "latency") is not None and error is not None and math.isfinite(error):
-            by_point[row.case].append((row, error))
+        error, cost = output_error(row), metric_value(row, metric)
+        if cost is not None and error is not None and math.isfinite(error):
+            by_point[row.case].append((row, cost, error))
     points = []
     for entries in by_point.values():
-        for row, error in entries:
-            beaten = any(
-                other.latency.median_s <= row.latency.median_s and other_error <= error
-                and (other.latency.median_s < row.latency.median_s or other_error < error)
-                for other, other_error in entries if other is not row
-            )
-            points.append(ParetoPoint(row, error, not beaten))
+        for row, cost, error in entries:
+            beaten = any(other_cost <= cost and other_error <= error and (other_cost < cost or other_error < error)
+                         for other, other_cost, other_error in entries if other is not row)
+            points.append(ParetoPoint(row, error, not beaten, cost))
     return points
 
 

@@ -29,6 +29,9 @@ from attnbench.contract.case import Case
 
 SOURCE_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_\-]{0,31}$")
 
+# Notes of an input source on a row start with this (reports gather them in one place).
+SOURCE_NOTE_PREFIX = "inputs: "
+
 LOCAL_LOGIT = 5.0  # a query's logit on its own position
 GLOBAL_LOGIT = 1.0  # the standard deviation, in logits, of the keys' shared global field
 LOCAL_LENGTH = 32  # positions over which the positional code stays similar

@@ -27,6 +27,7 @@ from attnbench.storage import flags, run_folder
 from attnbench.storage.environment import Environment
 from attnbench.storage.results import Row
 from attnbench.support.containment import Interrupted, PluginFault, contained, deferred_interrupts
+from attnbench.support.text import one_line
 from attnbench.support.units import format_seconds
 
 # A sweep this large prints its size and a time estimate before it starts.
@@ -89,6 +90,7 @@ def run_suite(
     else:
         run_dir, lock = run_folder.new_run_folder(output, suite)
         environment = executor.environment(threads, _plugin_sources(registry, series))
+        environment = dataclasses.replace(environment, input_sources=_input_sources(registry, suite, cases))
         busy = environment.busy_warning()
         if busy:
             warn(busy)
@@ -172,6 +174,16 @@ def _announce_size(suite: Suite, points: int, warn: Callable[[str], None]) -> No
     per_point = (latency.min_run_time_s + latency.rounds * POINT_OVERHEAD_S) if latency else POINT_OVERHEAD_S
     warn(f"{suite.path}: this sweep has {points} points (implementations × cases); at least "
          f"{format_seconds(per_point)} each, so at least {points * per_point / 3600:.1f} h in all")
+
+
+def _input_sources(registry: Registry, suite: Suite, cases: Sequence[Case]) -> dict[str, dict]:
+    """What each input source of the sweep is, and the parameters it runs with."""
+    facts = {}
+    for name in dict.fromkeys(case.inputs for case in cases):
+        source = registry.input_sources[name]
+        facts[name] = {"description": one_line(source.description),
+                       "parameters": {**source.parameters, **suite.source_options.get(name, {})}}
+    return facts
 
 
 def _plugin_sources(registry: Registry, series: Sequence[Variant]) -> dict[str, dict]:

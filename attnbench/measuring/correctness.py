@@ -268,10 +268,23 @@ def _figures(
             continue
         difference = actual[name] - reference
         reference_max = float(reference.abs().max())
+        cosines = _row_cosines(actual[name], reference)
         figures[name] = ErrorFigures(
             max_abs=float(difference.abs().max()),
             rel_fro=float(difference.norm() / reference.norm().clamp_min(torch.finfo(torch.float64).tiny)),
             bound=tolerance.bound(reference_max) if tolerance is not None else None,
+            cosine_mean=float(cosines.mean()),
+            cosine_worst=float(cosines.min()),
         )
     return figures
+
+
+def _row_cosines(actual: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each row (last dimension); two zero rows agree (1), one zero row
+    against a non-zero one does not (0)."""
+    tiny = torch.finfo(torch.float64).tiny
+    dot = (actual * reference).sum(-1)
+    norms = actual.norm(dim=-1) * reference.norm(dim=-1)
+    both_zero = (actual.norm(dim=-1) == 0) & (reference.norm(dim=-1) == 0)
+    return torch.where(both_zero, torch.ones_like(dot), dot / norms.clamp_min(tiny))
 

@@ -183,6 +183,11 @@ class ErrorFigures:
     max_abs: float
     rel_fro: float  # ||actual - ref||_F / ||ref||_F
     bound: float | None  # max_abs must stay within this when judged (from the dtype's tolerance)
+    # Cosine similarity of each checked row (a query's output vector) with the reference's: the
+    # mean over rows, batch and heads, and the lowest. Direction, blind to scale: what a model's
+    # next layer mostly sees. None in rows written before it was measured.
+    cosine_mean: float | None = None
+    cosine_worst: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -235,7 +240,9 @@ def worst_figures(tables: Sequence[Mapping[str, ErrorFigures]]) -> dict[str, Err
                 continue
             rel_fro = _nan_max(held.rel_fro, figures.rel_fro)
             chosen = figures if _severity(figures) > _severity(held) else held
-            worst[name] = dataclasses.replace(chosen, rel_fro=rel_fro)
+            worst[name] = dataclasses.replace(chosen, rel_fro=rel_fro,
+                                              cosine_mean=_nan_min(held.cosine_mean, figures.cosine_mean),
+                                              cosine_worst=_nan_min(held.cosine_worst, figures.cosine_worst))
     return worst
 
 
@@ -247,6 +254,12 @@ def _severity(figures: ErrorFigures) -> float:
 
 def _nan_max(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def _nan_min(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return math.nan if math.isnan(a) or math.isnan(b) else min(a, b)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 
 from attnbench.contract.case import Case
 from attnbench.contract.implementation import AttentionFn, Implementation
-from attnbench.contract.inputs import Inputs, InputSource
+from attnbench.contract.inputs import SOURCE_NOTE_PREFIX, Inputs, InputSource
 from attnbench.measuring.correctness import (
     Grads,
     Verifier,
@@ -138,7 +138,9 @@ def _source_notes(source: InputSource | None) -> list[str]:
     if source is None:
         return []
     notes = source.notes()
-    return [one_line(note) for note in notes if isinstance(note, str)] if isinstance(notes, (list, tuple)) else []
+    if not isinstance(notes, (list, tuple)):
+        return []
+    return [SOURCE_NOTE_PREFIX + one_line(note) for note in notes if isinstance(note, str)]
 
 
 def _split(result: Any, case: Case) -> tuple[Any, Grads | None]:

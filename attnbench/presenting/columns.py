@@ -14,7 +14,8 @@ from typing import Any
 
 from attnbench.analysis.curves import metric_value, output_error
 from attnbench.contract.case import curve_x
-from attnbench.measuring.figures import NOISY_RELATIVE_IQR, Latency
+from attnbench.contract.inputs import SOURCE_NOTE_PREFIX
+from attnbench.measuring.figures import NOISY_RELATIVE_IQR, ErrorFigures, Latency
 from attnbench.storage.results import Row
 from attnbench.support.units import format_bytes, format_seconds
 
@@ -90,6 +91,8 @@ def _correctness_table(row: Row) -> dict[str, Any]:
     return {
         "rel_err": out.rel_fro if out else None,
         "max_abs_err": out.max_abs if out else None,
+        "cosine_mean": out.cosine_mean if out else None,
+        "cosine_worst": out.cosine_worst if out else None,
         "grad_max_abs_err": max(grads) if grads else None,
         "judged_against": correctness.judged_against if correctness else None,
         "within_default_tolerance": correctness.within_default_tolerance if correctness else None,
@@ -118,7 +121,16 @@ def _correctness_summary(row: Row) -> dict[str, str]:
 
 
 def _correctness_report(row: Row) -> dict[str, str]:
-    return {"error vs exact": _scientific(output_error(row)), "vs own reference": _scientific(_own_error(row))}
+    out = row.correctness.exact.get("out") if row.correctness else None
+    return {"error vs exact": _scientific(output_error(row)), "vs own reference": _scientific(_own_error(row)),
+            "cosine mean / worst": _cosines(out)}
+
+
+def _cosines(figures: ErrorFigures | None) -> str:
+    """'0.9987 / 0.912': four decimals, where 1 - cosine is what differs between good methods."""
+    if figures is None or figures.cosine_mean is None or figures.cosine_worst is None:
+        return ""
+    return f"{figures.cosine_mean:.4f} / {figures.cosine_worst:.4f}"
 
 
 def _scientific(value: float | None) -> str:
@@ -169,7 +181,8 @@ def point_note(row: Row) -> str:
     the reasons it did not run or was judged incorrect, the implementation's own notes."""
     latency = row.latency
     noise = [f"noisy: {_noise(latency)}"] if latency is not None and latency.noisy and row.status == "ok" else []
-    return "; ".join((*noise, *(flag.message for flag in row.flags), *row.reasons, *row.notes))
+    notes = (note for note in row.notes if not note.startswith(SOURCE_NOTE_PREFIX))  # gathered in the run's facts
+    return "; ".join((*noise, *(flag.message for flag in row.flags), *row.reasons, *notes))
 
 
 def _noise(latency: Latency) -> str:

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.colors
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+from attnbench.settings.variants import parse_variant, series_order  # noqa: E402
 
 FORMATS = ("png", "svg")
 DPI = 110
@@ -27,13 +30,42 @@ OVER_BUDGET_COLOUR = "0.7"
 
 
 class Palette:
-    """One colour per implementation, the same in every figure of a report."""
+    """One colour per implementation, the same in every figure of a report; the variants of one
+    implementation (an option sweep) take shades of its colour, darkest first."""
 
     def __init__(self, names: Sequence[str]) -> None:
-        self._colours = {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(sorted(set(names)))}
+        series: dict[str, list[str]] = {}
+        for name in sorted(set(names), key=series_order):
+            series.setdefault(implementation_of(name), []).append(name)
+        self._base = {base: COLOURS[i % len(COLOURS)] for i, base in enumerate(sorted(series))}
+        self._colours = {name: _shade(self._base[base], index, len(variants))
+                         for base, variants in series.items() for index, name in enumerate(variants)}
 
     def __call__(self, name: str) -> str:
         return self._colours[name]
+
+    def implementation(self, name: str) -> str:
+        """The colour of an implementation as a whole (its variants are shades of it)."""
+        return self._base[name]
+
+
+def implementation_of(name: str) -> str:
+    """The implementation a series runs (a variant's, or the name itself)."""
+    try:
+        return parse_variant(name)[0]
+    except ValueError:
+        return name
+
+
+def _shade(colour: str, index: int, count: int) -> str:
+    """``colour`` darkened (first) to lightened (last) across ``count`` variants."""
+    if count == 1:
+        return colour
+    red, green, blue = matplotlib.colors.to_rgb(colour)
+    amount = -0.45 + 0.9 * index / (count - 1)  # -: toward black, +: toward white
+    target = 1.0 if amount > 0 else 0.0
+    mixed = [channel + abs(amount) * (target - channel) for channel in (red, green, blue)]
+    return matplotlib.colors.to_hex(mixed)
 
 
 def log_axes(axes: Axes, y_formatter: FuncFormatter | None, x_formatter: FuncFormatter | None = None,

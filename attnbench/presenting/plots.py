@@ -36,12 +36,14 @@ from attnbench.presenting.figure_style import (
     SECONDS,
     TIMES,
     Palette,
+    implementation_of,
     log_axes,
     new_figure,
     save,
     widen_to,
 )
 from attnbench.presenting.layout import Plot
+from attnbench.settings.variants import parse_variant
 from attnbench.storage.results import Row
 
 GAP_LANE = 0.05  # height of one "not run" lane, as a fraction of the axes
@@ -93,8 +95,12 @@ def scaling_plot(
 
 
 def pareto_plot(
-    points: Sequence[ParetoPoint], group: Case, palette: Palette, folder: Path, budgets: Sequence[float]
+    points: Sequence[ParetoPoint], group: Case, palette: Palette, folder: Path, budgets: Sequence[float],
+    metric: Metric = "latency",
 ) -> Plot | None:
+    """Error against latency (or peak memory) at each N: the accuracy-cost frontier. The variants
+    of one implementation (an option sweep) are joined in their implementation's colour and
+    labelled with their swept values; the front is the grey staircase."""
     by_seq_len: dict[int, list[ParetoPoint]] = {}
     for point in points:
         by_seq_len.setdefault(curve_x(point.row.case), []).append(point)
@@ -106,42 +112,74 @@ def pareto_plot(
     rows = math.ceil(len(seq_lens) / columns)
     figure, grid = new_figure(3.4 * columns + 2.2, 3.0 * rows + 0.8, rows, columns, squeeze=False)
     for axes, seq_len in zip(grid.flat, seq_lens, strict=False):
-        entries = by_seq_len[seq_len]
-        for point in entries:
-            inside = within_budget(point.row, loosest)
-            axes.scatter(point.row.latency.median_s, max(point.error, 1e-12),
-                         color=palette(point.row.implementation) if inside else OVER_BUDGET_COLOUR,
-                         marker="o" if point.on_front else "x", s=36 if point.on_front else 28)
-        front = sorted((p for p in entries if p.on_front), key=lambda p: p.row.latency.median_s)
-        if len(front) > 1:
-            axes.step([p.row.latency.median_s for p in front], [max(p.error, 1e-12) for p in front],
-                      where="post", color="0.6", linewidth=1, zorder=0)
-        for budget in budgets:
-            axes.axhline(budget, color=GUIDE_COLOUR, linestyle=":", linewidth=1)
-            axes.text(0.99, budget, f"budget {budget:g}", transform=axes.get_yaxis_transform(), fontsize=6,
-                      color=GUIDE_COLOUR, ha="right", va="bottom")
-        widen_to(axes, 4.0)
-        log_axes(axes, y_formatter=None, x_formatter=SECONDS)
+        _frontier_axes(axes, by_seq_len[seq_len], palette, budgets, metric)
         axes.set_title(f"{CURVE_LABEL}={seq_len}", fontsize=9)
-        axes.set_xlabel("median latency (log)", fontsize=8)
-        axes.set_ylabel("relative error vs exact (log)", fontsize=8)
-        axes.tick_params(labelsize=7)
     for axes in list(grid.flat)[len(seq_lens):]:
         axes.set_visible(False)
-    names = sorted({point.row.implementation for point in points})
-    proxies = [Line2D([], [], linestyle="none", marker="o", color=palette(name)) for name in names]
+    names = sorted({implementation_of(point.row.implementation) for point in points})
+    proxies = [Line2D([], [], linestyle="none", marker="o", color=palette.implementation(name)) for name in names]
     proxies.append(Line2D([], [], linestyle="none", marker="o", color=OVER_BUDGET_COLOUR))
     figure.legend(proxies, [*names, f"error over {loosest:g}"], fontsize=8, loc="center left",
                   bbox_to_anchor=(1.0, 0.5))
-    figure.suptitle(f"Error vs latency (o: on the Pareto front, x: beaten) — {describe_group(group)}", fontsize=10)
+    what = "latency" if metric == "latency" else "peak memory"
+    figure.suptitle(f"Error vs {what} (o: on the Pareto front, x: beaten) — {describe_group(group)}", fontsize=10)
     figure.tight_layout()
-    stem = f"{group_slug(group)}-pareto"
+    stem = f"{group_slug(group)}-pareto" + ("" if metric == "latency" else "-memory")
     save(figure, folder, stem)
     listed = ", ".join(f"{budget:g}" for budget in budgets)
     caption = ("Relative Frobenius error of the output against float64 exact attention; exact implementations "
                f"sit near 1e-7. Dotted lines: the error budgets ({listed}); grey: over {loosest:g}. Circles are on "
-               "the front (nothing else is both faster and more accurate).")
-    return Plot(f"Error vs latency (Pareto front per {CURVE_LABEL})", stem, caption)
+               f"the front (nothing else is both {'faster' if metric == 'latency' else 'leaner'} and more accurate); "
+               "the variants of an option sweep are joined and labelled with their values.")
+    return Plot(f"Error vs {what} (Pareto front per {CURVE_LABEL})", stem, caption)
+
+
+def _frontier_axes(axes: Axes, entries: Sequence[ParetoPoint], palette: Palette, budgets: Sequence[float],
+                   metric: Metric) -> None:
+    loosest = max(budgets)
+    floor = 1e-12  # an exact error of 0 still shows on a log axis
+    for point in entries:
+        inside = within_budget(point.row, loosest)
+        axes.scatter(point.cost, max(point.error, floor),
+                     color=palette(point.row.implementation) if inside else OVER_BUDGET_COLOUR,
+                     marker="o" if point.on_front else "x", s=36 if point.on_front else 28, zorder=3)
+    by_implementation: dict[str, list[ParetoPoint]] = {}
+    for point in entries:
+        by_implementation.setdefault(implementation_of(point.row.implementation), []).append(point)
+    for name, variants in by_implementation.items():
+        swept = [point for point in variants if point.row.implementation != name]
+        if len(swept) < 2:
+            continue
+        swept.sort(key=lambda point: point.cost)
+        axes.plot([p.cost for p in swept], [max(p.error, floor) for p in swept], color=palette.implementation(name),
+                  linewidth=0.8, alpha=0.6, zorder=2)
+        for point in swept:
+            axes.annotate(_swept_values(point.row.implementation), (point.cost, max(point.error, floor)),
+                          xytext=(3, 3), textcoords="offset points", fontsize=5.5, color="0.25")
+    front = sorted((p for p in entries if p.on_front), key=lambda p: p.cost)
+    if len(front) > 1:
+        axes.step([p.cost for p in front], [max(p.error, floor) for p in front],
+                  where="post", color="0.6", linewidth=1, zorder=1)
+    for budget in budgets:
+        axes.axhline(budget, color=GUIDE_COLOUR, linestyle=":", linewidth=1)
+        axes.text(0.99, budget, f"budget {budget:g}", transform=axes.get_yaxis_transform(), fontsize=6,
+                  color=GUIDE_COLOUR, ha="right", va="bottom")
+    widen_to(axes, 4.0)
+    log_axes(axes, y_formatter=None, x_formatter=SECONDS if metric == "latency" else BYTES)
+    axes.set_xlabel("median latency (log)" if metric == "latency" else "peak memory (log)", fontsize=8)
+    axes.set_ylabel("relative error vs exact (log)", fontsize=8)
+    axes.tick_params(labelsize=7)
+
+
+def _swept_values(name: str) -> str:
+    """'64' for performer[features=64]; 'landmarks=64,pinv_iterations=6' for two swept options."""
+    try:
+        _, settings = parse_variant(name)
+    except ValueError:
+        return name
+    if len(settings) == 1:
+        return str(next(iter(settings.values())))
+    return ",".join(f"{key}={value}" for key, value in settings.items())
 
 
 def speedup_plot(curves: dict[str, list[Row]], baseline: str, group: Case, palette: Palette, folder: Path,

@@ -27,7 +27,9 @@ from attnbench.analysis.curves import (
     throughputs,
     within_budget,
 )
+from attnbench.analysis.sources import SourceErrors, errors_by_source
 from attnbench.contract.case import CURVE_LABEL, curve_x, describe_group, group_key
+from attnbench.measuring.figures import ErrorFigures
 from attnbench.presenting.answer import answer_tables, budget_note
 from attnbench.presenting.columns import point_note, report_cells, speed_order
 from attnbench.presenting.figure_style import Palette
@@ -69,9 +71,12 @@ def build_sections(run: RunFolder, plots_folder: Path, budgets: Sequence[float])
     if answer:
         answer[-1] = Table(answer[-1].title, answer[-1].headers, answer[-1].rows, budget_note(budgets))
     sections = [Section(f"Answer: which implementation at each {CURVE_LABEL}", tuple(answer))]
+    by_source = errors_by_source(rows, declared)
+    if by_source:
+        sections.append(Section("Error by input source", tuple(_source_table(errors) for errors in by_source)))
     palette = Palette([row.implementation for row in rows])
     by_curve = curves(rows)
-    front = pareto(rows)
+    front, memory_front = pareto(rows), pareto(rows, "memory")
     loosest = max(budgets)
     for group in dict.fromkeys(group for _, group in by_curve):
         group_curves = {name: points for (name, g), points in by_curve.items() if g == group}
@@ -80,7 +85,9 @@ def build_sections(run: RunFolder, plots_folder: Path, budgets: Sequence[float])
         if baseline is not None:
             plots.append(speedup_plot(group_curves, baseline, group, palette, plots_folder, loosest, declared))
         group_points = [point for point in front if group_key(point.row.case) == group]
+        memory_points = [point for point in memory_front if group_key(point.row.case) == group]
         optional = [pareto_plot(group_points, group, palette, plots_folder, budgets),
+                    pareto_plot(memory_points, group, palette, plots_folder, budgets, metric="memory"),
                     exponent_plot([fit for fit in fits if fit.group == group], group, plots_folder)]
         plots.extend(plot for plot in optional if plot is not None)
         tables = (_results_table(group_curves), _pareto_table(group_points, loosest))
@@ -185,6 +192,26 @@ def _results_table(group_curves: Mapping[str, list[Row]]) -> Table:
                    point_note(row)[:400]) for row in points)
     headers = ("implementation", CURVE_LABEL, "status", *figure_headers, "notes, reasons")
     return Table(f"Every point ({CURVE_LABEL}, then fastest first)", headers, lines)
+
+
+def _source_table(errors: SourceErrors) -> Table:
+    """Per approximation and N, its error on each input source (the same settings otherwise)."""
+    lines = tuple(
+        (name, str(seq_len), *(_error_cell(per_source.get(source)) for source in errors.sources))
+        for (name, seq_len), per_source in errors.errors.items()
+    )
+    note = ("Relative Frobenius error of the output against float64 exact attention, and the mean cosine "
+            "similarity of its rows with the exact output; the same implementation, options and shape on each "
+            "input source (see \"How this was measured\" for what each source is).")
+    return Table(f"Error by input source — {describe_group(errors.group)}", ("implementation", CURVE_LABEL,
+                                                                             *errors.sources), lines, note)
+
+
+def _error_cell(figures: ErrorFigures | None) -> str:
+    if figures is None:
+        return ""
+    cosine = f" · cos {figures.cosine_mean:.3f}" if figures.cosine_mean is not None else ""
+    return f"{figures.rel_fro:.2g}{cosine}"
 
 
 def _pareto_table(points: Sequence[ParetoPoint], budget: float) -> Table:

@@ -7,6 +7,7 @@ import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
+from attnbench.contract.inputs import SOURCE_NOTE_PREFIX
 from attnbench.measuring.figures import NOISY_RELATIVE_IQR
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import RunFolder
@@ -48,6 +49,8 @@ def run_facts(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
                                "with float64 references of the inputs as made; inputs compared after every call"),
         ("plugins", ", ".join(f"{name}: {info.get('distribution')} {info.get('version')}"
                               for name, info in env.get("plugins", {}).items()) or "not recorded"),
+        ("input sources", _sources_text(env)),
+        ("input captures", input_capture_text(run.rows)),
     ]
     return f"attnbench report — {run.suite_name} — {run.run_id}", facts
 
@@ -87,3 +90,26 @@ def _load_text(env: Mapping[str, object]) -> str:
     text = f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)" if load else "not recorded"
     frequency = env.get("cpu_frequency")
     return f"{text}; CPU {frequency}" if frequency else text
+
+
+def _sources_text(env: Mapping[str, object]) -> str:
+    sources = env.get("input_sources") or {}
+    return " · ".join(
+        f"{name}: {info.get('description', '')}"
+        + (f" ({', '.join(f'{key}={value}' for key, value in info['parameters'].items())})"
+           if info.get("parameters") else "")
+        for name, info in sources.items()) or "not recorded"
+
+
+def input_capture_text(rows: Sequence[Row]) -> str:
+    """What the input sources did: each capture (with its cost), and how many points read their
+    inputs from the cache."""
+    notes = [note.removeprefix(SOURCE_NOTE_PREFIX) for row in rows for note in row.notes
+             if note.startswith(SOURCE_NOTE_PREFIX)]
+    captures = list(dict.fromkeys(note for note in notes if "captured" in note))
+    reads = sum(1 for row in rows if any(note.startswith(SOURCE_NOTE_PREFIX) and "read from the cache" in note
+                                         for note in row.notes))
+    if not captures and not reads:
+        return "none: every input was drawn"
+    parts = [*captures, f"{reads} point(s) read their inputs from the cache"]
+    return "; ".join(parts)

@@ -69,6 +69,17 @@ def parse_variant(name: str) -> tuple[str, dict[str, Any]]:
     return match["implementation"], options
 
 
+def series_order(name: str) -> tuple[str, list[tuple[str, float]], str]:
+    """A sort key: by implementation, then its variants by their swept values (numbers by size,
+    not as text: features=8 before features=64), then by name."""
+    try:
+        implementation, settings = parse_variant(name)
+    except ValueError:
+        return name, [], name
+    numbers = [(key, float(value) if isinstance(value, (int, float)) else 0.0) for key, value in settings.items()]
+    return implementation, numbers, name
+
+
 def _shown(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 

@@ -54,6 +54,8 @@ class Environment:
     worker_allocator: str = ""  # what each worker does to malloc (attnbench.measuring.allocator)
     # plugin -> its distribution, version and the implementations it registered
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # input source -> its description and the parameters in effect (a model's layers, ...)
+    input_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def busy_warning(self) -> str | None:
         """A sentence when other work was running on the CPUs as the run started."""

@@ -23,7 +23,8 @@ from attnbench.support.text import bounded_block, one_line
 # 3: flags; latency round_loads and fresh_call_s; correctness seeds, checks and tolerance.
 # 4: the figures under "figures", one entry per kind (FIGURE_READERS); before, at the top level.
 # 5: "work", the FLOPs of one timed call.
-SCHEMA_VERSION = 5
+# 6: error figures carry the rows' cosine similarity with the reference (mean, worst).
+SCHEMA_VERSION = 6
 
 
 @dataclass(frozen=True)

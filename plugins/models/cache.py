@@ -21,18 +21,21 @@ import torch
 CACHE_VARIABLE = "ATTNBENCH_CACHE"
 
 
-def cache_root() -> Path:
-    """``$ATTNBENCH_CACHE``, else ``$XDG_CACHE_HOME/attnbench``, else ``~/.cache/attnbench``."""
+def cache_root(chosen: str = "") -> Path:
+    """``chosen`` when given, else ``$ATTNBENCH_CACHE``, else ``$XDG_CACHE_HOME/attnbench``, else
+    ``~/.cache/attnbench``."""
+    if chosen:
+        return Path(chosen).expanduser()
     if os.environ.get(CACHE_VARIABLE):
         return Path(os.environ[CACHE_VARIABLE])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "attnbench"
 
 
-def entry_path(folder: str, key: Mapping[str, object]) -> Path:
-    """Where the entry for ``key`` lives (named by a digest of the key)."""
+def entry_path(folder: Path, key: Mapping[str, object]) -> Path:
+    """Where the entry for ``key`` lives in ``folder`` (named by a digest of the key)."""
     name = hashlib.sha256(_key_text(key).encode()).hexdigest()[:24]
-    return cache_root() / folder / f"{name}.safetensors"
+    return folder / f"{name}.safetensors"
 
 
 def read_entry(path: Path, key: Mapping[str, object]) -> dict[str, torch.Tensor] | None:

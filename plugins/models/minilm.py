@@ -83,7 +83,7 @@ def forward(tokens: torch.Tensor, depth: int, wanted: set[int]) -> tuple[dict[in
                    for name in ("query", "key", "value"))
         if index in wanted:
             captured[index] = (q.contiguous(), k.contiguous(), v.contiguous())
-        out = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(length, -1)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0].transpose(0, 1).reshape(length, -1)
         hidden = _layer_norm(hidden + _linear(out, prefix + "attention.output.dense"),
                              prefix + "attention.output.LayerNorm")
         inner = F.gelu(_linear(hidden, prefix + "intermediate.dense"))

@@ -123,11 +123,19 @@ def forward(tokens: torch.Tensor, depth: int, wanted: set[int]) -> tuple[dict[in
         v = (x @ block["attn_v"].T).view(-1, KV_HEADS, HEAD_DIM).transpose(0, 1)
         if index in wanted:
             captured[index] = (q.contiguous(), k.contiguous(), v.contiguous())
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (9, N, 64)
+        out = _causal_attention(q, k, v)  # (9, N, 64)
         hidden = hidden + out.transpose(0, 1).reshape(len(tokens), -1) @ block["attn_output"].T
         x = _rms_norm(hidden, block["ffn_norm"], model.norm_epsilon)
         hidden = hidden + (F.silu(x @ block["ffn_gate"].T) * (x @ block["ffn_up"].T)) @ block["ffn_down"].T
     return captured, hidden
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Grouped-query causal attention; the key/value heads repeated for their query heads, in
+    4-d, the layout SDPA's fused CPU kernel takes (its grouped-query path is several times slower)."""
+    group = q.shape[0] // k.shape[0]
+    k, v = (t.repeat_interleave(group, dim=0)[None] for t in (k, v))
+    return F.scaled_dot_product_attention(q[None], k, v, is_causal=True)[0]
 
 
 @torch.no_grad()
