@@ -79,7 +79,7 @@ def measure_case(
         synchronize(device)
         first_call_s = time.perf_counter() - started
         watch.put_back("the first call")  # lazy set-up may touch settings once; not every call
-    notes = [*_own_warnings(caught, implementation), *watch.notes, *_source_notes(source)]
+    notes = [*_own_warnings(caught, implementation), *watch.notes]
     work, work_note = counted_work(implementation, case, options)
     notes += [work_note] if work_note else []
 
@@ -127,7 +127,7 @@ def measure_case(
         correctness=correctness,
         latency=latency,
         memory=memory,
-        notes=tuple(dict.fromkeys(notes)),
+        notes=tuple(dict.fromkeys([*notes, *_source_notes(source)])),  # after every draw of the round
         verifier=verifier,
         work=work,
     )
