@@ -47,6 +47,9 @@ from attnbench.settings.variants import parse_variant
 from attnbench.storage.results import Row
 
 GAP_LANE = 0.05  # height of one "not run" lane, as a fraction of the axes
+# Errors at or below this are rounding, not approximation (exact implementations sit near 1e-7 in
+# float32): the frontier plots draw them on their bottom edge.
+ROUNDING_ERROR = 1e-4
 
 
 def group_slug(group: Case) -> str:
@@ -99,8 +102,8 @@ def pareto_plot(
     metric: Metric = "latency",
 ) -> Plot | None:
     """Error against latency (or peak memory) at each N: the accuracy-cost frontier. The variants
-    of one implementation (an option sweep) are joined in their implementation's colour and
-    labelled with their swept values; the front is the grey staircase."""
+    of one implementation (an option sweep) are joined in its colour and labelled with their swept
+    values; exact implementations sit on the bottom edge; the front is the grey staircase."""
     by_seq_len: dict[int, list[ParetoPoint]] = {}
     for point in points:
         by_seq_len.setdefault(curve_x(point.row.case), []).append(point)
@@ -110,16 +113,22 @@ def pareto_plot(
     seq_lens = sorted(by_seq_len)
     columns = min(4, len(seq_lens))
     rows = math.ceil(len(seq_lens) / columns)
-    figure, grid = new_figure(3.4 * columns + 2.2, 3.0 * rows + 0.8, rows, columns, squeeze=False)
+    figure, grid = new_figure(3.6 * columns + 2.6, 3.2 * rows + 0.8, rows, columns, squeeze=False)
     for axes, seq_len in zip(grid.flat, seq_lens, strict=False):
         _frontier_axes(axes, by_seq_len[seq_len], palette, budgets, metric)
         axes.set_title(f"{CURVE_LABEL}={seq_len}", fontsize=9)
     for axes in list(grid.flat)[len(seq_lens):]:
         axes.set_visible(False)
+    swept: dict[str, str] = {}
+    for point in points:
+        base, settings = _variant_settings(point.row.implementation)
+        if settings:
+            swept[base] = "/".join(settings)
     names = sorted({implementation_of(point.row.implementation) for point in points})
     proxies = [Line2D([], [], linestyle="none", marker="o", color=palette.implementation(name)) for name in names]
-    proxies.append(Line2D([], [], linestyle="none", marker="o", color=OVER_BUDGET_COLOUR))
-    figure.legend(proxies, [*names, f"error over {loosest:g}"], fontsize=8, loc="center left",
+    proxies.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", color=GUIDE_COLOUR))
+    labels = [f"{name} ({swept[name]})" if name in swept else name for name in names]
+    figure.legend(proxies, [*labels, f"hollow: error over {loosest:g}"], fontsize=8, loc="center left",
                   bbox_to_anchor=(1.0, 0.5))
     what = "latency" if metric == "latency" else "peak memory"
     figure.suptitle(f"Error vs {what} (o: on the Pareto front, x: beaten) — {describe_group(group)}", fontsize=10)
@@ -127,59 +136,72 @@ def pareto_plot(
     stem = f"{group_slug(group)}-pareto" + ("" if metric == "latency" else "-memory")
     save(figure, folder, stem)
     listed = ", ".join(f"{budget:g}" for budget in budgets)
-    caption = ("Relative Frobenius error of the output against float64 exact attention; exact implementations "
-               f"sit near 1e-7. Dotted lines: the error budgets ({listed}); grey: over {loosest:g}. Circles are on "
-               f"the front (nothing else is both {'faster' if metric == 'latency' else 'leaner'} and more accurate); "
-               "the variants of an option sweep are joined and labelled with their values.")
+    caption = ("Relative Frobenius error of the output against float64 exact attention. Dotted lines: the error "
+               f"budgets ({listed}); hollow: over {loosest:g}. Circles are on the front (nothing else is both "
+               f"{'faster' if metric == 'latency' else 'leaner'} and more accurate). The variants of an option sweep "
+               "are joined and labelled with their swept values (named in the legend); exact implementations, at "
+               "rounding error, are the triangles on the bottom edge.")
     return Plot(f"Error vs {what} (Pareto front per {CURVE_LABEL})", stem, caption)
 
 
 def _frontier_axes(axes: Axes, entries: Sequence[ParetoPoint], palette: Palette, budgets: Sequence[float],
                    metric: Metric) -> None:
     loosest = max(budgets)
-    floor = 1e-12  # an exact error of 0 still shows on a log axis
+    approximate = [point.error for point in entries if point.error > ROUNDING_ERROR]
+    # The error axis spans the approximations and the budgets; rounding-level errors (the exact
+    # implementations) are drawn on its bottom edge rather than stretching it over 1e-7.
+    bottom = min([*approximate, *budgets]) / 3
+    top = max([*approximate, loosest]) * 2
+
+    def shown(point: ParetoPoint) -> float:
+        return max(point.error, bottom)
+
     for point in entries:
-        inside = within_budget(point.row, loosest)
-        axes.scatter(point.cost, max(point.error, floor),
-                     color=palette(point.row.implementation) if inside else OVER_BUDGET_COLOUR,
-                     marker="o" if point.on_front else "x", s=36 if point.on_front else 28, zorder=3)
+        colour = palette(point.row.implementation)
+        if point.error <= bottom:
+            axes.scatter(point.cost, bottom, color=colour, marker="v", s=40, zorder=3, clip_on=False)
+        elif point.on_front:
+            inside = within_budget(point.row, loosest)
+            axes.scatter(point.cost, shown(point), s=38, zorder=3, edgecolors=colour,
+                         facecolors=colour if inside else "none")
+        else:
+            axes.scatter(point.cost, shown(point), color=colour, marker="x", s=28, zorder=3, alpha=0.8)
     by_implementation: dict[str, list[ParetoPoint]] = {}
     for point in entries:
         by_implementation.setdefault(implementation_of(point.row.implementation), []).append(point)
     for name, variants in by_implementation.items():
-        swept = [point for point in variants if point.row.implementation != name]
+        swept = sorted((point for point in variants if point.row.implementation != name), key=lambda p: p.cost)
         if len(swept) < 2:
             continue
-        swept.sort(key=lambda point: point.cost)
-        axes.plot([p.cost for p in swept], [max(p.error, floor) for p in swept], color=palette.implementation(name),
+        axes.plot([p.cost for p in swept], [shown(p) for p in swept], color=palette.implementation(name),
                   linewidth=0.8, alpha=0.6, zorder=2)
         for point in swept:
-            axes.annotate(_swept_values(point.row.implementation), (point.cost, max(point.error, floor)),
-                          xytext=(3, 3), textcoords="offset points", fontsize=5.5, color="0.25")
+            axes.annotate("/".join(_variant_settings(point.row.implementation)[1].values()),
+                          (point.cost, shown(point)), xytext=(3, 3), textcoords="offset points", fontsize=6,
+                          color=palette.implementation(name))
     front = sorted((p for p in entries if p.on_front), key=lambda p: p.cost)
     if len(front) > 1:
-        axes.step([p.cost for p in front], [max(p.error, floor) for p in front],
-                  where="post", color="0.6", linewidth=1, zorder=1)
+        axes.step([p.cost for p in front], [shown(p) for p in front], where="post", color="0.6", linewidth=1,
+                  zorder=1)
     for budget in budgets:
         axes.axhline(budget, color=GUIDE_COLOUR, linestyle=":", linewidth=1)
         axes.text(0.99, budget, f"budget {budget:g}", transform=axes.get_yaxis_transform(), fontsize=6,
                   color=GUIDE_COLOUR, ha="right", va="bottom")
-    widen_to(axes, 4.0)
+    axes.set_yscale("log")
+    axes.set_ylim(bottom, top)
     log_axes(axes, y_formatter=None, x_formatter=SECONDS if metric == "latency" else BYTES)
     axes.set_xlabel("median latency (log)" if metric == "latency" else "peak memory (log)", fontsize=8)
     axes.set_ylabel("relative error vs exact (log)", fontsize=8)
     axes.tick_params(labelsize=7)
 
 
-def _swept_values(name: str) -> str:
-    """'64' for performer[features=64]; 'landmarks=64,pinv_iterations=6' for two swept options."""
+def _variant_settings(name: str) -> tuple[str, dict[str, str]]:
+    """A series' implementation and its swept settings as text ({} for a plain implementation)."""
     try:
-        _, settings = parse_variant(name)
+        base, settings = parse_variant(name)
     except ValueError:
-        return name
-    if len(settings) == 1:
-        return str(next(iter(settings.values())))
-    return ",".join(f"{key}={value}" for key, value in settings.items())
+        return name, {}
+    return base, {key: str(value) for key, value in settings.items()}
 
 
 def speedup_plot(curves: dict[str, list[Row]], baseline: str, group: Case, palette: Palette, folder: Path,
