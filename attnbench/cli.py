@@ -18,6 +18,7 @@ from attnbench.contract.capabilities import declared_limits
 from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices, describe_group
 from attnbench.contract.errors import UserError, did_you_mean
 from attnbench.contract.implementation import Implementation, plugin_reasons
+from attnbench.contract.inputs import InputSource
 from attnbench.contract.registry import Registry, load_registry
 from attnbench.execution.runner import run_suite
 from attnbench.presenting.answer import answer_text
@@ -260,6 +261,9 @@ def _list(args: argparse.Namespace) -> int:
                 print(f"    {line}")
     if not len(registry):
         print("no implementations registered")
+    print("\ninput sources (sweep.inputs; parameters under source_options):")
+    for source in registry.input_sources.values():
+        print(_describe_source(source))
     if registry.problems:
         print("\nplugins that failed to load:")
         for problem in registry.problems:
@@ -284,6 +288,13 @@ def _describe(implementation: Implementation, registry: Registry) -> str:
     declared = declared_limits(implementation)
     if declared:
         lines.append(f"    declares: {'; '.join(declared)}")
+    return "\n".join(lines)
+
+
+def _describe_source(source: InputSource) -> str:
+    lines = [f"  {source.name}: {one_line(source.description)}"]
+    if source.parameters:
+        lines.append(f"      parameters: {', '.join(f'{key}={value!r}' for key, value in source.parameters.items())}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from attnbench.analysis.compare import compare_runs
+from attnbench.analysis.history import histories
 from attnbench.contract.errors import UserError
 from attnbench.execution.runner import run_suite
 from attnbench.settings.loader import load_suite
@@ -80,6 +82,13 @@ def test_each_variant_is_a_series_with_its_own_rows_options_and_declarations(reg
     declared = json.loads((result.run_dir / IMPLEMENTATIONS_FILE).read_text())
     assert declared["performer[features=8]"]["exact"] is False
     assert set(load_run(result.run_dir).declared) == set(rows)
+
+    again = run_suite(suite, registry, output=tmp_path / "out")
+    comparison = compare_runs(load_run(result.run_dir), load_run(again.run_dir))
+    assert {change.implementation for change in comparison.changes} == set(rows)  # matched by variant
+    assert not comparison.only_in_base and not comparison.only_in_new
+    (history,) = histories([load_run(result.run_dir), load_run(again.run_dir)], "performer[features=128]")
+    assert history.runs == (result.run_dir.name, again.run_dir.name) and history.seq_lens == (64,)
 
 
 def test_tracking_measures_a_variant_by_its_name():
