@@ -38,7 +38,8 @@ def test_every_report_file_is_written_from_the_rows(tmp_path):
 
     page = (folder / "report.html").read_text()
     images = re.findall(r'<img [^>]*src="([^"]+)"', page)
-    assert len(images) == 5 and all(src.startswith("data:image/png;base64,") for src in images)
+    # latency, memory, speed-up, the error-latency and error-memory frontiers, the exponents
+    assert len(images) == 6 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # self-contained: no network
     assert "<script" not in page
 

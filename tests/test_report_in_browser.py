@@ -47,7 +47,7 @@ def test_the_answer_comes_first_and_every_plot_and_table_renders(tmp_path):
     assert title == "Answer: which implementation at each N" and first_table_in_answer
     assert bottom < 900 and first_plot_top < 1500  # the answer on the first screen, a plot just below it
     assert "tiled 33.55 ms" in text and "none (closest: linear" in text  # 8192: tiled fastest; 0.3 over 0.1
-    assert len(sizes) == 5 and all(complete and width > 300 and height > 200 for complete, width, height in sizes)
+    assert len(sizes) == 6 and all(complete and width > 300 and height > 200 for complete, width, height in sizes)
     rows_per_table = dict(tables)
     assert rows_per_table["B=1 H=8 D=64 float32 cpu forward"] == 5  # the answer: one line per N
     assert rows_per_table["Declared vs measured complexity"] == 5 * 2  # implementations × (latency, memory)

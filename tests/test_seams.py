@@ -236,7 +236,7 @@ def test_every_kind_of_figures_is_stored_read_and_shown(tmp_path):
     assert set(FIGURE_READERS) <= fields and {kind.figures for kind in COLUMNS} == set(FIGURE_READERS)
     rows_path = standard_run(tmp_path / "run") / "rows.jsonl"
     stored = json.loads(rows_path.read_text().splitlines()[0])
-    assert stored["schema"] == 5 and set(stored["figures"]) == set(FIGURE_READERS) - {"work"}  # none declared
+    assert stored["schema"] == 6 and set(stored["figures"]) == set(FIGURE_READERS) - {"work"}  # none declared
     assert not set(FIGURE_READERS) & set(stored)
     assert all(row == Row.from_json(row.to_json()) for row in read_rows(rows_path))
     complete = dataclasses.replace(read_rows(rows_path)[0], work=Work(1e9, "4·B·H·N²·D", declared=False))

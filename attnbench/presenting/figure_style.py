@@ -78,6 +78,10 @@ def log_axes(axes: Axes, y_formatter: FuncFormatter | None, x_formatter: FuncFor
         if x_values:
             axes.xaxis.set_major_locator(FixedLocator(sorted(set(x_values))))
         axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    elif x_formatter is BYTES:  # powers of two (of four over a wide range): 1, 4, 16 MiB
+        low, high = axes.get_xlim()
+        axes.xaxis.set_major_locator(LogLocator(base=2 if high / low <= 32 else 4))
+        axes.xaxis.set_major_formatter(x_formatter)
     else:
         axes.xaxis.set_major_locator(LogLocator(base=10, subs=_subs(axes.get_xlim())))
         axes.xaxis.set_major_formatter(x_formatter)
