@@ -72,7 +72,9 @@ class ModelInputs(attnbench.InputSource):
         self.name = model.name
         self.description = f"{model.title}'s own q, k, v on CPython's documentation"
         # cache: a folder for the captures ("": $ATTNBENCH_CACHE, else ~/.cache/attnbench)
-        self.parameters = {"layers": list(model.default_layers), "texts": 4, "cache": ""}
+        # heads: the query heads to take ([]: all); a grouped-query model's in whole groups, whose
+        # key/value heads come with them.
+        self.parameters = {"layers": list(model.default_layers), "heads": [], "texts": 4, "cache": ""}
         # In the worker that draws: what was captured (notes), read, and is held in memory.
         self._captures: list[str] = []
         self._reads: set[tuple[int, int]] = set()
@@ -92,10 +94,15 @@ class ModelInputs(attnbench.InputSource):
         if missing:
             return [f"needs the models extra ({EXTRA}); missing: {', '.join(missing)}"]
         reasons = []
+        heads_problem = self._heads_problem()
+        if heads_problem:
+            return [heads_problem]
+        chosen, groups = self._chosen_heads()
         shape = (case.heads, case.kv_heads, case.head_dim)
-        if shape != (model.heads, model.kv_heads, model.head_dim):
-            reasons.append(f"{model.name}'s attention has heads={model.heads}, kv_heads={model.kv_heads}, "
-                           f"head_dim={model.head_dim}; this case asks for heads={case.heads}, "
+        if shape != (len(chosen), len(groups), model.head_dim):
+            taken = "" if len(chosen) == model.heads else f" (heads {_listed(chosen)} of {model.heads})"
+            reasons.append(f"{model.name}'s attention has heads={len(chosen)}, kv_heads={len(groups)}, "
+                           f"head_dim={model.head_dim}{taken}; this case asks for heads={case.heads}, "
                            f"kv_heads={case.kv_heads}, head_dim={case.head_dim}")
         if case.seq_len > model.context:
             reasons.append(f"seq_len={case.seq_len} is beyond {model.name}'s context of {model.context} tokens")
@@ -114,8 +121,30 @@ class ModelInputs(attnbench.InputSource):
         first = int(torch.randint(texts, (1,), generator=generator))
         samples = [(layers[b % len(layers)], (first + b // len(layers)) % texts) for b in range(case.batch)]
         captured = {sample: self._captured(case.seq_len, *sample) for sample in dict.fromkeys(samples)}
-        q, k, v = (torch.stack([captured[sample][part] for sample in samples]) for part in ("q", "k", "v"))
+        chosen, groups = self._chosen_heads()
+        q = torch.stack([captured[sample]["q"][chosen] for sample in samples])
+        k, v = (torch.stack([captured[sample][part][groups] for sample in samples]) for part in ("k", "v"))
         return q, k, v
+
+    def _chosen_heads(self) -> tuple[list[int], list[int]]:
+        """The query heads taken, ascending, and the key/value heads they use."""
+        model = self.model
+        chosen = sorted(set(self.parameters["heads"])) or list(range(model.heads))
+        group = model.heads // model.kv_heads
+        return chosen, sorted({head // group for head in chosen})
+
+    def _heads_problem(self) -> str | None:
+        model, heads = self.model, self.parameters["heads"]
+        if not all(isinstance(head, int) and 0 <= head < model.heads for head in heads):
+            return f"heads={heads} (allowed: query heads 0 to {model.heads - 1}; [] for all)"
+        chosen, groups = self._chosen_heads()
+        group = model.heads // model.kv_heads
+        split = [g for g in groups if not all(g * group + i in chosen for i in range(group))]
+        if split:
+            first = split[0]
+            return (f"heads={heads} split key/value head {first}, which query heads {first * group} to "
+                    f"{first * group + group - 1} share (take whole groups of {group})")
+        return None
 
     def notes(self) -> list[str]:
         notes = list(self._captures)

@@ -36,7 +36,7 @@ def test_list_shows_each_implementation_and_where_it_runs():
     assert listing.stdout.count("cpu: runs (float32, float16, bfloat16)") == 8
     sources = listing.stdout[listing.stdout.index("input sources"):]
     assert "  smollm2: SmolLM2-135M-Instruct's own q, k, v on CPython's documentation" in sources
-    assert "      parameters: layers=[2, 15, 28], texts=4, cache=''" in sources
+    assert "      parameters: layers=[2, 15, 28], heads=[], texts=4, cache=''" in sources
     assert "  sink: an attention sink" in sources
 
 

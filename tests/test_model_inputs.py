@@ -224,3 +224,19 @@ def test_a_run_reports_error_per_source_the_frontiers_and_what_was_captured(regi
     notes = [note for row in second.rows if row.case.inputs == "minilm" for note in row.notes]
     assert notes and not any("captured" in note for note in notes)
     assert any("read from the cache" in note for note in notes)
+
+
+def test_heads_are_selectable_in_whole_groups():
+    every = make_inputs(_minilm_case(), 0, _source(MINILM, layers=[1], texts=1))
+    some = _source(MINILM, layers=[1], texts=1, heads=[3, 7])
+    case = small_case(heads=2, kv_heads=2, head_dim=32, seq_len=64, inputs="minilm", batch=1)
+    assert some.not_supported_reasons(case) == []
+    taken = make_inputs(case, 0, some)
+    assert torch.equal(taken.q[0], every.q[0, [3, 7]]) and torch.equal(taken.v[0], every.v[0, [3, 7]])
+    grouped = _source(SMOLLM2, layers=[1], texts=1, heads=[3, 4, 5])  # key/value head 1's group
+    case = small_case(heads=3, kv_heads=1, head_dim=64, seq_len=48, inputs="smollm2", batch=1, causal=True)
+    assert grouped.not_supported_reasons(case) == []
+    assert make_inputs(case, 0, grouped).k.shape == (1, 1, 48, 64)
+    assert _source(SMOLLM2, heads=[3, 4]).not_supported_reasons(case) == [
+        "heads=[3, 4] split key/value head 1, which query heads 3 to 5 share (take whole groups of 3)"]
+    assert "(heads 3, 7 of 12)" in some.not_supported_reasons(_minilm_case())[0]

@@ -183,4 +183,7 @@ def test_a_busy_machine_is_said_before_the_sweep_and_its_points_are_flagged(tmp_
     (row,) = result.rows
     assert row.latency.load > 0.5
     assert [flag.kind for flag in row.flags if flag.kind == "under_load"] == ["under_load"]
-    assert not row.latency_voided  # shown with the figure, which is still a measurement
+    # Being under load does not void the figure, which is still a measurement (the burners can
+    # also make the call on fresh inputs slow enough for its own flag, which does).
+    (under_load,) = [flag for flag in row.flags if flag.kind == "under_load"]
+    assert not under_load.voids_latency
