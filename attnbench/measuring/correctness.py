@@ -284,7 +284,7 @@ def _row_cosines(actual: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     against a non-zero one does not (0)."""
     tiny = torch.finfo(torch.float64).tiny
     dot = (actual * reference).sum(-1)
-    norms = actual.norm(dim=-1) * reference.norm(dim=-1)
-    both_zero = (actual.norm(dim=-1) == 0) & (reference.norm(dim=-1) == 0)
-    return torch.where(both_zero, torch.ones_like(dot), dot / norms.clamp_min(tiny))
+    actual_norm, reference_norm = actual.norm(dim=-1), reference.norm(dim=-1)
+    both_zero = (actual_norm == 0) & (reference_norm == 0)
+    return torch.where(both_zero, torch.ones_like(dot), dot / (actual_norm * reference_norm).clamp_min(tiny))
 

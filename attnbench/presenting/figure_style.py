@@ -17,7 +17,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from attnbench.settings.variants import parse_variant, series_order  # noqa: E402
+from attnbench.settings.variants import series_order, split_series  # noqa: E402
 
 FORMATS = ("png", "svg")
 DPI = 110
@@ -51,10 +51,7 @@ class Palette:
 
 def implementation_of(name: str) -> str:
     """The implementation a series runs (a variant's, or the name itself)."""
-    try:
-        return parse_variant(name)[0]
-    except ValueError:
-        return name
+    return split_series(name)[0]
 
 
 def _shade(colour: str, index: int, count: int) -> str:

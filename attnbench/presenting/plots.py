@@ -43,7 +43,7 @@ from attnbench.presenting.figure_style import (
     widen_to,
 )
 from attnbench.presenting.layout import Plot
-from attnbench.settings.variants import parse_variant
+from attnbench.settings.variants import split_series
 from attnbench.storage.results import Row
 
 GAP_LANE = 0.05  # height of one "not run" lane, as a fraction of the axes
@@ -197,10 +197,7 @@ def _frontier_axes(axes: Axes, entries: Sequence[ParetoPoint], palette: Palette,
 
 def _variant_settings(name: str) -> tuple[str, dict[str, str]]:
     """A series' implementation and its swept settings as text ({} for a plain implementation)."""
-    try:
-        base, settings = parse_variant(name)
-    except ValueError:
-        return name, {}
+    base, settings = split_series(name)
     return base, {key: str(value) for key, value in settings.items()}
 
 

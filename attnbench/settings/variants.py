@@ -69,13 +69,19 @@ def parse_variant(name: str) -> tuple[str, dict[str, Any]]:
     return match["implementation"], options
 
 
+def split_series(name: str) -> tuple[str, dict[str, Any]]:
+    """A series' implementation and swept settings, as parse_variant, but a name that is not a
+    variant's is an implementation of its own ({} settings) rather than an error."""
+    try:
+        return parse_variant(name)
+    except ValueError:
+        return name, {}
+
+
 def series_order(name: str) -> tuple[str, list[tuple[str, float]], str]:
     """A sort key: by implementation, then its variants by their swept values (numbers by size,
     not as text: features=8 before features=64), then by name."""
-    try:
-        implementation, settings = parse_variant(name)
-    except ValueError:
-        return name, [], name
+    implementation, settings = split_series(name)
     numbers = [(key, float(value) if isinstance(value, (int, float)) else 0.0) for key, value in settings.items()]
     return implementation, numbers, name
 
