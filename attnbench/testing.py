@@ -37,7 +37,9 @@ def small_case(**overrides: Any) -> Case:
 
 def small_cases() -> list[Case]:
     """Forward and training, causal or not, with and without grouped-query heads, on Gaussian
-    inputs; and two of them on structured inputs (every input distribution must be accepted)."""
+    inputs; two of them on structured inputs (every input distribution must be accepted); and
+    the inference shapes, which only an implementation that declares them runs: chunked prefill
+    (32 queries onto 128 keys) and decode steps (1 and 4 new tokens onto a cache of 128)."""
     base = small_case()
     gaussian = [
         dataclasses.replace(base, causal=causal, mode=mode, kv_heads=kv_heads)
@@ -47,7 +49,14 @@ def small_cases() -> list[Case]:
         dataclasses.replace(base, inputs="structured"),
         dataclasses.replace(base, inputs="structured", causal=True, mode="forward_backward", kv_heads=2),
     ]
-    return gaussian + structured
+    inference = [
+        dataclasses.replace(base, causal=True, q_len=32),
+        dataclasses.replace(base, causal=True, mode="forward_backward", kv_heads=2, q_len=32),
+        dataclasses.replace(base, causal=True, mode="decode", kv_heads=2),
+        dataclasses.replace(base, mode="decode", q_len=4),
+        dataclasses.replace(base, causal=True, mode="decode", q_len=4, inputs="structured"),
+    ]
+    return gaussian + structured + inference
 
 
 def check_implementation(
@@ -56,7 +65,7 @@ def check_implementation(
     options: Mapping[str, Any] | None = None,
 ) -> dict[Case, Measurement]:
     """Assert the contract holds and each supported case measures ``ok`` (correct outputs and
-    gradients, inputs left alone, a usable FLOP declaration where it declares one); returns the
+    gradients, inputs left alone, usable FLOP and byte declarations where it declares them); returns the
     measurements. A failure names the case and the check. Unsupported cases are left out of the
     result (their reasons must be non-empty strings).
     """
@@ -80,7 +89,8 @@ def check_implementation(
                                  "traceback above shows where; a case it cannot take needs a reason from "
                                  "not_supported_reasons or a declared capability)") from error
         assert measurement.status == "ok", f"{where}: {measurement.status}: {'; '.join(measurement.reasons)}"
-        broken = [note for note in measurement.notes if note.startswith("flops() ")]
-        assert not broken, f"{where}: its FLOP declaration: {broken[0]}"
+        for prefix, declaration in (("flops() ", "FLOP"), ("step_bytes() ", "byte")):
+            broken = [note for note in measurement.notes if note.startswith(prefix)]
+            assert not broken, f"{where}: its {declaration} declaration: {broken[0]}"
         measurements[case] = measurement
     return measurements

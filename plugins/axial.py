@@ -36,6 +36,12 @@ class AxialAttention(attnbench.Implementation):
     time_complexity = "n^1.5"
     memory_complexity = "n"
     default_options = {"shape": None}  # [rows, cols]; None: the most square factorisation of N
+    unsupported_because = {
+        "chunked_prefill": "its column pass takes the row pass's output at every earlier position, which needs "
+                           "their queries, and a chunk brings only its own",
+        "decode": "its column pass takes the row pass's output at every earlier position, which needs their "
+                  "queries, and a KV cache does not keep them",
+    }
 
     def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
         shape = options["shape"]

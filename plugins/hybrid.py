@@ -16,7 +16,7 @@ keys beyond a block's window comes from prefix sums of per-block φ(K)ᵀ[V, 1] 
 the window, and unless causal, after it). Queries go ``chunk_size`` at a time, which keeps
 every temporary small: at N=32768 this halved the latency (3.0 s -> 1.5 s) and the peak
 memory, as large temporaries are mapped and page-faulted afresh at each call and miss cache.
-Time O(N·(window + m)·d), memory O(N·m).
+Time O(N·(window + m)·d), memory O(N·m). Chunked prefill and decode steps: hybrid_steps.py.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from attnbench_plugins.hybrid_steps import FewQueries
 from attnbench_plugins.performer import random_projection
 
 import attnbench
@@ -40,6 +41,10 @@ class HybridAttention(attnbench.Implementation):
     exact = False
     time_complexity = "n"
     memory_complexity = "n"
+    supports_chunked_prefill = True
+    supports_decode = True
+    decode_time_complexity = "1"  # the window's keys and a fixed-size feature state
+    decode_memory_complexity = "1"
     default_options = {"window": 256, "features": 256, "seed": 0, "block_size": 128, "chunk_size": 512}
 
     def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
@@ -52,12 +57,47 @@ class HybridAttention(attnbench.Implementation):
     def flops(self, case: Case, options: Mapping[str, Any]) -> attnbench.FlopCount:
         """Exact weights on the band's P pairs, 4·B·H·P·D, and the FAVOR+ estimate of the rest,
         4·B·(H+KV)·N·m·D (the estimate's corrections inside the window's blocks not counted)."""
-        pairs = banded_pairs(case.seq_len, options["window"], case.causal)
+        if case.query_len < case.key_len:
+            band = ~FewQueries(case, options["window"], torch.zeros(case.head_dim, 1)).outside_band
+            pairs = int(band.sum())
+        else:
+            pairs = banded_pairs(case.seq_len, options["window"], case.causal)
         estimate, formula = random_features(case, options["features"])
         return timed_call(case, 4.0 * case.batch * case.heads * pairs * case.head_dim + estimate,
                           f"4·B·H·P·D + {formula}, P={pairs} pairs (window {options['window']})")
 
+    def prepare_decode(self, case: Case, options: Mapping[str, Any], k_cache: torch.Tensor,
+                       v_cache: torch.Tensor) -> attnbench.DecodeStep:
+        """Keeps the cache's last window of keys and values (and slots for the new tokens) and the
+        feature sums of the keys before it; the rest of the cache is dropped."""
+        few = FewQueries(case, options["window"], _projection(case, options).to(case.device))
+        far = few.far_sums(k_cache[:, :, : few.far], v_cache[:, :, : few.far])
+        k_near, v_near = (torch.cat([t[:, :, few.far:], t.new_empty(*t.shape[:2], case.query_len, t.shape[-1])], dim=2)
+                          for t in (k_cache, v_cache))
+        del k_cache, v_cache
+
+        def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_near[:, :, -case.query_len:] = k
+            v_near[:, :, -case.query_len:] = v
+            return few.attend(q, k_near, v_near, far).to(q.dtype)
+
+        return step
+
+    def step_bytes(self, case: Case, options: Mapping[str, Any]) -> attnbench.ByteCount:
+        """The near keys and values, the far sums (float32, m × (D+1) per kv head), the projection,
+        the queries and the output."""
+        near = case.key_len - FewQueries(case, options["window"], torch.zeros(case.head_dim, 1)).far
+        b, h, kv, q, d, m = case.batch, case.heads, case.kv_heads, case.query_len, case.head_dim, options["features"]
+        size = case.dtype.itemsize
+        return attnbench.ByteCount(size * (2.0 * b * kv * near * d + 2.0 * b * h * q * d) + 4.0 * (b * kv * m * (d + 1)
+                                                                                                  + d * m),
+                                   f"(2·B·KV·K·D + 2·B·H·q·D) × {size} + (B·KV·m·(D+1) + D·m) × 4 bytes, "
+                                   f"K={near} near keys, m={m}")
+
     def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
+        if case.chunked:
+            few = FewQueries(case, options["window"], _projection(case, options).to(case.device))
+            return lambda q, k, v: few.attention(q, k, v).to(q.dtype)
         projection = _projection(case, options).to(case.device)  # (D, m), scaled by d^-¼
         features = projection.shape[1]
         window, causal, groups = options["window"], case.causal, case.heads // case.kv_heads
@@ -179,7 +219,8 @@ class HybridAttention(attnbench.Implementation):
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         queries = q[:, :, rows]
         logits = queries @ k.transpose(-1, -2) * case.head_dim**-0.5  # (B, H, S, N)
-        offset = rows.unsqueeze(-1) - torch.arange(case.seq_len)
+        positions = rows + (k.shape[-2] - q.shape[-2])  # the queries are the last positions
+        offset = positions.unsqueeze(-1) - torch.arange(k.shape[-2])
         window = options["window"]
         on_band = (offset <= window) & (offset >= (0 if case.causal else -window))
         half_norm_scale = 0.5 * case.head_dim**-0.5

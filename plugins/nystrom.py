@@ -37,7 +37,11 @@ class NystromAttention(attnbench.Implementation):
     time_complexity = "n"
     memory_complexity = "n"
     supports_causal = False
-    unsupported_because = {"causal": "landmarks average over future tokens"}
+    unsupported_because = {
+        "causal": "landmarks average over future tokens",
+        "chunked_prefill": "its landmarks average every position's query, and a chunk brings only its own",
+        "decode": "its landmarks average every position's query, which a KV cache does not keep",
+    }
     default_options = {"landmarks": 256, "pinv_iterations": 6}
     # Judged against its own float64 formula, whose pseudo-inverse amplifies float32 rounding by
     # the landmark kernel's condition number: ~1e-6 of max |out| at the defaults, typically up to

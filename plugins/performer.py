@@ -45,6 +45,10 @@ class PerformerAttention(attnbench.Implementation):
     exact = False
     time_complexity = "n"
     memory_complexity = "n"
+    supports_chunked_prefill = True
+    supports_decode = True
+    decode_time_complexity = "1"  # a step updates sums of fixed size, whatever n
+    decode_memory_complexity = "1"  # the key sums: m × (D + 1) per kv head
     default_options = {"features": 256, "seed": 0, "orthogonal": True, "epsilon": 1e-4, "chunk_size": 128}
 
     def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
@@ -57,22 +61,36 @@ class PerformerAttention(attnbench.Implementation):
         return problems
 
     def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
-        projection = _scaled_projection(case, options).to(case.device)  # (D, m)
-        favor = FavorPlus(projection, 0.5 * case.head_dim**-0.5, options["epsilon"], options["chunk_size"])
-        causal = case.causal
-        groups = case.heads // case.kv_heads
+        favor, causal = _favor(case, options), case.causal
 
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            batch, heads, seq_len, head_dim = q.shape
-            dtype = q.dtype
-            compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-            # Grouped-query: (B, KV, G, N, D), so each kv head's sums serve its G query heads.
-            q = q.to(compute).view(batch, heads // groups, groups, seq_len, head_dim)
-            k, v = k.to(compute).unsqueeze(2), v.to(compute).unsqueeze(2)  # (B, KV, 1, N, D)
-            out = favor.attention(q, k, v, causal)
-            return out.reshape(batch, heads, seq_len, head_dim).to(dtype)
+            grouped_q, k, v = _grouped(q, k, v, case)
+            return _ungrouped(favor.attention(grouped_q, k, v, causal), q)
 
         return attention
+
+    def prepare_decode(self, case: Case, options: Mapping[str, Any], k_cache: torch.Tensor,
+                       v_cache: torch.Tensor) -> attnbench.DecodeStep:
+        """The state is the key sums over the cache (the recurrent form of FAVOR+); a step adds its
+        tokens' features to a copy of it, so it costs the same whatever the cache's length."""
+        favor, causal = _favor(case, options), case.causal
+        k_cache, v_cache = _keys_values(k_cache, v_cache)
+        state = favor.key_sums(k_cache, with_ones(v_cache))
+        del k_cache, v_cache  # the cache itself is not kept
+
+        def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            grouped_q, k, v = _grouped(q, k, v, case)
+            return _ungrouped(favor.attention(grouped_q, k, v, causal, earlier=state), q)
+
+        return step
+
+    def step_bytes(self, case: Case, options: Mapping[str, Any]) -> attnbench.ByteCount:
+        """The key sums read (float32, m × (D+2) per kv head), the projection, the new tokens
+        and the output: nothing grows with the cache."""
+        b, h, kv, q, d, m = case.batch, case.heads, case.kv_heads, case.query_len, case.head_dim, options["features"]
+        size = case.dtype.itemsize
+        return attnbench.ByteCount(4.0 * (b * kv * m * (d + 2) + d * m) + size * 2.0 * b * q * d * (h + kv),
+                                   f"(B·KV·m·(D+2) + D·m) × 4 + 2·B·q·D·(H+KV) × {size} bytes, m={m}")
 
     def flops(self, case: Case, options: Mapping[str, Any]) -> attnbench.FlopCount:
         """φ(Q), φ(K), φ(K)ᵀ[V, 1] and φ(Q)·(that): 4·B·(H+KV)·N·m·D; causal adds each chunk's
@@ -90,19 +108,52 @@ class PerformerAttention(attnbench.Implementation):
         eps, half_norm_scale = options["epsilon"], 0.5 * case.head_dim**-0.5
         groups = case.heads // case.kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        positions = rows + (k.shape[-2] - q.shape[-2])  # the queries are the last positions
         q_logits, k_logits = q[:, :, rows] @ projection, k @ projection  # (B, H, S, m), (B, H, N, m)
         eq = torch.exp(q_logits - q_logits.detach().amax(dim=-1, keepdim=True)
                        - q[:, :, rows].square().sum(dim=-1, keepdim=True) * half_norm_scale)
         key_max = k_logits.detach().amax(dim=-1)  # (B, H, N)
         top = key_max.amax(dim=-1, keepdim=True)
         ek = torch.exp(k_logits - k.square().sum(dim=-1, keepdim=True) * half_norm_scale - top.unsqueeze(-1))
-        own = key_max.cummax(dim=-1).values[:, :, rows] if case.causal else top  # each query's stabiliser
+        own = key_max.cummax(dim=-1).values[:, :, positions] if case.causal else top  # each query's stabiliser
         rescale = torch.exp(top - own).unsqueeze(-1)  # from the global maximum to the query's own
         weights = (eq @ ek.transpose(-1, -2) + eps * ek.sum(dim=-1).unsqueeze(-2)) * rescale
         weights = weights + eps * eq.sum(dim=-1, keepdim=True) + eq.shape[-1] * eps * eps
         if case.causal:
-            weights = weights.masked_fill(torch.arange(case.seq_len) > rows.unsqueeze(-1), 0.0)
+            weights = weights.masked_fill(torch.arange(k.shape[-2]) > positions.unsqueeze(-1), 0.0)
         return (weights @ v) / weights.sum(dim=-1, keepdim=True)
+
+
+def _favor(case: Case, options: Mapping[str, Any]) -> FavorPlus:
+    projection = _scaled_projection(case, options).to(case.device)  # (D, m)
+    return FavorPlus(projection, 0.5 * case.head_dim**-0.5, options["epsilon"], options["chunk_size"])
+
+
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case) -> tuple[torch.Tensor, ...]:
+    """In the compute dtype, grouped-query shaped: q (B, KV, G, S, D), so each kv head's sums serve
+    its G query heads; k and v (B, KV, 1, N, D). Features are computed in float32 for float16
+    and bfloat16, whose range the exponentials would leave."""
+    batch, heads, rows, head_dim = q.shape
+    q = q.to(_compute_dtype(q)).view(batch, case.kv_heads, heads // case.kv_heads, rows, head_dim)
+    return (q, *_keys_values(k, v))
+
+
+def _keys_values(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, KV, 1, N, D) each, in the compute dtype."""
+    return k.to(_compute_dtype(k)).unsqueeze(2), v.to(_compute_dtype(v)).unsqueeze(2)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _ungrouped(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return out.reshape(like.shape).to(like.dtype)
+
+
+def with_ones(v: torch.Tensor) -> torch.Tensor:
+    """[v, 1]: numerator and denominator summed at once."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
 def _scaled_projection(case: Case, options: Mapping[str, Any]) -> torch.Tensor:
@@ -121,27 +172,41 @@ class FavorPlus:
         self.epsilon = epsilon
         self.chunk = chunk
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-        v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [v, 1]: numerator and denominator at once
-        return self._causal(q, k, v1) if causal else self._non_causal(q, k, v1)
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, earlier: KeySums | None = None
+    ) -> torch.Tensor:
+        """The queries are the last of the keys' positions; ``earlier``: the sums over keys
+        before all of these (a decode step's state), or None."""
+        v1 = with_ones(v)
+        prefix = k.shape[-2] - q.shape[-2]
+        if prefix:  # chunked prefill: the earlier keys enter as sums, the chunk as itself
+            (k_before, k), (v1_before, v1) = k.split([prefix, q.shape[-2]], dim=-2), v1.split([prefix, q.shape[-2]],
+                                                                                               dim=-2)
+            earlier = self.key_sums(k_before, v1_before, earlier)
+        return self._causal(q, k, v1, earlier) if causal else self._non_causal(q, k, v1, earlier)
 
     # Chunks come from split(), never from slicing in the loop: the backward of a slice fills a
     # gradient as large as the whole input, which made training quadratic in the chunk count.
 
-    def _non_causal(self, q: torch.Tensor, k: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-        keys = KeySums.empty(v1, self.projection.shape[1])
+    def key_sums(self, k: torch.Tensor, v1: torch.Tensor, earlier: KeySums | None = None) -> KeySums:
+        """The sums over these keys, added to ``earlier`` (a new KeySums: ``earlier`` is unchanged)."""
+        keys = earlier if earlier is not None else KeySums.empty(v1, self.projection.shape[1])
         for chunk_k, chunk_v1 in zip(k.split(self.chunk, dim=-2), v1.split(self.chunk, dim=-2), strict=True):
             logits, half_norm = self._logits(chunk_k)
             keys = keys.rescaled_to(torch.maximum(keys.stabiliser, logits.detach().amax(dim=(-2, -1), keepdim=True)))
             keys = keys.plus(self._key_features(logits, half_norm, keys.stabiliser), chunk_v1)
+        return keys
+
+    def _non_causal(self, q: torch.Tensor, k: torch.Tensor, v1: torch.Tensor, earlier: KeySums | None) -> torch.Tensor:
+        keys = self.key_sums(k, v1, earlier)
         outputs = []
         for chunk_q in q.split(self.chunk, dim=-2):
             eq = self._query_features(chunk_q)  # (B, KV, G, C, m)
             outputs.append(self._normalised(eq @ keys.products, eq, keys.weighted, keys.values, 1.0))
         return torch.cat(outputs, dim=-2)
 
-    def _causal(self, q: torch.Tensor, k: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-        earlier = KeySums.empty(v1, self.projection.shape[1])
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v1: torch.Tensor, earlier: KeySums | None) -> torch.Tensor:
+        earlier = earlier if earlier is not None else KeySums.empty(v1, self.projection.shape[1])
         outputs = []
         chunks = zip(*(t.split(self.chunk, dim=-2) for t in (q, k, v1)), strict=True)
         for chunk_q, chunk_k, chunk_v1 in chunks:

@@ -6,6 +6,9 @@
   CUDA only; it takes float32 and head dims flash does not.
 - sdpa_cudnn: NVIDIA cuDNN's fused attention, CUDA only, on the GPUs and versions cuDNN supports.
 
+Fewer queries than keys (chunked prefill, decode steps) align a causal mask bottom-right, as
+torch's ``causal_lower_right`` does; a decode step writes its tokens into a KV cache, then attends.
+
 ``sdpa_kernel`` pins the one backend, so a case that backend cannot take fails with torch's own
 reasons instead of silently running another kernel; whether it can is asked of torch itself, on
 a tiny call of the same kind.
@@ -21,7 +24,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from attnbench_plugins.decoding import SlotCache, lower_right_allowed
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 import attnbench
 from attnbench import AttentionFn, Case
@@ -38,31 +43,60 @@ class PinnedSdpa(attnbench.Implementation):
     exact = True
     time_complexity = "n^2"
     memory_complexity = "n"
+    supports_chunked_prefill = True
+    supports_decode = True
+    decode_time_complexity = "n"
+    decode_memory_complexity = "n"  # the KV cache
 
     def not_supported_reasons(self, case: Case) -> list[str]:
         declared = super().not_supported_reasons(case)
         if declared:
             return declared  # the backend cannot be asked on a device it does not run on
         return list(_backend_refusals(self.backend, case.device, case.dtype, case.heads, case.kv_heads,
-                                      case.head_dim, case.causal, case.backward))
+                                      case.head_dim, case.causal, case.backward, case.query_len < case.key_len))
 
     def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
-        backend, causal, grouped = self.backend, case.causal, case.kv_heads != case.heads
+        return _pinned_attention(self.backend, case)
 
-        def pinned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=grouped)
+    def prepare_decode(self, case: Case, options: Mapping[str, Any], k_cache: torch.Tensor,
+                       v_cache: torch.Tensor) -> attnbench.DecodeStep:
+        cache, attention = SlotCache(case, k_cache, v_cache), _pinned_attention(self.backend, case)
 
-        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            try:
-                return pinned(q, k, v)
-            except RuntimeError as error:  # a limit the tiny call could not show (e.g. on N)
-                reasons = _refusals(lambda: pinned(q, k, v))
-                if not reasons:
-                    raise
-                raise attnbench.NotSupported("; ".join(reasons)) from error
+        def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return attention(q, *cache.append(k, v))
 
-        return attention
+        return step
+
+
+def _pinned_attention(backend: SDPBackend, case: Case) -> AttentionFn:
+    grouped = case.kv_heads != case.heads
+    square_causal = case.causal and case.query_len == case.key_len
+    mask = None if square_causal else _lower_right_mask(case)
+
+    def pinned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=square_causal,
+                                                  enable_gqa=grouped)
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        try:
+            return pinned(q, k, v)
+        except RuntimeError as error:  # a limit the tiny call could not show (e.g. on N)
+            reasons = _refusals(lambda: pinned(q, k, v))
+            if not reasons:
+                raise
+            raise attnbench.NotSupported("; ".join(reasons)) from error
+
+    return attention
+
+
+def _lower_right_mask(case: Case) -> Any:
+    """Fewer queries than keys, causal: on CUDA torch's lower-right causal bias (its kernels take
+    the alignment without a mask in memory); on the CPU that bias would be materialised in every
+    call, so the boolean mask is built once here."""
+    if case.device_type == "cuda":
+        return causal_lower_right(case.query_len, case.key_len) if case.causal and case.query_len > 1 else None
+    return lower_right_allowed(case)
 
 
 class FlashAttention(PinnedSdpa):
@@ -89,16 +123,21 @@ class CudnnSdpa(PinnedSdpa):
 @functools.cache
 def _backend_refusals(
     backend: SDPBackend, device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
-    causal: bool, backward: bool,
+    causal: bool, backward: bool, fewer_queries: bool,
 ) -> tuple[str, ...]:
     """Ask the backend itself, on a tiny call of the same kind: torch knows its constraints
-    (dtype, head_dim, GPU architecture, grouped-query support) better than a copied list."""
-    q = torch.zeros(1, heads, 8, head_dim, dtype=dtype, device=device, requires_grad=backward)
+    (dtype, head_dim, GPU architecture, grouped-query support, masks) better than a copied list."""
+    queries = 4 if fewer_queries else 8
+    q = torch.zeros(1, heads, queries, head_dim, dtype=dtype, device=device, requires_grad=backward)
     k = torch.zeros(1, kv_heads, 8, head_dim, dtype=dtype, device=device, requires_grad=backward)
+    tiny = Case(batch=1, heads=heads, kv_heads=kv_heads, seq_len=8, q_len=queries, head_dim=head_dim, dtype=dtype,
+                device=device, causal=causal, mode="forward_backward" if backward else "forward")
+    mask = _lower_right_mask(tiny) if fewer_queries else None
 
     def tiny_call() -> None:
         with sdpa_kernel(backend):
-            out = F.scaled_dot_product_attention(q, k, k, is_causal=causal, enable_gqa=kv_heads != heads)
+            out = F.scaled_dot_product_attention(q, k, k, attn_mask=mask, is_causal=causal and not fewer_queries,
+                                                 enable_gqa=kv_heads != heads)
         if backward:
             out.sum().backward()
 

@@ -15,6 +15,10 @@ Two computations, neither ever forming an N×N matrix, not even a masked one:
   key blocks its window can reach, (B, H, N/b, b, span) scores with span ≈ 2·window + b, plus
   a column per global token, under one softmax; global tokens' own rows are full attention.
 
+Fewer queries than keys (chunked prefill, a decode step) read only the keys those queries can
+see: the global tokens' and the last window before the first query; a decode step keeps only
+those between steps, so its time and state do not grow with the cache.
+
 ``backend: auto`` takes flex where it runs (forward on any device, training on CUDA: 52 ms
 against 175 ms for blocked at N=4096, window 256 on this CPU) and blocked otherwise, or when
 compilation is unavailable; the row then carries the note why.
@@ -67,6 +71,10 @@ class SparseAttention(attnbench.Implementation):
     exact = False
     time_complexity = "n"  # n·window
     memory_complexity = "n"
+    supports_chunked_prefill = True
+    supports_decode = True
+    decode_time_complexity = "1"  # window + global keys, whatever n
+    decode_memory_complexity = "1"  # the last window of the cache and the global tokens' keys
     default_options = {"window": 256, "global_tokens": 0, "backend": "auto", "block_size": 128}
 
     def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
@@ -81,13 +89,18 @@ class SparseAttention(attnbench.Implementation):
     def flops(self, case: Case, options: Mapping[str, Any]) -> attnbench.FlopCount:
         """Exact attention on the pattern's P (query, key) pairs: 4·B·H·P·D (the blocked backend's
         padding is not counted: it shows as a lower throughput)."""
-        pairs = banded_pairs(case.seq_len, options["window"], case.causal, options["global_tokens"])
+        if case.query_len < case.key_len:
+            pairs = int(VisibleKeys(_pattern(case, options), case).allowed.sum())
+        else:
+            pairs = banded_pairs(case.seq_len, options["window"], case.causal, options["global_tokens"])
         return timed_call(case, 4.0 * case.batch * case.heads * pairs * case.head_dim,
                           f"4·B·H·P·D, P={pairs} pairs (window {options['window']}, "
                           f"{options['global_tokens']} global)")
 
     def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
-        pattern = SlidingWindow(options["window"], min(options["global_tokens"], case.seq_len), case.causal)
+        pattern = _pattern(case, options)
+        if case.chunked:
+            return VisibleKeys(pattern, case).attention
         block = options["block_size"]
         backend = options["backend"]
         flex_refusal = _flex_refusal(case)
@@ -105,13 +118,80 @@ class SparseAttention(attnbench.Implementation):
             warnings.warn(f"blocked path: {flex_refusal}", stacklevel=1)  # stays attributed to this module
         return _blocked(case, pattern, block)
 
+    def prepare_decode(self, case: Case, options: Mapping[str, Any], k_cache: torch.Tensor,
+                       v_cache: torch.Tensor) -> attnbench.DecodeStep:
+        """Keeps only the cached keys a new token can see (the last window and the global tokens)
+        and slots for the new tokens; a step writes its tokens there and attends over them all."""
+        visible = VisibleKeys(_pattern(case, options), case)
+        k_kept, v_kept = visible.cached(k_cache), visible.cached(v_cache)
+        del k_cache, v_cache  # the rest of the cache is not kept
+
+        def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_kept[:, :, -case.query_len:] = k
+            v_kept[:, :, -case.query_len:] = v
+            return visible.attend(q, k_kept, v_kept)
+
+        return step
+
+    def step_bytes(self, case: Case, options: Mapping[str, Any]) -> attnbench.ByteCount:
+        """The kept keys and values (the window, the global tokens, the new tokens), the queries
+        and the output."""
+        kept = len(VisibleKeys(_pattern(case, options), case).positions)
+        b, h, kv, q, d, size = case.batch, case.heads, case.kv_heads, case.query_len, case.head_dim, case.dtype.itemsize
+        return attnbench.ByteCount(size * (2.0 * b * kv * kept * d + 2.0 * b * h * q * d),
+                                   f"(2·B·KV·K·D + 2·B·H·q·D) × {size} bytes, K={kept} keys kept")
+
     def reference(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case, options: Mapping[str, Any],
         rows: torch.Tensor,
     ) -> torch.Tensor:
         """Softmax attention under exactly this pattern, in float64 (blockwise, never N×N)."""
-        pattern = SlidingWindow(options["window"], min(options["global_tokens"], case.seq_len), case.causal)
-        return softmax_attention(q, k, v, rows, causal=False, mask=pattern.allows).out
+        return softmax_attention(q, k, v, rows, causal=False, mask=_pattern(case, options).allows).out
+
+
+def _pattern(case: Case, options: Mapping[str, Any]) -> SlidingWindow:
+    return SlidingWindow(options["window"], min(options["global_tokens"], case.key_len), case.causal)
+
+
+class VisibleKeys:
+    """For fewer queries than keys (the last positions: a chunk, a decode step's new tokens): the
+    key positions any of them can see, in order, and which each query sees among them. The work
+    is then q × (window + q + global), whatever the number of keys before."""
+
+    def __init__(self, pattern: SlidingWindow, case: Case) -> None:
+        first_query, keys = case.key_len - case.query_len, case.key_len
+        if first_query < pattern.global_tokens:  # a global token's row sees every key
+            ranges = [(0, keys)]
+        else:
+            ranges = [(0, pattern.global_tokens), (max(pattern.global_tokens, first_query - pattern.window), keys)]
+        self.ranges = [(start, stop) for start, stop in ranges if stop > start]
+        self.positions = torch.cat([torch.arange(start, stop) for start, stop in self.ranges])
+        queries = torch.arange(first_query, keys)
+        self.allowed = pattern.allows(queries.unsqueeze(1), self.positions.unsqueeze(0)).to(case.device)
+        self.cached_len = case.seq_len
+        self.grouped = case.kv_heads != case.heads
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, KV, N, D) -> (B, KV, K, D): the visible positions."""
+        parts = [x[:, :, start:stop] for start, stop in self.ranges]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def cached(self, cache: torch.Tensor) -> torch.Tensor:
+        """A decode step's kept keys (or values): the visible cached positions, then empty slots
+        for the new tokens (the last positions, beyond the cache)."""
+        batch, kv_heads, _, dim = cache.shape
+        kept = torch.empty(batch, kv_heads, len(self.positions), dim, dtype=cache.dtype, device=cache.device)
+        cached = int((self.positions < self.cached_len).sum())
+        kept[:, :, :cached] = cache[:, :, self.positions[:cached].to(cache.device)]
+        return kept
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q over the visible keys and values (already gathered), under the pattern."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed, enable_gqa=self.grouped)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Chunked prefill: every key is given; only the visible ones are read."""
+        return self.attend(q, self.gather(k), self.gather(v))
 
 
 def _flex_refusal(case: Case) -> str | None:

@@ -5,7 +5,8 @@ An optional dependency (``pip install 'attnbench[xformers]'``). Whether a case r
 of xformers itself, on a tiny call of the same kind, so the reasons are its own: on a CPU,
 ``device=cpu (supported: {'cuda'})``. xformers lays tensors out as (B, N, H, D): the callable
 transposes views in and out, and grouped-query heads use its 5-D (B, N, KV, G, D) form with
-keys and values broadcast over the group.
+keys and values broadcast over the group. Fewer queries than keys (chunked prefill, decode
+steps) take its bottom-right causal mask; a decode step writes its tokens into a KV cache first.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from attnbench_plugins.decoding import SlotCache
 
 import attnbench
 from attnbench import AttentionFn, Case
@@ -32,13 +34,17 @@ class XformersAttention(attnbench.Implementation):
     exact = True
     time_complexity = "n^2"
     memory_complexity = "n"
+    supports_chunked_prefill = True
+    supports_decode = True
+    decode_time_complexity = "n"
+    decode_memory_complexity = "n"  # the KV cache
 
     def not_supported_reasons(self, case: Case) -> list[str]:
         xformers_ops, load_problem = _load_xformers()
         if xformers_ops is None:
             return [load_problem]
         refusals = _refusals(xformers_ops, case.device, case.dtype, case.heads, case.kv_heads,
-                             case.head_dim, case.causal, case.backward)
+                             case.head_dim, case.causal, case.backward, case.query_len < case.key_len)
         if refusals and load_problem:
             refusals = (*refusals, load_problem)
         return list(refusals)
@@ -47,7 +53,7 @@ class XformersAttention(attnbench.Implementation):
         xformers_ops, load_problem = _load_xformers()
         if xformers_ops is None:
             raise RuntimeError(load_problem)
-        bias = xformers_ops.LowerTriangularMask() if case.causal else None
+        bias = _causal_bias(xformers_ops, case.causal, case.query_len < case.key_len)
         groups = case.heads // case.kv_heads
 
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -57,6 +63,24 @@ class XformersAttention(attnbench.Implementation):
             return _from_xformers_layout(out)
 
         return attention
+
+    def prepare_decode(self, case: Case, options: Mapping[str, Any], k_cache: torch.Tensor,
+                       v_cache: torch.Tensor) -> attnbench.DecodeStep:
+        cache, attention = SlotCache(case, k_cache, v_cache), self.prepare(case, options)
+
+        def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return attention(q, *cache.append(k, v))
+
+        return step
+
+
+def _causal_bias(xformers_ops: ModuleType, causal: bool, fewer_queries: bool) -> Any:
+    """xformers' causal mask: aligned bottom-right when there are fewer queries than keys."""
+    if not causal:
+        return None
+    if fewer_queries:
+        return xformers_ops.fmha.attn_bias.LowerTriangularFromBottomRightMask()
+    return xformers_ops.LowerTriangularMask()
 
 
 def _query_layout(q: torch.Tensor, groups: int) -> torch.Tensor:
@@ -103,15 +127,17 @@ def _refusals(
     head_dim: int,
     causal: bool,
     backward: bool,
+    fewer_queries: bool,
 ) -> tuple[str, ...]:
     """xformers' reasons for refusing a tiny call of this kind, each with the operators refusing it."""
     groups = heads // kv_heads
 
-    def tiny(count: int) -> torch.Tensor:  # (1, heads, 8, D), like the harness's inputs
-        return torch.zeros(1, count, 8, head_dim, dtype=dtype, device=device, requires_grad=backward)
+    def tiny(count: int, rows: int) -> torch.Tensor:  # (1, heads, rows, D), like the harness's inputs
+        return torch.zeros(1, count, rows, head_dim, dtype=dtype, device=device, requires_grad=backward)
 
-    q, kv = _query_layout(tiny(heads), groups), _key_value_layout(tiny(kv_heads), groups)
-    bias = xformers_ops.LowerTriangularMask() if causal else None
+    q = _query_layout(tiny(heads, 4 if fewer_queries else 8), groups)
+    kv = _key_value_layout(tiny(kv_heads, 8), groups)
+    bias = _causal_bias(xformers_ops, causal, fewer_queries)
     try:
         out = xformers_ops.memory_efficient_attention(q, kv, kv, attn_bias=bias)
         if backward:

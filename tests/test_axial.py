@@ -11,7 +11,8 @@ from attnbench.testing import CORRECTNESS_ONLY, check_implementation, small_case
 
 def test_matches_its_two_dense_passes(registry):
     measurements = check_implementation(registry.get("axial"))  # N=128: an 8 × 16 grid
-    assert len(measurements) == len(small_cases())
+    # Every square case; chunked prefill and decode are refused with the reason why.
+    assert len(measurements) == len([case for case in small_cases() if not (case.chunked or case.decode)])
     for measurement in measurements.values():
         assert measurement.correctness.judged_against == "own"
 

@@ -12,7 +12,8 @@ from attnbench.testing import check_implementation, small_case, small_cases
 def test_matches_its_dense_float64_formula_with_uneven_segments(registry):
     """N=128 over 48 landmarks: segments of 2 and 3 tokens, nothing padded."""
     measurements = check_implementation(registry.get("nystrom"), options={"landmarks": 48})
-    assert len(measurements) == len([case for case in small_cases() if not case.causal])
+    assert len(measurements) == len([case for case in small_cases()
+                                     if not (case.causal or case.chunked or case.decode)])
     for measurement in measurements.values():
         assert measurement.correctness.judged_against == "own"
 

@@ -11,6 +11,7 @@ import types
 
 import attnbench_plugins.xformers_attention as plugin
 import pytest
+import torch
 import torch.nn.functional as F
 
 from attnbench.testing import check_implementation, small_case, small_cases
@@ -43,6 +44,10 @@ class _LowerTriangularMask:
     pass
 
 
+class _LowerTriangularFromBottomRightMask:
+    pass
+
+
 def _stand_in_memory_efficient_attention(q, k, v, attn_bias=None):
     """xformers' contract: (B, N, H, D), or (B, N, KV, G, D) with k, v broadcast over G."""
     if q.dim() == 5:
@@ -52,7 +57,11 @@ def _stand_in_memory_efficient_attention(q, k, v, attn_bias=None):
     # In float64: the plumbing is under test, not float32 rounding (SDPA's own float32 dq has been
     # seen 6% over the default tolerance on a fresh draw of structured inputs).
     q64, k64, v64 = (to_bhnd(t).double() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q64, k64, v64, is_causal=causal).to(q.dtype)
+    mask = None
+    if isinstance(attn_bias, _LowerTriangularFromBottomRightMask):
+        queries, keys = q64.shape[-2], k64.shape[-2]
+        mask = torch.ones(queries, keys, dtype=torch.bool).tril_(keys - queries)
+    out = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, is_causal=causal).to(q.dtype)
     out = out.transpose(1, 2)
     return out.unflatten(2, q.shape[2:4]) if q.dim() == 5 else out
 
@@ -61,6 +70,8 @@ def test_layouts_masks_and_groups_reach_xformers_as_it_expects(registry, fresh_l
     ops = types.ModuleType("xformers.ops")
     ops.memory_efficient_attention = _stand_in_memory_efficient_attention
     ops.LowerTriangularMask = _LowerTriangularMask
+    ops.fmha = types.SimpleNamespace(
+        attn_bias=types.SimpleNamespace(LowerTriangularFromBottomRightMask=_LowerTriangularFromBottomRightMask))
     package = types.ModuleType("xformers")
     package.ops = ops
     monkeypatch.setitem(sys.modules, "xformers", package)

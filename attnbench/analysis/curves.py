@@ -122,12 +122,16 @@ def curves(rows: Sequence[Row]) -> dict[tuple[str, Case], list[Row]]:
 
 
 def metric_value(row: Row, metric: Metric) -> float | None:
-    """Median latency (s) or peak memory (bytes) of a row that ran; None otherwise, and None for a
-    latency the harness flagged as no result (implausible speed, cached outputs)."""
+    """Median latency (s) or memory (bytes: the peak of the call; a decode step's state) of a row
+    that ran; None otherwise, and None for a latency the harness flagged as no result
+    (implausible speed, cached outputs)."""
     if row.status not in ("ok", "incorrect"):
         return None
     if metric == "latency":
         return row.latency.median_s if row.latency and not row.latency_voided else None
+    if row.case.decode:  # what a decode step costs in memory is what it keeps between steps
+        state = row.memory.state_bytes if row.memory else None
+        return float(state) if state else None
     peak = row.memory.peak_bytes if row.memory else None
     return float(peak) if peak else None
 
@@ -142,10 +146,7 @@ def scaling_fits(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[
             exponent, stderr = loglog_slope(measured) if len(measured) >= 2 else (None, None)
             if stderr is not None and metric == "latency":
                 stderr = math.hypot(stderr, _measurement_spread(fitted))
-            text = None if info is None else (info.time_complexity if metric == "latency" else info.memory_complexity)
-            exponent_declared = None if info is None else (
-                info.time_exponent if metric == "latency" else info.memory_exponent
-            )
+            text, exponent_declared = (None, None) if info is None else info.complexity(metric, points[0].case)
             fits.append(ScalingFit(name, group, metric, tuple(n for n, _ in measured), exponent, stderr, text,
                                    exponent_declared))
     return fits
@@ -199,6 +200,19 @@ def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_fl
         peak = matmul_flops.get(matmul_key(row.case.device, row.case.dtype_name))
         results.append(Throughput(row, work.flops, achieved, achieved / peak if peak else None, work.formula))
     return results
+
+
+def achieved_bandwidth(row: Row) -> float | None:
+    """Bytes per second a decode step moved (its counted or declared bytes over its median
+    latency); None without a latency that is a result or without a count."""
+    latency = metric_value(row, "latency")
+    return row.traffic.bytes / latency if row.traffic and latency else None
+
+
+def tokens_per_second(row: Row) -> float | None:
+    """Tokens a decode step produces per second: batch × q_len new tokens per step."""
+    latency = metric_value(row, "latency")
+    return row.case.batch * row.case.query_len / latency if row.case.decode and latency else None
 
 
 def pareto(rows: Sequence[Row], metric: Metric = "latency") -> list[ParetoPoint]:

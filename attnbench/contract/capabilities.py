@@ -7,6 +7,8 @@ An implementation declares (attnbench.Implementation has the defaults):
     supports_causal = True
     supports_backward = True           training mode (forward and backward)
     supports_grouped_query = True      kv_heads < heads
+    supports_chunked_prefill = False   q_len < seq_len outside decode (a chunk of queries onto more keys)
+    supports_decode = False            mode=decode (implement prepare_decode)
     unsupported_because = {"causal": "why, in a few words"}   optional, shown in the reason
 
 The harness checks these before asking the implementation's own ``not_supported_reasons``, so a
@@ -45,6 +47,10 @@ FEATURES: tuple[Capability, ...] = (
                "mode=forward", default=True),
     Capability("supports_grouped_query", "grouped_query", lambda case: case.kv_heads != case.heads,
                lambda case: f"kv_heads={case.kv_heads} < heads={case.heads}", "kv_heads = heads", default=True),
+    Capability("supports_chunked_prefill", "chunked_prefill", lambda case: case.chunked,
+               lambda case: f"q_len={case.q_len} < seq_len={case.seq_len}", "q_len = seq_len", default=False),
+    Capability("supports_decode", "decode", lambda case: case.decode, lambda case: "mode=decode",
+               "mode=forward or forward_backward", default=False),
 )
 ATTRIBUTES = ("devices", "dtypes", "unsupported_because", *(feature.attribute for feature in FEATURES))
 

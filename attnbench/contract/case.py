@@ -17,8 +17,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
-Mode = Literal["forward", "forward_backward"]
-MODES: tuple[Mode, ...] = ("forward", "forward_backward")
+# forward: one pass over q_len queries and seq_len keys (q_len < seq_len: chunked prefill);
+# forward_backward: a training step; decode: one step of q_len new tokens onto a cache of seq_len.
+Mode = Literal["forward", "forward_backward", "decode"]
+MODES: tuple[Mode, ...] = ("forward", "forward_backward", "decode")
+DECODE_DEFAULT_Q_LEN = 1  # one new token per step, as generation makes them
 
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 DEVICES_ALLOWED = "cpu, cuda, cuda:N, mps"
@@ -52,7 +55,13 @@ def _axis(**settings: Any) -> Any:
 
 @dataclass(frozen=True)
 class Case:
-    """Tensors are (batch, heads, seq_len, head_dim); k and v have ``kv_heads`` heads.
+    """q is (batch, heads, query_len, head_dim); k and v are (batch, kv_heads, key_len, head_dim).
+
+    ``q_len`` None: every position is a query (query_len = seq_len). Otherwise the queries are
+    the last q_len positions, and a causal mask is aligned bottom-right (query i sees keys up to
+    key_len − query_len + i), as FlashAttention ≥ 2.1 and SDPA's ``causal_lower_right`` align it.
+    In ``decode`` mode, seq_len is the cache's length and a step appends q_len tokens to it
+    (key_len = seq_len + q_len); q_len defaults to 1 there.
 
     Each field is an axis of the sweep (``Axis``): adding one here adds it to suites, the grid,
     the table and descriptions.
@@ -65,6 +74,9 @@ class Case:
     seq_len: int = _axis(kind="count", default=(1024,), nesting=9, label="N", curve=True,
                          title="sequence length N", unit="tokens",
                          describe=lambda c: f"N={c.seq_len}")
+    q_len: int | None = field(default=None, kw_only=True, metadata={"axis": Axis(
+        kind="count", default=(None,), nesting=8, label="q", title="query tokens",
+        describe=lambda c: f"q={c.q_len}" if c.q_len is not None else "")})
     head_dim: int = _axis(kind="count", default=(64,), nesting=7, label="D", describe=lambda c: f"D={c.head_dim}")
     dtype: torch.dtype = _axis(kind="dtype", default=("float32",), nesting=1, describe=lambda c: c.dtype_name)
     device: str = _axis(kind="device", default=("cpu",), nesting=0, describe=lambda c: c.device)
@@ -73,6 +85,39 @@ class Case:
     inputs: str = field(default="gaussian", metadata={"axis": Axis(
         kind="source", default=("gaussian",), nesting=3,
         describe=lambda c: f"inputs={c.inputs}" if c.inputs != "gaussian" else "")})
+
+    def __post_init__(self) -> None:
+        # One spelling per shape: a square pass has q_len None, a decode step a number.
+        if self.mode == "decode" and self.q_len is None:
+            object.__setattr__(self, "q_len", DECODE_DEFAULT_Q_LEN)
+        elif self.mode != "decode" and self.q_len == self.seq_len:
+            object.__setattr__(self, "q_len", None)
+
+    @property
+    def decode(self) -> bool:
+        return self.mode == "decode"
+
+    @property
+    def query_len(self) -> int:
+        """Query rows of the call (and of its output)."""
+        return self.seq_len if self.q_len is None else self.q_len
+
+    @property
+    def key_len(self) -> int:
+        """Keys and values the queries attend over: a decode step's new tokens included."""
+        return self.seq_len + self.query_len if self.decode else self.seq_len
+
+    @property
+    def chunked(self) -> bool:
+        """Fewer queries than keys outside decode: chunked prefill."""
+        return not self.decode and self.query_len < self.seq_len
+
+    @property
+    def shape_problem(self) -> str:
+        """Why these axes make no call ("" when they do): more queries than keys."""
+        if not self.decode and self.query_len > self.seq_len:
+            return f"q_len={self.q_len} > seq_len={self.seq_len} (queries are the last q_len of seq_len positions)"
+        return ""
 
     @property
     def dtype_name(self) -> str:

@@ -13,11 +13,14 @@ import torch
 from attnbench.contract.capabilities import capability_reasons, declaration_problems
 from attnbench.contract.case import Case, device_unavailable_reason
 from attnbench.contract.errors import UserError, did_you_mean
-from attnbench.contract.work import FlopCount
+from attnbench.contract.work import ByteCount, FlopCount
 from attnbench.support.text import one_line
 
-# (q, k, v) -> out, all (batch, heads, seq_len, head_dim); k and v may have fewer heads.
+# (q, k, v) -> out: q and out (batch, heads, query_len, head_dim), k and v (batch, kv_heads,
+# key_len, head_dim) (attnbench.Case: query_len = key_len = seq_len unless q_len is set).
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A decode step: (q, k, v) of the q_len new tokens -> their output (batch, heads, q_len, head_dim).
+DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_\-]{0,31}$")
 # Growth in seq_len: "1", "n", "n log n", "n^1.5", "n^2", "n^2 log n".
@@ -86,6 +89,18 @@ def complexity_exponent(text: str) -> float:
     return float(match.group("power") or 1)
 
 
+def complexity_of_shape(square: str, decode: str | None, case: Case) -> str | None:
+    """What a declaration says of the case's curve: the decode step's complexity in decode mode
+    (None when undeclared); for a fixed chunk of queries onto n keys, one power of n less than
+    the square pass's, and at least n (every key is read); else the square pass's."""
+    if case.decode:
+        return decode
+    if case.chunked:
+        power = complexity_exponent(square) - 1
+        return "n" if power <= 1 else f"n^{power:g}"
+    return square
+
+
 class Implementation:
     """Base class of every attention implementation. Subclass it and set the attributes.
 
@@ -108,6 +123,12 @@ class Implementation:
     supports_causal: bool = True
     supports_backward: bool = True
     supports_grouped_query: bool = True
+    supports_chunked_prefill: bool = False  # q_len < seq_len in forward modes
+    supports_decode: bool = False  # mode=decode: implement prepare_decode and the decode complexities
+    # How one decode step grows with the cache's length n, and what it keeps between steps (the
+    # state: a KV cache is "n", FAVOR+'s running sums "1"); required with supports_decode.
+    decode_time_complexity: str | None = None
+    decode_memory_complexity: str | None = None
     unsupported_because: Mapping[str, str] = {}  # e.g. {"causal": "landmarks average over future tokens"}
 
     def not_supported_reasons(self, case: Case) -> list[str]:
@@ -128,6 +149,22 @@ class Implementation:
     def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
         raise NotImplementedError(f"{type(self).__name__} does not implement prepare()")
 
+    def prepare_decode(
+        self, case: Case, options: Mapping[str, Any], k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> DecodeStep:
+        """Builds, untimed, what decode steps keep (a KV cache, a recurrent state, a window) from the
+        cache's ``seq_len`` keys and values, (batch, kv_heads, seq_len, head_dim) in the case's dtype
+        on its device, and returns the timed step.
+
+        The step takes the ``q_len`` new tokens' q, k and v; it must take in their k and v itself
+        (append them to its cache, update its state) and return their output over the cache and
+        themselves (causal among themselves when ``case.causal``). Every call starts from the same
+        ``seq_len`` cached tokens: a step overwrites the slots it appended, or updates a copy of
+        the state, so each timed call measures the same n. What the step holds is the state whose
+        bytes the harness reports; the tensors passed here are the step's to keep or to drop.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement prepare_decode()")
+
     def reference(
         self,
         q: torch.Tensor,
@@ -139,10 +176,19 @@ class Implementation:
     ) -> torch.Tensor | None:
         """Float64 output at query positions ``rows`` of what this computes exactly, or None.
 
-        Inputs are float64 (batch, heads, seq_len, head_dim); the result is
-        (batch, heads, len(rows), head_dim). Without an override, outputs are judged
-        against full softmax attention when ``exact`` and only reported otherwise.
+        Inputs are float64: q (batch, heads, query_len, head_dim), k and v (batch, kv_heads, key_len,
+        head_dim), the queries being the last query_len positions (a decode step's reference is
+        its new tokens' queries over the cache and the new keys); ``rows`` index q. The result is
+        (batch, heads, len(rows), head_dim). Without an override, outputs are judged against
+        full softmax attention when ``exact`` and only reported otherwise.
         """
+        return None
+
+    def step_bytes(self, case: Case, options: Mapping[str, Any]) -> ByteCount | None:
+        """The bytes one decode step must read and write at least (its state, the new tokens, the
+        output) with the formula (helpers in attnbench.contract.work); None: not declared, and
+        its decode rows have no achieved bandwidth. Exact implementations are counted by the
+        harness as reading the whole cache, whatever they declare."""
         return None
 
     def flops(self, case: Case, options: Mapping[str, Any]) -> FlopCount | None:
@@ -181,6 +227,15 @@ def contract_violations(obj: object) -> list[str]:
         problems.append("default_options must be a mapping from option names to default values")
     if type(obj).prepare is Implementation.prepare:
         problems.append("prepare(case, options) is not implemented")
+    if getattr(obj, "supports_decode", False) is True:
+        if type(obj).prepare_decode is Implementation.prepare_decode:
+            problems.append("supports_decode=True but prepare_decode(case, options, k_cache, v_cache) "
+                            "is not implemented")
+        for attribute in ("decode_time_complexity", "decode_memory_complexity"):
+            value = getattr(obj, attribute, None)
+            if not (isinstance(value, str) and COMPLEXITY_PATTERN.match(value)):
+                problems.append(f"{attribute}={value!r} (required with supports_decode; "
+                                f"allowed: {COMPLEXITIES_ALLOWED})")
     return problems + declaration_problems(obj)
 
 

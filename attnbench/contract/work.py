@@ -36,12 +36,37 @@ def timed_call(case: Case, forward_flops: float, forward_formula: str) -> FlopCo
     return FlopCount(forward_flops, forward_formula)
 
 
+@dataclass(frozen=True)
+class ByteCount:
+    """Bytes one decode step must read and write at least, and the formula they come from."""
+
+    bytes: float
+    formula: str
+
+
 def exact_attention(case: Case) -> FlopCount:
-    """Exact attention: two (N × N × D) products, 4·B·H·N²·D, halved when causal."""
-    forward = 4.0 * case.batch * case.heads * case.seq_len**2 * case.head_dim
+    """Exact attention: two (N × N × D) products, 4·B·H·N²·D, halved when causal. With q queries
+    onto K keys (chunked prefill; a decode step, K = N + q): 4·B·H·q·K·D, causal 4·B·H·q·(K − q/2)·D."""
+    b, h, d = case.batch, case.heads, case.head_dim
+    if case.query_len == case.key_len:
+        forward = 4.0 * b * h * case.seq_len**2 * d
+        if case.causal:
+            return timed_call(case, forward / 2, "4·B·H·N²·D / 2 (causal)")
+        return timed_call(case, forward, "4·B·H·N²·D")
+    q, keys = case.query_len, case.key_len
+    key_names = "(N+q)" if case.decode else "N"
     if case.causal:
-        return timed_call(case, forward / 2, "4·B·H·N²·D / 2 (causal)")
-    return timed_call(case, forward, "4·B·H·N²·D")
+        return timed_call(case, 4.0 * b * h * q * (keys - q / 2) * d, f"4·B·H·q·({key_names} − q/2)·D (causal)")
+    return timed_call(case, 4.0 * b * h * q * keys * d, f"4·B·H·q·{key_names}·D")
+
+
+def exact_decode_bytes(case: Case) -> ByteCount:
+    """A decode step of exact attention reads every cached key and value, the new ones included,
+    and the queries, and writes the output and the new keys and values."""
+    b, h, kv, n, q, d = case.batch, case.heads, case.kv_heads, case.seq_len, case.query_len, case.head_dim
+    size = case.dtype.itemsize
+    elements = 2.0 * b * kv * (n + q) * d + 2.0 * b * h * q * d + 2.0 * b * kv * q * d
+    return ByteCount(elements * size, f"(2·B·KV·(N+q)·D + 2·B·H·q·D + 2·B·KV·q·D) × {size} bytes")
 
 
 def banded_pairs(seq_len: int, window: int, causal: bool, global_tokens: int = 0) -> int:
@@ -58,11 +83,19 @@ def banded_pairs(seq_len: int, window: int, causal: bool, global_tokens: int = 0
 def random_features(case: Case, features: int, chunk: int | None = None) -> tuple[float, str]:
     """FAVOR+ forward: features of the queries (per head) and the keys (per kv head), the key
     sums φ(K)ᵀV (per kv head) and their products with φ(Q): 2·B·(H+KV)·N·m·D twice. Causal with
-    chunks of c adds each chunk's masked (c × c) products, 2·B·H·N·c·(m + D)."""
+    chunks of c adds each chunk's masked (c × c) products, 2·B·H·N·c·(m + D). With q queries the
+    query terms count q rows; a decode step takes in only its q new keys (the rest are its state)."""
     b, h, kv, n, d, m = case.batch, case.heads, case.kv_heads, case.seq_len, case.head_dim, features
-    flops = 4.0 * b * (h + kv) * n * m * d
+    q = case.query_len
+    keys = q if case.decode else case.key_len
+    if q == keys == n:
+        flops, formula = 4.0 * b * (h + kv) * n * m * d, f"4·B·(H+KV)·N·m·D, m={m}"
+    else:
+        key_name = "q" if case.decode else "N"
+        flops, formula = 4.0 * b * (h * q + kv * keys) * m * d, f"4·B·(H·q + KV·{key_name})·m·D, m={m}"
     if not (case.causal and chunk is not None):
-        return flops, f"4·B·(H+KV)·N·m·D, m={m}"
-    c = min(chunk, n)
-    flops += 2.0 * b * h * n * c * (m + d)
-    return flops, f"4·B·(H+KV)·N·m·D + 2·B·H·N·c·(m+D), m={m}, c={c}"
+        return flops, formula
+    c = min(chunk, q)
+    flops += 2.0 * b * h * q * c * (m + d)
+    rows = "N" if q == n else "q"
+    return flops, f"{formula.split(',')[0]} + 2·B·H·{rows}·c·(m+D), m={m}, c={c}"

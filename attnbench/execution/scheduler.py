@@ -135,6 +135,7 @@ class _Point:
             latency=Latency.merge(latencies) if latencies else None,
             memory=first.memory,
             work=first.work,
+            traffic=first.traffic,
             notes=tuple(note for m in self.measurements for note in m.notes),
         )
 

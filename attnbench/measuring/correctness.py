@@ -20,7 +20,7 @@ from attnbench.contract.case import Case
 from attnbench.contract.implementation import DEFAULT_TOLERANCES, Implementation, Tolerance, capped_tolerance
 from attnbench.contract.inputs import Inputs, InputSource
 from attnbench.measuring.figures import Correctness, ErrorFigures
-from attnbench.measuring.inputs import make_inputs
+from attnbench.measuring.inputs import make_inputs, with_cache_of
 from attnbench.measuring.reference import (
     sample_rows,
     softmax_attention,
@@ -36,7 +36,7 @@ Tensors = dict[str, torch.Tensor]
 
 def output_problems(out: Any, grads: Grads | None, case: Case) -> list[str]:
     """Why the result cannot even be compared: wrong type, shape, dtype, device, or not finite."""
-    expected_shape = (case.batch, case.heads, case.seq_len, case.head_dim)
+    expected_shape = (case.batch, case.heads, case.query_len, case.head_dim)
     if not isinstance(out, torch.Tensor):
         return [f"output is a {type(out).__name__}, not a torch.Tensor"]
     problems = []
@@ -156,7 +156,7 @@ def build_verifier(
     ``make_inputs(case, seed)`` makes them; returns notes too (what could not be checked within
     the budget, a declared tolerance over the cap)."""
     rows_seed, fresh_seed = secrets.randbits(63), secrets.randbits(63)
-    rows = sample_rows(case.seq_len, settings.rows, rows_seed)
+    rows = sample_rows(case.query_len, settings.rows, rows_seed)
     notes: list[str] = []
     tolerance, capped = capped_tolerance(implementation.tolerance(case.dtype), case.dtype)
     if capped:
@@ -164,7 +164,7 @@ def build_verifier(
     own_reference = type(implementation).reference is not Implementation.reference
     judged_against = "own" if own_reference else "exact" if implementation.exact else None
     key_rows, key_pairs = None, ()
-    if case.backward and len(rows) < case.seq_len:
+    if case.backward and len(rows) < case.query_len:
         key_rows, key_pairs, note = _key_sample(case, settings, rows_seed)
         key_rows = key_rows if key_pairs else None
         if note:
@@ -185,9 +185,10 @@ def build_verifier(
         own = _own_reference(implementation, case, options, q, k, v, grad_out, rows) if own_reference else None
         return Expected(exact, own)
 
-    primary = expected(make_inputs(case, seed, source), with_key_grads=True)
+    primary_inputs = make_inputs(case, seed, source)
+    primary = expected(primary_inputs, with_key_grads=True)
     # The fresh call is checked at the same rows, without the (quadratic) key-row gradients.
-    fresh = expected(make_inputs(case, fresh_seed, source), with_key_grads=False)
+    fresh = expected(with_cache_of(make_inputs(case, fresh_seed, source), primary_inputs, case), with_key_grads=False)
     verifier = Verifier(rows, rows_seed, key_rows, key_pairs, fresh_seed, judged_against,
                         tolerance, DEFAULT_TOLERANCES[case.dtype], primary, fresh)
     return verifier, notes
@@ -198,10 +199,10 @@ def _key_sample(
 ) -> tuple[torch.Tensor, tuple[tuple[int, int], ...], str]:
     """Key rows and the (batch, kv head) pairs whose dk, dv fit the reference budget."""
     generator = torch.Generator().manual_seed(seed ^ 0x5EED)
-    key_rows = sample_rows(case.seq_len, settings.rows, int(torch.randint(2**62, (1,), generator=generator)))
+    key_rows = sample_rows(case.key_len, settings.rows, int(torch.randint(2**62, (1,), generator=generator)))
     groups = case.heads // case.kv_heads
     # A float64 forward pass over every query row of one kv head's group, plus the key-row part.
-    per_pair = 2.0 * groups * case.seq_len * case.head_dim * (2 * case.seq_len + 3 * len(key_rows))
+    per_pair = 2.0 * groups * case.query_len * case.head_dim * (2 * case.key_len + 3 * len(key_rows))
     pairs = case.batch * case.kv_heads
     affordable = min(pairs, int(settings.max_reference_gflop * 1e9 // per_pair))
     if affordable == 0:
@@ -246,7 +247,7 @@ def _own_reference(
     Gradients only when every row is checked: an approximation may mix query rows (Nyström's
     landmarks average them), so its dq at one row depends on the upstream gradient of all rows.
     """
-    with_grads = grad_out is not None and len(rows) == case.seq_len
+    with_grads = grad_out is not None and len(rows) == case.query_len
     leaves = [tensor.detach().requires_grad_(with_grads) for tensor in (q, k, v)]
     with torch.set_grad_enabled(with_grads):
         out = implementation.reference(*leaves, case, options, rows)

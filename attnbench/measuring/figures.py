@@ -157,6 +157,9 @@ class Memory:
     allocator_peak_bytes: int | None  # torch's allocator: profiler events on CPU, peak stats on CUDA
     rss_peak_bytes: int | None  # CPU only: process peak RSS (VmHWM) reset before the call
     source: str
+    # Decode: what the step keeps between calls (its cache or state), as torch's allocator counts
+    # the tensors prepare_decode left alive; None outside decode.
+    state_bytes: int | None = None
 
     @property
     def peak_bytes(self) -> int | None:
@@ -174,6 +177,16 @@ class Work:
     flops: float
     formula: str
     declared: bool  # by the implementation (an approximation); False: counted by the harness
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """The bytes one decode step must read and write: exact attention's as the harness counts it
+    (the whole cache), or what the implementation declared (``step_bytes``)."""
+
+    bytes: float
+    formula: str
+    declared: bool
 
 
 @dataclass(frozen=True)
@@ -273,6 +286,7 @@ class Measurement:
     memory: Memory | None
     notes: tuple[str, ...] = ()  # warnings the implementation gave, settings it changed (put back)
     work: Work | None = None  # the FLOPs of one timed call, where counted or declared
+    traffic: Traffic | None = None  # a decode step's bytes, where counted or declared
     # Round 1 hands its float64 references to the later rounds (attnbench.correctness.Verifier);
     # never written to a row.
     verifier: Any = None

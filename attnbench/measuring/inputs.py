@@ -6,6 +6,8 @@ from the seed, given an upstream gradient in training mode, cast and moved to th
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from attnbench.contract.case import Case
@@ -22,12 +24,14 @@ def make_inputs(case: Case, seed: int, source: InputSource | None = None) -> Inp
     is not counted as the implementation's error.
     """
     source = source if source is not None else BUILTIN_SOURCES[case.inputs]
-    reasons = source_reasons(source, case)
+    drawn = every_position(case)
+    reasons = source_reasons(source, drawn)
     if reasons:
         raise NotSupported("; ".join(reasons))
     generator = torch.Generator().manual_seed(seed)
-    q, k, v = source.draw(case, generator)
-    grad_out = torch.randn((case.batch, case.heads, case.seq_len, case.head_dim), generator=generator) \
+    q, k, v = source.draw(drawn, generator)
+    q = q[:, :, case.key_len - case.query_len:]  # the last positions are the queries
+    grad_out = torch.randn((case.batch, case.heads, case.query_len, case.head_dim), generator=generator) \
         if case.backward else None
     # Contiguous, as activations are: fused kernels refuse a strided last dimension.
     q, k, v = (t.to(device=case.device, dtype=case.dtype).contiguous() for t in (q, k, v))
@@ -36,3 +40,34 @@ def make_inputs(case: Case, seed: int, source: InputSource | None = None) -> Inp
         for tensor in (q, k, v):
             tensor.requires_grad_(True)
     return Inputs(q, k, v, grad_out)
+
+
+def every_position(case: Case) -> Case:
+    """The square case a source draws from: every one of the case's key positions (a decode
+    step's new tokens included); the queries are then the last ``query_len`` of them."""
+    if case.query_len == case.key_len:
+        return case
+    return dataclasses.replace(case, seq_len=case.key_len, q_len=None, mode="forward")
+
+
+def decode_cache(inputs: Inputs, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values already in a decode step's cache (its first seq_len positions), as
+    tensors of their own."""
+    return tuple(t.detach()[:, :, : case.seq_len].clone() for t in (inputs.k, inputs.v))  # type: ignore[return-value]
+
+
+def decode_step_inputs(inputs: Inputs, case: Case) -> Inputs:
+    """What a decode step is called with: the new tokens' q, k and v (the last q_len positions),
+    as tensors of their own."""
+    new = slice(case.seq_len, case.key_len)
+    return Inputs(inputs.q, inputs.k[:, :, new].clone(), inputs.v[:, :, new].clone(), None)
+
+
+def with_cache_of(fresh: Inputs, primary: Inputs, case: Case) -> Inputs:
+    """Fresh new tokens on the primary inputs' cache: a decode step's cache is built once, so a
+    call on fresh values changes only what the step is called with."""
+    if not case.decode:
+        return fresh
+    k, v = (torch.cat([old[:, :, : case.seq_len], new[:, :, case.seq_len:]], dim=2)
+            for old, new in ((primary.k, fresh.k), (primary.v, fresh.v)))
+    return Inputs(fresh.q, k, v, fresh.grad_out)

@@ -3,7 +3,8 @@
 The runner calls this inside a worker process (attnbench.execution.local.worker); tests and plugin authors
 may call it directly. One round is:
 
-1. prepare (untimed), then a first call on the seeded inputs;
+1. prepare (untimed), then a first call on the seeded inputs; a decode step is prepared from
+   the cache's part of the inputs and called with the new tokens';
 2. in round 1, the rows to check are drawn and the float64 references computed from the inputs
    as they were made (attnbench.correctness.Verifier); later rounds receive them;
 3. the timed calls, keeping the last result; in round 1, the memory call;
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from attnbench.contract.case import Case
-from attnbench.contract.implementation import AttentionFn, Implementation
+from attnbench.contract.implementation import AttentionFn, DecodeStep, Implementation
 from attnbench.contract.inputs import SOURCE_NOTE_PREFIX, Inputs, InputSource
 from attnbench.measuring.correctness import (
     Grads,
@@ -36,11 +37,11 @@ from attnbench.measuring.correctness import (
     write_into,
 )
 from attnbench.measuring.figures import Correctness, Measurement
-from attnbench.measuring.inputs import make_inputs
-from attnbench.measuring.memory import measure_peak_memory
+from attnbench.measuring.inputs import decode_cache, decode_step_inputs, make_inputs, with_cache_of
+from attnbench.measuring.memory import held_after, measure_peak_memory
 from attnbench.measuring.outcome import SettingsChangedInCall, round_status
 from attnbench.measuring.timing import measure_latency, synchronize, time_one_call
-from attnbench.measuring.work import counted_work
+from attnbench.measuring.work import counted_traffic, counted_work
 from attnbench.settings.suite import Measure
 from attnbench.support.process_state import Snapshot, changes, restore
 from attnbench.support.text import one_line
@@ -65,15 +66,20 @@ def measure_case(
     """
     device = torch.device(case.device)
     inputs = make_inputs(case, seed, source)
+    call_inputs = decode_step_inputs(inputs, case) if case.decode else inputs
     watch = _SettingsWatch(settings)
+    state_bytes = None
     with warnings.catch_warnings(record=True) as caught:  # the implementation's notes for the row
         warnings.simplefilter("always")
         started = time.perf_counter()
-        attention = implementation.prepare(case, options)
+        if case.decode:
+            attention, state_bytes = _prepare_decode(implementation, case, options, inputs, measure.memory)
+        else:
+            attention = implementation.prepare(case, options)
         synchronize(device)
         prepare_s = time.perf_counter() - started
         watch.put_back("prepare")
-        call = attention_call(attention, inputs, case.backward)
+        call = attention_call(attention, call_inputs, case.backward)
         started = time.perf_counter()
         result = call()
         synchronize(device)
@@ -81,13 +87,14 @@ def measure_case(
         watch.put_back("the first call")  # lazy set-up may touch settings once; not every call
     notes = [*_own_warnings(caught, implementation), *watch.notes]
     work, work_note = counted_work(implementation, case, options)
-    notes += [work_note] if work_note else []
+    traffic, traffic_note = counted_traffic(implementation, case, options)
+    notes += [note for note in (work_note, traffic_note) if note]
 
     checks: list[Correctness] = []
     out, grads = _split(result, case)
     problems = output_problems(out, grads, case)
     comparable = not problems
-    problems += _restore_inputs(inputs, case, seed, source)
+    problems += _restore_inputs(call_inputs, case, seed, source)
     if verifier is None and comparable and measure.correctness is not None:
         verifier, verifier_notes = build_verifier(implementation, case, options, measure.correctness, seed, source)
         notes += verifier_notes
@@ -102,19 +109,23 @@ def measure_case(
         problems += _check_call(last, case, verifier, checks, fresh=False, label="last timed call")
         del last
     memory = measure_peak_memory(call, device) if measure.memory else None
-    problems += _restore_inputs(inputs, case, seed, source)
+    if memory is not None and case.decode:
+        memory = dataclasses.replace(memory, state_bytes=state_bytes)
+    problems += _restore_inputs(call_inputs, case, seed, source)
 
     if verifier is not None or latency is not None:
         # A call on fresh values in the same tensors (a cache cannot know them), timed alone; the
         # settings are compared right after it (the timer puts back the thread count it set,
         # which would hide a change the timed calls made).
-        fresh = make_inputs(case, verifier.fresh_seed if verifier else secrets.randbits(63), source)
-        write_into(inputs, fresh)
+        fresh = with_cache_of(make_inputs(case, verifier.fresh_seed if verifier else secrets.randbits(63), source),
+                              inputs, case)
+        fresh = decode_step_inputs(fresh, case) if case.decode else fresh
+        write_into(call_inputs, fresh)
         fresh_call_s, result = time_one_call(call, device, measure.latency.cache if measure.latency else "warm")
         watch.refuse_changes("its calls")
         problems += _check_call(result, case, verifier, checks, fresh=True, label="a call on fresh inputs")
         del result
-        problems += changed_inputs(inputs, fresh)
+        problems += changed_inputs(call_inputs, fresh)
         if latency is not None:
             latency = dataclasses.replace(latency, fresh_call_s=(fresh_call_s,))
 
@@ -130,6 +141,7 @@ def measure_case(
         notes=tuple(dict.fromkeys([*notes, *_source_notes(source)])),  # after every draw of the round
         verifier=verifier,
         work=work,
+        traffic=traffic,
     )
 
 
@@ -157,9 +169,24 @@ def _check_call(
     return problems
 
 
+def _prepare_decode(
+    implementation: Implementation, case: Case, options: Mapping[str, Any], inputs: Inputs, count_state: bool
+) -> tuple[DecodeStep, int | None]:
+    """The decode step, built from a copy of the cache (the step's to keep or drop), and the bytes
+    it keeps between calls (when memory is measured)."""
+
+    def build() -> DecodeStep:
+        return implementation.prepare_decode(case, options, *decode_cache(inputs, case))
+
+    if not count_state:
+        return build(), None
+    return held_after(build, torch.device(case.device))
+
+
 def _restore_inputs(inputs: Inputs, case: Case, seed: int, source: InputSource | None) -> list[str]:
     """What the calls changed in their inputs; the values are put back for the next calls."""
     pristine = make_inputs(case, seed, source)
+    pristine = decode_step_inputs(pristine, case) if case.decode else pristine
     problems = changed_inputs(inputs, pristine)
     if problems:
         write_into(inputs, pristine)

@@ -10,13 +10,15 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from attnbench.measuring.figures import Memory
 from attnbench.measuring.timing import synchronize
+
+T = TypeVar("T")
 
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -32,6 +34,30 @@ def measure_peak_memory(call: Callable[[], Any], device: torch.device) -> Memory
             source="torch profiler memory events; VmHWM after /proc/self/clear_refs",
         )
     return Memory(None, None, source=f"not measured: no peak statistics on {device.type}")
+
+
+def held_after(build: Callable[[], T], device: torch.device) -> tuple[T, int | None]:
+    """Runs ``build`` and counts the bytes torch allocated during it that are still allocated once
+    it has returned: what its result keeps (a decode step's cache or state). None where the
+    device has no allocator statistics."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        result = build()
+        synchronize(device)
+        gc.collect()
+        return result, max(0, torch.cuda.memory_allocated(device) - before)
+    if device.type != "cpu":
+        return build(), None
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = build()
+        gc.collect()
+    try:
+        events = profiler.profiler.kineto_results.events()
+        held = sum(event.nbytes() for event in events if event.name() == "[memory]")
+    except AttributeError:  # the profiler's event API moved: report nothing rather than a guess
+        return result, None
+    return result, max(0, held)
 
 
 def initialise_profiler() -> None:

@@ -1,5 +1,8 @@
 """Exact softmax attention in float64, computed in key blocks: never an N×N matrix.
 
+q may have fewer rows than k and v (chunked prefill, a decode step): its rows are then the last
+positions, and a causal mask is aligned bottom-right.
+
 The forward pass keeps a running max and normaliser per query row (the online softmax of
 Milakov & Gimelshein, 2018, as FlashAttention uses it); the backward pass recomputes each
 block's probabilities from the saved log-sum-exp. Only the sampled query rows are computed,
@@ -148,7 +151,8 @@ def softmax_attention_key_grads(
 def _grouped_rows(
     q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, head_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled q at ``rows``, shaped (B, KV, G·S, D) so each kv head meets its G query heads.
+    """Scaled q at ``rows``, shaped (B, KV, G·S, D) so each kv head meets its G query heads, and
+    the rows' positions among the keys: q holds the last positions when it has fewer rows.
 
     Query head h uses kv head h // G (the convention of repeat_interleave and of
     scaled_dot_product_attention's enable_gqa).
@@ -156,7 +160,8 @@ def _grouped_rows(
     kv_heads = k.shape[1]
     q_rows = _group(q[:, :, rows] * head_dim**-0.5, kv_heads)
     groups = q.shape[1] // kv_heads
-    return q_rows, rows.to(q.device).repeat(groups)
+    offset = k.shape[-2] - q.shape[-2]  # bottom-right alignment
+    return q_rows, (rows.to(q.device) + offset).repeat(groups)
 
 
 def _group(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:

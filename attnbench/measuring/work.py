@@ -1,5 +1,6 @@
-"""The FLOPs of a point's timed call: exact attention counted by the harness, an approximation's
-own declaration (``Implementation.flops``) checked, since plugin code may return anything."""
+"""The FLOPs of a point's timed call, and a decode step's bytes: exact attention counted by the
+harness, an approximation's own declarations (``Implementation.flops``, ``step_bytes``) checked,
+since plugin code may return anything."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Any
 
 from attnbench.contract.case import Case
 from attnbench.contract.implementation import Implementation
-from attnbench.contract.work import FlopCount, exact_attention
-from attnbench.measuring.figures import Work
+from attnbench.contract.work import ByteCount, FlopCount, exact_attention, exact_decode_bytes
+from attnbench.measuring.figures import Traffic, Work
 from attnbench.support.text import one_line
 
 FORMULA_CHARS = 200
@@ -33,6 +34,29 @@ def counted_work(implementation: Implementation, case: Case, options: Mapping[st
         return None, (f"flops() returned {one_line(repr(declared), 200)} (expected None or an attnbench.FlopCount "
                       "with a positive, finite count and its formula); no throughput")
     return Work(float(declared.flops), one_line(declared.formula, FORMULA_CHARS), declared=True), ""
+
+
+def counted_traffic(
+    implementation: Implementation, case: Case, options: Mapping[str, Any]
+) -> tuple[Traffic | None, str]:
+    """The bytes of one decode step (None outside decode), and a note when a declaration could not
+    be used (no achieved bandwidth then)."""
+    if not case.decode:
+        return None, ""
+    if implementation.exact:
+        count = exact_decode_bytes(case)
+        return Traffic(count.bytes, count.formula, declared=False), ""
+    try:
+        declared = implementation.step_bytes(case, options)
+    except Exception as error:  # noqa: BLE001 (plugin code: a failure costs its bandwidth, not its row)
+        return None, f"step_bytes() raised {type(error).__name__}: {one_line(str(error), 200)}; no bandwidth"
+    if declared is None:
+        return None, ""
+    if not (isinstance(declared, ByteCount) and _positive_number(declared.bytes)
+            and isinstance(declared.formula, str) and declared.formula.strip()):
+        return None, (f"step_bytes() returned {one_line(repr(declared), 200)} (expected None or an "
+                      "attnbench.ByteCount with a positive, finite count and its formula); no bandwidth")
+    return Traffic(float(declared.bytes), one_line(declared.formula, FORMULA_CHARS), declared=True), ""
 
 
 def _positive_number(value: object) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from attnbench.analysis.curves import metric_value, output_error
+from attnbench.analysis.curves import achieved_bandwidth, metric_value, output_error, tokens_per_second
 from attnbench.contract.case import curve_x
 from attnbench.contract.inputs import SOURCE_NOTE_PREFIX
 from attnbench.measuring.figures import NOISY_RELATIVE_IQR, ErrorFigures, Latency
@@ -66,17 +66,21 @@ def _latency_report(row: Row) -> dict[str, str]:
 def _memory_table(row: Row) -> dict[str, Any]:
     memory = row.memory
     return {"allocator_peak_bytes": memory.allocator_peak_bytes if memory else None,
-            "rss_peak_bytes": memory.rss_peak_bytes if memory else None}
+            "rss_peak_bytes": memory.rss_peak_bytes if memory else None,
+            "state_bytes": memory.state_bytes if memory else None}
 
 
 def _memory_summary(row: Row) -> dict[str, str]:
     memory = row.memory
-    return {"peak mem": _bytes(memory.allocator_peak_bytes) if memory else "",
-            "peak RSS": _bytes(memory.rss_peak_bytes) if memory else ""}
+    cells = {"peak mem": _bytes(memory.allocator_peak_bytes) if memory else "",
+             "peak RSS": _bytes(memory.rss_peak_bytes) if memory else ""}
+    return {**cells, "state": _bytes(memory.state_bytes) if memory else ""} if row.case.decode else cells
 
 
 def _memory_report(row: Row) -> dict[str, str]:
-    return {"peak memory": _bytes(row.memory.peak_bytes) if row.memory else ""}
+    memory = row.memory
+    cells = {"peak memory": _bytes(memory.peak_bytes) if memory else ""}
+    return {**cells, "state kept": _bytes(memory.state_bytes) if memory else ""} if row.case.decode else cells
 
 
 def _grad_errors(row: Row) -> list[float]:
@@ -155,12 +159,30 @@ def _work_summary(row: Row) -> dict[str, str]:
     return {"GFLOP/s": f"{achieved / 1e9:.3g}" if achieved else ""}
 
 
+def _traffic_table(row: Row) -> dict[str, Any]:
+    traffic = row.traffic
+    achieved = achieved_bandwidth(row)
+    return {"step_bytes": traffic.bytes if traffic else None,
+            "step_bytes_formula": traffic.formula if traffic else None,
+            "achieved_bytes_per_s": achieved,
+            "tokens_per_s": tokens_per_second(row)}
+
+
+def _traffic_cells(row: Row) -> dict[str, str]:
+    """A decode step's achieved bandwidth and tokens per second (nothing outside decode)."""
+    if not row.case.decode:
+        return {}
+    achieved, tokens = achieved_bandwidth(row), tokens_per_second(row)
+    return {"GB/s": f"{achieved / 1e9:.3g}" if achieved else "", "tok/s": f"{tokens:.4g}" if tokens else ""}
+
+
 # The error comes first, beside the status: "ok" next to an error of 2.7 must not read as good.
 COLUMNS: tuple[FigureColumns, ...] = (
     FigureColumns("correctness", _correctness_table, _correctness_summary, _correctness_report),
     FigureColumns("latency", _latency_table, _latency_summary, _latency_report),
     FigureColumns("memory", _memory_table, _memory_summary, _memory_report),
     FigureColumns("work", _work_table, _work_summary, _work_summary),
+    FigureColumns("traffic", _traffic_table, _traffic_cells, _traffic_cells),
 )
 
 

@@ -21,13 +21,16 @@ def expand(sweep: Sweep) -> list[Case]:
     """Every combination of the axes; the curve axis (seq_len) is innermost and ascending.
 
     Ascending seq_len within each group of the other axes lets the runner predict, from the
-    smaller points just measured, whether a larger one would exceed the limits.
+    smaller points just measured, whether a larger one would exceed the limits. Combinations
+    that make no call (more queries than keys) are left out.
     """
     cases: list[Case] = []
 
     def loop(depth: int, chosen: dict[str, Any]) -> None:
         if depth == len(NESTING):
-            cases.append(Case(**{**chosen, "dtype": DTYPES[chosen["dtype"]]}))
+            case = Case(**{**chosen, "dtype": DTYPES[chosen["dtype"]]})
+            if not case.shape_problem:
+                cases.append(case)
             return
         name = NESTING[depth]
         axis = AXES[name]

@@ -21,6 +21,7 @@ from attnbench.contract.implementation import (
 )
 from attnbench.contract.registry import Registry
 from attnbench.settings.checking import MAX_SEED, Checker, read_yaml, show
+from attnbench.settings.grid import expand
 from attnbench.settings.suite import (
     CACHE_STATES,
     MAX_ERROR_BUDGETS,
@@ -194,6 +195,9 @@ def _sweep(check: Checker, node: Any, sources: Sequence[str], where: str) -> Swe
         for h in sweep.heads:
             if h % kv:
                 check.fail(f"{where}.kv_heads[{index}]", f"{kv} does not divide heads={h} (kv_heads must divide heads)")
+    if sweep.q_len != (None,) and not expand(sweep):
+        check.fail(f"{where}.q_len", "larger than every seq_len, so no case remains (outside decode mode, "
+                   "q_len must be at most seq_len: the queries are the last q_len positions)")
     return sweep
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from attnbench.contract.case import Case
 from attnbench.contract.errors import UserError
-from attnbench.measuring.figures import Correctness, ErrorFigures, Latency, Memory, Work
+from attnbench.measuring.figures import Correctness, ErrorFigures, Latency, Memory, Traffic, Work
 from attnbench.measuring.gpu_state import GpuSample
 from attnbench.measuring.outcome import Status
 from attnbench.support.text import bounded_block, one_line
@@ -24,7 +24,8 @@ from attnbench.support.text import bounded_block, one_line
 # 4: the figures under "figures", one entry per kind (FIGURE_READERS); before, at the top level.
 # 5: "work", the FLOPs of one timed call.
 # 6: error figures carry the rows' cosine similarity with the reference (mean, worst).
-SCHEMA_VERSION = 6
+# 7: the case's q_len and the decode mode; memory's state_bytes; "traffic", a decode step's bytes.
+SCHEMA_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Row:
     latency: Latency | None = None
     memory: Memory | None = None
     work: Work | None = None
+    traffic: Traffic | None = None
     wall_time_s: float = 0.0  # the whole point, worker start to result
     detail: str = ""  # traceback or the worker's last output, for failures
     notes: tuple[str, ...] = ()  # warnings from the implementation, e.g. which path it took
@@ -244,6 +246,7 @@ FIGURE_READERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "latency": _latency_from_json,
     "memory": lambda data: Memory(**data),
     "work": lambda data: Work(**data),
+    "traffic": lambda data: Traffic(**data),
 }
 
 

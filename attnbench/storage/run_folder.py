@@ -21,8 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from attnbench.contract.case import Case
 from attnbench.contract.errors import UserError
-from attnbench.contract.implementation import Implementation, complexity_exponent
+from attnbench.contract.implementation import Implementation, complexity_exponent, complexity_of_shape
 from attnbench.settings.suite import Suite
 from attnbench.storage import flags
 from attnbench.storage.environment import Environment, capture_environment, code_version
@@ -42,10 +43,20 @@ class Declared:
     """What an implementation says of itself, kept with each run (``implementations.json``)."""
 
     exact: bool
-    time_complexity: str
+    time_complexity: str  # of a square pass (q_len = seq_len)
     memory_complexity: str
     time_exponent: float
     memory_exponent: float
+    decode_time_complexity: str | None = None  # of one decode step, in the cache's length
+    decode_memory_complexity: str | None = None  # of what a step keeps between steps
+
+    def complexity(self, metric: str, case: Case) -> tuple[str | None, float | None]:
+        """The declared complexity of a curve of ``case``'s shape for ``metric`` ("latency";
+        "memory", a decode step's state): its text and exponent, None when undeclared."""
+        square, decode = ((self.time_complexity, self.decode_time_complexity) if metric == "latency"
+                          else (self.memory_complexity, self.decode_memory_complexity))
+        text = complexity_of_shape(square, decode, case)
+        return text, (complexity_exponent(text) if text is not None else None)
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,8 @@ def declared_of(implementations: Mapping[str, Implementation]) -> dict[str, Decl
             memory_complexity=impl.memory_complexity,
             time_exponent=complexity_exponent(impl.time_complexity),
             memory_exponent=complexity_exponent(impl.memory_complexity),
+            decode_time_complexity=impl.decode_time_complexity if impl.supports_decode else None,
+            decode_memory_complexity=impl.decode_memory_complexity if impl.supports_decode else None,
         )
         for name, impl in implementations.items()
     }
