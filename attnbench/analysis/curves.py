@@ -280,7 +280,10 @@ def crossover_between(mine: dict[int, float], best: dict[int, float], better: st
 def loglog_slope(points: Sequence[tuple[int, float]]) -> tuple[float, float | None]:
     """Least-squares slope of log(value) on log(seq_len) (scipy.stats.linregress), and its
     standard error from the residuals (None below three points: two always fit exactly)."""
-    fit = stats.linregress([math.log(n) for n, _ in points], [math.log(value) for _, value in points])
+    values = [math.log(value) for _, value in points]
+    if len(set(values)) == 1:  # a flat line (a fixed-size state): linregress's correlation is undefined
+        return 0.0, (0.0 if len(points) >= MIN_FIT_POINTS else None)
+    fit = stats.linregress([math.log(n) for n, _ in points], values)
     return float(fit.slope), (float(fit.stderr) if len(points) >= MIN_FIT_POINTS else None)
 
 

@@ -27,11 +27,13 @@ from attnbench.analysis.curves import (
     throughputs,
     within_budget,
 )
+from attnbench.analysis.decode import decode_points
 from attnbench.analysis.sources import SourceErrors, errors_by_source
 from attnbench.contract.case import CURVE_LABEL, curve_x, describe_group, group_key
 from attnbench.measuring.figures import ErrorFigures
 from attnbench.presenting.answer import answer_tables, budget_note
 from attnbench.presenting.columns import point_note, report_cells, speed_order
+from attnbench.presenting.decode import decode_tables
 from attnbench.presenting.figure_style import Palette
 from attnbench.presenting.layout import Section, Table
 from attnbench.presenting.plots import exponent_plot, pareto_plot, scaling_plot, speedup_plot
@@ -92,6 +94,9 @@ def build_sections(run: RunFolder, plots_folder: Path, budgets: Sequence[float])
         plots.extend(plot for plot in optional if plot is not None)
         tables = (_results_table(group_curves), _pareto_table(group_points, loosest))
         sections.append(Section(describe_group(group), tables, tuple(plots)))
+    steps = decode_points(rows, run.copy_bytes_per_s)
+    if steps:
+        sections.append(Section("Decode steps", tuple(decode_tables(steps, run.copy_bytes_per_s))))
     sections += [
         Section("Crossovers against the best exact implementation", (_crossover_table(rows, declared, budgets),)),
         Section("Throughput", (_throughput_table(throughputs(rows, declared, run.matmul_flops), run.matmul_flops),)),
@@ -139,10 +144,10 @@ def _verdict_table(fits: Sequence[ScalingFit]) -> Table:
         for fit in ordered
     )
     note = ("Failed declarations first, then steepest first. Least-squares fit (scipy.stats.linregress) of "
-            "log(median latency) and log(peak memory) on log(N) over each curve's largest measured points (up to 4; "
-            "at least 3 for a verdict); ± is one standard error, of the regression combined with a bootstrap over "
-            "each point's latency samples. A declaration holds unless the measured exponent exceeds it by more than "
-            "0.2 plus the 95% confidence half-width (Student's t).")
+            "log(median latency) and log(peak memory; for a decode step, the state it keeps) on log(N) over each "
+            "curve's largest measured points (up to 4; at least 3 for a verdict); ± is one standard error, of the "
+            "regression combined with a bootstrap over each point's latency samples. A declaration holds unless the "
+            "measured exponent exceeds it by more than 0.2 plus the 95% confidence half-width (Student's t).")
     return Table("Declared vs measured complexity", ("implementation", "case", "metric", "declared", "measured",
                                                       "verdict"), lines, note)
 
@@ -152,7 +157,8 @@ def _crossover_table(rows: Sequence[Row], declared: Mapping[str, Declared], budg
     loosest = per_budget[max(budgets)]
     lines = []
     for index, c in sorted(enumerate(loosest), key=lambda item: _crossover_order(item[1])):
-        lines.append((c.implementation, describe_group(c.group), "latency" if c.metric == "latency" else "peak memory",
+        memory = "state kept" if c.group.decode else "peak memory"
+        lines.append((c.implementation, describe_group(c.group), "latency" if c.metric == "latency" else memory,
                       *(per_budget[budget][index].text for budget in budgets)))
     note = ("At each N the best exact implementation is the fastest (or leanest) exact one measured there; the "
             "crossover is interpolated on the log-log curves, counting only the approximation's points whose error is "

@@ -78,6 +78,10 @@ class RunFolder:
     def matmul_flops(self) -> Mapping[str, float]:
         return self.environment.get("matmul_flops", {})
 
+    @property
+    def copy_bytes_per_s(self) -> Mapping[str, float]:
+        return self.environment.get("copy_bytes_per_s", {})
+
 
 def declared_of(implementations: Mapping[str, Implementation]) -> dict[str, Declared]:
     """``implementations``: series name (an implementation or a variant) -> what it runs."""
