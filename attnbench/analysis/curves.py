@@ -136,6 +136,11 @@ def metric_value(row: Row, metric: Metric) -> float | None:
     return float(peak) if peak else None
 
 
+def memory_name(case: Case) -> str:
+    """What the memory metric is for the case's curve: a decode step's state, else the call's peak."""
+    return "state kept" if case.decode else "peak memory"
+
+
 def scaling_fits(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[ScalingFit]:
     fits = []
     for (name, group), points in curves(rows).items():

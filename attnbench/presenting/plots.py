@@ -23,6 +23,7 @@ from attnbench.analysis.curves import (
     ScalingFit,
     can_be_baseline,
     is_exact,
+    memory_name,
     metric_value,
     within_budget,
 )
@@ -83,7 +84,7 @@ def scaling_plot(
     widen_to(axes, 4.0)
     _reserve_gap_strip(axes, lanes)
     log_axes(axes, y_formatter=formatter, x_values=[n for n, _ in measured])
-    what = "median latency" if metric == "latency" else "peak memory"
+    what = "median latency" if metric == "latency" else memory_name(group)
     axes.set_ylabel(f"{what} (log scale)")
     axes.set_xlabel(_curve_axis_label())
     axes.set_title(f"{what} vs {CURVE_LABEL} — {describe_group(group)}", fontsize=10)
@@ -91,7 +92,8 @@ def scaling_plot(
     stem = f"{group_slug(group)}-{metric}"
     save(figure, folder, stem)
     spread = ("Bars: from the fastest round's first quartile to its third quartile or the slowest round's median. "
-              if metric == "latency" else "The larger of torch's allocator peak and the process peak. ")
+              if metric == "latency" else "What a step keeps between steps (its cache or state), as torch's allocator "
+              "counts it. " if group.decode else "The larger of torch's allocator peak and the process peak. ")
     caption = (f"{spread}Grey dashed guides grow as n and n² from the lowest measured point at the smallest "
                f"{CURVE_LABEL}; crosses in the strip below the curves are points that did not run, with their status.")
     return Plot(f"{what.capitalize()} vs sequence length", stem, caption)
@@ -130,7 +132,7 @@ def pareto_plot(
     labels = [f"{name} ({swept[name]})" if name in swept else name for name in names]
     figure.legend(proxies, [*labels, f"hollow: error over {loosest:g}"], fontsize=8, loc="center left",
                   bbox_to_anchor=(1.0, 0.5))
-    what = "latency" if metric == "latency" else "peak memory"
+    what = "latency" if metric == "latency" else memory_name(group)
     figure.suptitle(f"Error vs {what} (o: on the Pareto front, x: beaten) — {describe_group(group)}", fontsize=10)
     figure.tight_layout()
     stem = f"{group_slug(group)}-pareto" + ("" if metric == "latency" else "-memory")
@@ -190,7 +192,8 @@ def _frontier_axes(axes: Axes, entries: Sequence[ParetoPoint], palette: Palette,
     axes.set_yscale("log")
     axes.set_ylim(bottom, top)
     log_axes(axes, y_formatter=None, x_formatter=SECONDS if metric == "latency" else BYTES)
-    axes.set_xlabel("median latency (log)" if metric == "latency" else "peak memory (log)", fontsize=8)
+    memory = memory_name(entries[0].row.case) if entries else "peak memory"
+    axes.set_xlabel("median latency (log)" if metric == "latency" else f"{memory} (log)", fontsize=8)
     axes.set_ylabel("relative error vs exact (log)", fontsize=8)
     axes.tick_params(labelsize=7)
 

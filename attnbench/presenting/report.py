@@ -21,6 +21,7 @@ from attnbench.analysis.curves import (
     crossovers,
     curves,
     is_exact,
+    memory_name,
     metric_value,
     pareto,
     scaling_fits,
@@ -157,8 +158,8 @@ def _crossover_table(rows: Sequence[Row], declared: Mapping[str, Declared], budg
     loosest = per_budget[max(budgets)]
     lines = []
     for index, c in sorted(enumerate(loosest), key=lambda item: _crossover_order(item[1])):
-        memory = "state kept" if c.group.decode else "peak memory"
-        lines.append((c.implementation, describe_group(c.group), "latency" if c.metric == "latency" else memory,
+        metric = "latency" if c.metric == "latency" else memory_name(c.group)
+        lines.append((c.implementation, describe_group(c.group), metric,
                       *(per_budget[budget][index].text for budget in budgets)))
     note = ("At each N the best exact implementation is the fastest (or leanest) exact one measured there; the "
             "crossover is interpolated on the log-log curves, counting only the approximation's points whose error is "
