@@ -36,6 +36,7 @@ from typing import TypeVar
 
 import torch
 
+from attnbench.analysis.decode import decode_points
 from attnbench.contract.case import DTYPES, Case, device_unavailable_reason
 from attnbench.contract.errors import NotSupported
 from attnbench.contract.implementation import Implementation, effective_options, plugin_reasons
@@ -49,7 +50,7 @@ from attnbench.settings.loader import load_suite
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import RunFolder, load_run
 from attnbench.support.text import one_line
-from attnbench.support.units import format_seconds
+from attnbench.support.units import format_bytes, format_seconds
 from attnbench.testing import CORRECTNESS_ONLY, small_case
 from benchmarks import gpu_probes
 from benchmarks.gpu_probes import Check
@@ -108,6 +109,13 @@ sweep: {{seq_len: 8192, heads: 16, kv_heads: 4, head_dim: 128, dtype: float16, c
         mode: [forward, forward_backward], device: {{device}}}}
 measure: {{correctness: {{rows: 64}}, {LATENCY}, memory: true}}
 limits: {{timeout_s: 180, budget_s: 60}}
+""", f"""name: gpu_check_decode
+description: decode steps onto a KV cache (or a state) of 4K-64K, Llama-like grouped-query heads
+implementations: all
+sweep: {{mode: decode, seq_len: [4096, 16384, 65536], heads: 32, kv_heads: 8, head_dim: 128, dtype: bfloat16,
+        causal: true, device: {{device}}}}
+measure: {{correctness: {{rows: 64}}, {LATENCY}, memory: true}}
+limits: {{timeout_s: 180, budget_s: 60}}
 """),
     oom="""name: gpu_check_oom
 implementations: [naive, flash]
@@ -134,6 +142,13 @@ limits: {{timeout_s: 120, budget_s: 120}}
 description: the same in float16 at N=512, forward
 implementations: all
 sweep: {{seq_len: 512, heads: 4, kv_heads: 2, head_dim: 64, dtype: float16, causal: true, mode: forward,
+        device: {{device}}}}
+measure: {{correctness: {{rows: 64}}, {CPU_LATENCY}, threads: 1, memory: true}}
+limits: {{timeout_s: 120, budget_s: 60}}
+""", f"""name: gpu_check_cpu_decode
+description: decode steps at CPU sizes
+implementations: all
+sweep: {{mode: decode, seq_len: [512, 2048], heads: 4, kv_heads: 2, head_dim: 64, dtype: bfloat16, causal: true,
         device: {{device}}}}
 measure: {{correctness: {{rows: 64}}, {CPU_LATENCY}, threads: 1, memory: true}}
 limits: {{timeout_s: 120, budget_s: 60}}
@@ -322,7 +337,7 @@ def _verdict_lines(checks: list[Check], runs: list[RunFolder], plan: Plan, devic
     lines = [f"attnbench GPU check on {_device_line(environment, device)}; torch {torch.__version__}; "
              f"{format_seconds(elapsed_s)}", ""]
     lines += [f"{check.verdict:<5} {check.name:<26} {check.detail}" for check in checks]
-    lines += ["", *_yardstick_lines(environment), "", *_headline(runs, plan), "",
+    lines += ["", *_yardstick_lines(environment), "", *_headline(runs, plan), "", *_decode_headline(runs), "",
               f"VERDICT: {'PASS' if passed else 'FAIL'}; rows, reports and this verdict under {outdir}"]
     return lines
 
@@ -354,6 +369,22 @@ def _headline(runs: list[RunFolder], plan: Plan) -> list[str]:
             peak = run.matmul_flops.get(matmul_key(row.case.device, row.case.dtype_name))
             lines.append(_headline_line(row, peak))
     return lines
+
+
+def _decode_headline(runs: list[RunFolder]) -> list[str]:
+    """Each decode step that ran: its latency, the state it keeps and its achieved bandwidth as a
+    fraction of the copy yardstick (the headline figure of exact decode, which is memory-bound)."""
+    lines = ["decode step         N      dtype       per step  state kept     GB/s   of copy  status"]
+    for run in runs:
+        for point in decode_points(run.rows, run.copy_bytes_per_s):
+            row = point.row
+            state = format_bytes(point.state_bytes) if point.state_bytes is not None else "?"
+            step = format_seconds(point.step_s) if point.step_s is not None else "no result"
+            rate = f"{point.bytes_per_s / 1e9:.4g}" if point.bytes_per_s else "?"
+            share = f"{point.fraction_of_copy:.0%}" if point.fraction_of_copy else "?"
+            lines.append(f"{row.implementation:<18} {row.case.seq_len:>6}  {row.case.dtype_name:<10} {step:>9} "
+                         f"{state:>11} {rate:>8} {share:>9}  {row.status}")
+    return lines if len(lines) > 1 else []
 
 
 def _headline_line(row: Row, peak: float | None) -> str:

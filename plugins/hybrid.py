@@ -27,12 +27,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from attnbench_plugins.hybrid_steps import FewQueries
+from attnbench_plugins.hybrid_steps import FewQueries, compute_dtype, with_ones
 from attnbench_plugins.performer import random_projection
 
 import attnbench
 from attnbench import AttentionFn, Case
 from attnbench.contract.work import banded_pairs, random_features, timed_call
+
+REFERENCE_KEY_BLOCK = 4096  # keys per block of the float64 reference
 
 
 class HybridAttention(attnbench.Implementation):
@@ -58,8 +60,7 @@ class HybridAttention(attnbench.Implementation):
         """Exact weights on the band's P pairs, 4·B·H·P·D, and the FAVOR+ estimate of the rest,
         4·B·(H+KV)·N·m·D (the estimate's corrections inside the window's blocks not counted)."""
         if case.query_len < case.key_len:
-            band = ~FewQueries(case, options["window"], torch.zeros(case.head_dim, 1)).outside_band
-            pairs = int(band.sum())
+            pairs = int(FewQueries(case, options["window"], torch.zeros(case.head_dim, 1)).on_band.sum())
         else:
             pairs = banded_pairs(case.seq_len, options["window"], case.causal)
         estimate, formula = random_features(case, options["features"])
@@ -72,14 +73,22 @@ class HybridAttention(attnbench.Implementation):
         feature sums of the keys before it; the rest of the cache is dropped."""
         few = FewQueries(case, options["window"], _projection(case, options).to(case.device))
         far = few.far_sums(k_cache[:, :, : few.far], v_cache[:, :, : few.far])
-        k_near, v_near = (torch.cat([t[:, :, few.far:], t.new_empty(*t.shape[:2], case.query_len, t.shape[-1])], dim=2)
-                          for t in (k_cache, v_cache))
+        compute, new = compute_dtype(k_cache), case.query_len
+        # The near keys (and their projections, and [v, 1]) with q empty slots that steps overwrite.
+        k_near = _with_slots(k_cache[:, :, few.far:].to(compute), new)
+        v1_near = _with_slots(with_ones(v_cache[:, :, few.far:].to(compute)), new)
+        v1_near[:, :, -new:, -1] = 1.0
+        near = few.project(k_near)
         del k_cache, v_cache
 
         def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_near[:, :, -case.query_len:] = k
-            v_near[:, :, -case.query_len:] = v
-            return few.attend(q, k_near, v_near, far).to(q.dtype)
+            k = k.to(compute)
+            k_near[:, :, -new:] = k
+            v1_near[:, :, -new:, :-1] = v
+            projected = few.project(k)
+            near.logits[:, :, -new:] = projected.logits
+            near.half_norm[:, :, -new:] = projected.half_norm
+            return few.attend(q, k_near, v1_near, near, far).to(q.dtype)
 
         return step
 
@@ -213,24 +222,40 @@ class HybridAttention(attnbench.Implementation):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case, options: Mapping[str, Any],
         rows: torch.Tensor,
     ) -> torch.Tensor:
-        """The same weights written out in float64: exact exp(s) on the band, (1/m) φ·φ off it."""
+        """The same weights written out in float64: exact exp(s) on the band, (1/m) φ·φ off it;
+        one softmax, accumulated over blocks of keys per kv head (never an N × m tensor per
+        query head, so a long decode cache is checked in bounded memory)."""
         projection = _projection(case, options).to(q.dtype)
-        groups = case.heads // case.kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        queries = q[:, :, rows]
-        logits = queries @ k.transpose(-1, -2) * case.head_dim**-0.5  # (B, H, S, N)
+        batch, heads, _, dim = q.shape
+        half_norm_scale, window = 0.5 * case.head_dim**-0.5, options["window"]
         positions = rows + (k.shape[-2] - q.shape[-2])  # the queries are the last positions
-        offset = positions.unsqueeze(-1) - torch.arange(k.shape[-2])
-        window = options["window"]
-        on_band = (offset <= window) & (offset >= (0 if case.causal else -window))
-        half_norm_scale = 0.5 * case.head_dim**-0.5
+        queries = q[:, :, rows].reshape(batch, case.kv_heads, heads // case.kv_heads, len(rows), dim)
         phi_q = torch.exp(queries @ projection - queries.square().sum(-1, keepdim=True) * half_norm_scale)
-        phi_k = torch.exp(k @ projection - k.square().sum(-1, keepdim=True) * half_norm_scale)
-        estimate = torch.log(phi_q @ phi_k.transpose(-1, -2) / projection.shape[1])
-        weights = torch.where(on_band, logits, estimate)
-        if case.causal:
-            weights = weights.masked_fill(offset < 0, float("-inf"))
-        return torch.softmax(weights, dim=-1) @ v
+        running_max = torch.full((*queries.shape[:-1], 1), float("-inf"), dtype=q.dtype)
+        numerator, denominator, start = 0.0, 0.0, 0
+        for block_k, block_v in zip(k.split(REFERENCE_KEY_BLOCK, dim=2), v.split(REFERENCE_KEY_BLOCK, dim=2),
+                                    strict=True):
+            block_k, block_v = block_k.unsqueeze(2), block_v.unsqueeze(2)  # (B, KV, 1, b, D)
+            logits = queries @ block_k.transpose(-1, -2) * case.head_dim**-0.5  # (B, KV, G, S, b)
+            phi_k = torch.exp(block_k @ projection - block_k.square().sum(-1, keepdim=True) * half_norm_scale)
+            estimate = torch.log(phi_q @ phi_k.transpose(-1, -2) / projection.shape[1])
+            offset = positions.unsqueeze(-1) - torch.arange(start, start + block_k.shape[-2])
+            on_band = (offset <= window) & (offset >= (0 if case.causal else -window))
+            weights = torch.where(on_band, logits, estimate)
+            if case.causal:
+                weights = weights.masked_fill(offset < 0, float("-inf"))
+            new_max = torch.maximum(running_max, weights.detach().amax(dim=-1, keepdim=True))
+            rescale = torch.exp(running_max - new_max)
+            probabilities = torch.exp(weights - new_max)
+            numerator = numerator * rescale + probabilities @ block_v
+            denominator = denominator * rescale + probabilities.sum(dim=-1, keepdim=True)
+            running_max, start = new_max, start + block_k.shape[-2]
+        return (numerator / denominator).reshape(batch, heads, len(rows), dim)
+
+
+def _with_slots(x: torch.Tensor, slots: int) -> torch.Tensor:
+    """x (B, KV, K, C) followed by ``slots`` empty rows."""
+    return torch.cat([x, x.new_empty(*x.shape[:2], slots, x.shape[-1])], dim=2)
 
 
 def _projection(case: Case, options: Mapping[str, Any]) -> torch.Tensor:

@@ -38,6 +38,8 @@ import attnbench
 from attnbench import AttentionFn, Case
 from attnbench.contract.work import random_features, timed_call
 
+REFERENCE_KEY_BLOCK = 4096  # keys per block of the float64 reference: its (rows × block × m) weights stay small
+
 
 class PerformerAttention(attnbench.Implementation):
     name = "performer"
@@ -101,27 +103,37 @@ class PerformerAttention(attnbench.Implementation):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case, options: Mapping[str, Any],
         rows: torch.Tensor,
     ) -> torch.Tensor:
-        """The same estimator written out densely in float64: the (rows × N) weight matrix
-        φ(qᵢ)·φ(kⱼ) with φ = e + ε, each query's keys stabilised by the maximum up to it.
-        The maxima are constants here too (detached), so the gradients are comparable."""
+        """The same estimator written out in float64: the weights φ(qᵢ)·φ(kⱼ) with φ = e + ε, each
+        query's keys stabilised by the maximum up to it, summed over blocks of keys (per kv head,
+        so a long cache never needs an (N × m) tensor per query head). The maxima are constants
+        here too (detached), so the gradients are comparable."""
         projection = _scaled_projection(case, options).to(q.dtype)
-        eps, half_norm_scale = options["epsilon"], 0.5 * case.head_dim**-0.5
-        groups = case.heads // case.kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        eps, half_norm_scale, features = options["epsilon"], 0.5 * case.head_dim**-0.5, projection.shape[1]
+        batch, heads, _, dim = q.shape
+        kv_heads = case.kv_heads
         positions = rows + (k.shape[-2] - q.shape[-2])  # the queries are the last positions
-        q_logits, k_logits = q[:, :, rows] @ projection, k @ projection  # (B, H, S, m), (B, H, N, m)
+        queries = q[:, :, rows].reshape(batch, kv_heads, heads // kv_heads, len(rows), dim)  # (B, KV, G, S, D)
+        q_logits = queries @ projection
         eq = torch.exp(q_logits - q_logits.detach().amax(dim=-1, keepdim=True)
-                       - q[:, :, rows].square().sum(dim=-1, keepdim=True) * half_norm_scale)
-        key_max = k_logits.detach().amax(dim=-1)  # (B, H, N)
+                       - queries.square().sum(dim=-1, keepdim=True) * half_norm_scale)  # (B, KV, G, S, m)
+        blocks = list(zip(k.split(REFERENCE_KEY_BLOCK, dim=2), v.split(REFERENCE_KEY_BLOCK, dim=2), strict=True))
+        key_max = torch.cat([(block @ projection).detach().amax(dim=-1) for block, _ in blocks], dim=-1)  # (B, KV, N)
         top = key_max.amax(dim=-1, keepdim=True)
-        ek = torch.exp(k_logits - k.square().sum(dim=-1, keepdim=True) * half_norm_scale - top.unsqueeze(-1))
         own = key_max.cummax(dim=-1).values[:, :, positions] if case.causal else top  # each query's stabiliser
-        rescale = torch.exp(top - own).unsqueeze(-1)  # from the global maximum to the query's own
-        weights = (eq @ ek.transpose(-1, -2) + eps * ek.sum(dim=-1).unsqueeze(-2)) * rescale
-        weights = weights + eps * eq.sum(dim=-1, keepdim=True) + eq.shape[-1] * eps * eps
-        if case.causal:
-            weights = weights.masked_fill(torch.arange(k.shape[-2]) > positions.unsqueeze(-1), 0.0)
-        return (weights @ v) / weights.sum(dim=-1, keepdim=True)
+        rescale = torch.exp(top - own)[:, :, None, :, None]  # from the global maximum to the query's own
+        query_part = eps * eq.sum(dim=-1, keepdim=True) + features * eps * eps
+        numerator, denominator, start = 0.0, 0.0, 0
+        for block_k, block_v in blocks:
+            ek = torch.exp(block_k @ projection - block_k.square().sum(dim=-1, keepdim=True) * half_norm_scale
+                           - top.unsqueeze(-1)).unsqueeze(2)  # (B, KV, 1, b, m)
+            weights = (eq @ ek.transpose(-1, -2) + eps * ek.sum(dim=-1).unsqueeze(-2)) * rescale + query_part
+            if case.causal:
+                later = torch.arange(start, start + block_k.shape[-2]) > positions.unsqueeze(-1)
+                weights = weights.masked_fill(later, 0.0)
+            numerator = numerator + weights @ block_v.unsqueeze(2)
+            denominator = denominator + weights.sum(dim=-1, keepdim=True)
+            start += block_k.shape[-2]
+        return (numerator / denominator).reshape(batch, heads, len(rows), dim)
 
 
 def _favor(case: Case, options: Mapping[str, Any]) -> FavorPlus:

@@ -56,27 +56,44 @@ class PinnedSdpa(attnbench.Implementation):
                                       case.head_dim, case.causal, case.backward, case.query_len < case.key_len))
 
     def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
-        return _pinned_attention(self.backend, case)
+        return _pinned_attention(self.backend, case.kv_heads != case.heads, *_causality(case))
 
     def prepare_decode(self, case: Case, options: Mapping[str, Any], k_cache: torch.Tensor,
                        v_cache: torch.Tensor) -> attnbench.DecodeStep:
-        cache, attention = SlotCache(case, k_cache, v_cache), _pinned_attention(self.backend, case)
+        cache = SlotCache(case, k_cache, v_cache)
+        if case.kv_heads == case.heads or (case.device_type == "cuda" and case.causal and case.query_len > 1):
+            attention = _pinned_attention(self.backend, case.kv_heads != case.heads, *_causality(case))
+            return lambda q, k, v: attention(q, *cache.append(k, v))
+        # Grouped-query heads folded into query rows: each kv head's G query heads become G·q rows
+        # over its own keys, so the cache is read once, not copied G times (enable_gqa's CPU path).
+        groups = case.heads // case.kv_heads
+        attention = _pinned_attention(self.backend, False, _folded_mask(case, groups), False)
 
         def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return attention(q, *cache.append(k, v))
+            batch, heads, rows, dim = q.shape
+            out = attention(q.reshape(batch, case.kv_heads, groups * rows, dim), *cache.append(k, v))
+            return out.reshape(batch, heads, rows, dim)
 
         return step
 
 
-def _pinned_attention(backend: SDPBackend, case: Case) -> AttentionFn:
-    grouped = case.kv_heads != case.heads
-    square_causal = case.causal and case.query_len == case.key_len
-    mask = None if square_causal else _lower_right_mask(case)
+def _folded_mask(case: Case, groups: int) -> torch.Tensor | None:
+    """The bottom-right mask of a decode step, repeated for each query head folded into the rows."""
+    allowed = lower_right_allowed(case)
+    return allowed.repeat(groups, 1) if allowed is not None else None
 
+
+def _causality(case: Case) -> tuple[Any, bool]:
+    """(attn_mask, is_causal): SDPA's own causal flag for a square pass, else the bottom-right mask."""
+    if case.causal and case.query_len == case.key_len:
+        return None, True
+    return _lower_right_mask(case), False
+
+
+def _pinned_attention(backend: SDPBackend, grouped: bool, mask: Any, is_causal: bool) -> AttentionFn:
     def pinned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=square_causal,
-                                                  enable_gqa=grouped)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=grouped)
 
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         try:
