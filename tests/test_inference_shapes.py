@@ -7,16 +7,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import toys
 
 import attnbench
+from attnbench.analysis.curves import scaling_fits
 from attnbench.contract.errors import UserError
 from attnbench.contract.implementation import plugin_reasons
+from attnbench.contract.registry import Registry
+from attnbench.execution.runner import run_suite
 from attnbench.measuring.inputs import make_inputs
 from attnbench.measuring.measure import measure_case
 from attnbench.measuring.reference import softmax_attention
+from attnbench.presenting.report import write_reports
 from attnbench.settings.grid import expand_all
 from attnbench.settings.loader import load_suite
 from attnbench.settings.suite import CorrectnessSettings, LatencySettings, Measure
+from attnbench.storage.run_folder import load_run
 from attnbench.testing import check_implementation, small_case, small_cases
 
 CHECKED = Measure(correctness=CorrectnessSettings(rows=64), latency=None, memory=True)
@@ -177,3 +183,38 @@ def test_a_step_whose_cache_grows_between_calls_is_incorrect():
     measured = measure_case(GrowingCache(), small_case(mode="decode", seq_len=64), {}, TIMED)
     assert measured.status == "incorrect"
     assert any("last timed call" in reason for reason in measured.reasons)
+
+
+def test_a_sweep_of_inference_shapes_runs_reports_and_fits_the_decode_declarations(tmp_path, write_suite, registry):
+    everyone = Registry()
+    yesterday = toys.Toy("yesterday", toys.exact_attention)  # written before inference shapes: declares nothing
+    for implementation in (registry.get("flash"), registry.get("performer"), yesterday):
+        everyone.add(implementation)
+    suite = load_suite(write_suite(
+        "name: inference\noptions: {performer: {features: 32}}\nsweep:\n"
+        "  - {mode: decode, seq_len: [64, 128, 256], heads: 4, kv_heads: 2, head_dim: 16}\n"
+        "  - {q_len: [16], seq_len: [64, 128], heads: 4, kv_heads: 2, head_dim: 16, causal: true}\n"
+        "  - {seq_len: [64], heads: 4, kv_heads: 2, head_dim: 16}\n"
+        "measure: {correctness: {rows: 32}, latency: {min_run_time_s: 0.01, max_run_time_s: 0.05, rounds: 1}}\n"),
+        everyone)
+    result = run_suite(suite, everyone, output=tmp_path / "out")
+    statuses = {(row.implementation, row.case.mode, row.case.q_len, row.case.seq_len): row.status
+                for row in result.rows}
+    assert {key: status for key, status in statuses.items() if key[0] == "yesterday"} == {
+        ("yesterday", "decode", 1, 64): "unsupported", ("yesterday", "decode", 1, 128): "unsupported",
+        ("yesterday", "decode", 1, 256): "unsupported", ("yesterday", "forward", 16, 64): "unsupported",
+        ("yesterday", "forward", 16, 128): "unsupported", ("yesterday", "forward", None, 64): "ok"}
+    assert all(status == "ok" for (name, *_), status in statuses.items() if name != "yesterday"), statuses
+
+    run = load_run(result.run_dir)
+    steps = {(row.implementation, row.case.seq_len): row for row in run.rows if row.case.decode and row.status == "ok"}
+    assert steps[("flash", 256)].memory.state_bytes == 2 * 2 * 257 * 16 * 4  # the cache: B·KV·(N+1)·D, k and v
+    assert steps[("flash", 256)].traffic.bytes > steps[("flash", 64)].traffic.bytes
+    assert steps[("performer", 256)].traffic.declared
+    declared = {(fit.implementation, fit.metric): fit.declared for fit in scaling_fits(run.rows, run.declared)
+                if fit.group.decode}
+    assert declared == {("flash", "latency"): "n", ("flash", "memory"): "n", ("performer", "latency"): "1",
+                        ("performer", "memory"): "1", ("yesterday", "latency"): None, ("yesterday", "memory"): None}
+    write_reports(run)
+    report = (result.run_dir / "report.md").read_text()
+    assert "## Decode steps" in report and "state kept" in report and "tokens/s" in report
