@@ -278,9 +278,11 @@ def _list(args: argparse.Namespace) -> int:
 def _describe(implementation: Implementation, registry: Registry) -> str:
     kind = "exact" if implementation.exact else "approximate"
     options = ", ".join(f"{key}={value!r}" for key, value in implementation.default_options.items())
+    decode = (f"; decode step {implementation.decode_time_complexity}, state {implementation.decode_memory_complexity}"
+              if implementation.supports_decode else "")
     lines = [
         f"{implementation.name}  ({kind}; time {implementation.time_complexity}, "
-        f"memory {implementation.memory_complexity}; plugin {registry.plugin_of(implementation.name)})",
+        f"memory {implementation.memory_complexity}{decode}; plugin {registry.plugin_of(implementation.name)})",
         f"    {one_line(implementation.description)}",
     ]
     if options:

@@ -36,6 +36,10 @@ class AxialAttention(attnbench.Implementation):
     time_complexity = "n^1.5"
     memory_complexity = "n"
     default_options = {"shape": None}  # [rows, cols]; None: the most square factorisation of N
+    # Two float32 passes in a row: the row pass's rounding enters the column pass's values and its
+    # gradient, so training in float32 lands up to about twice one pass's error (dq has been seen
+    # 6% over the default on structured inputs); twice the default, within the harness's cap.
+    tolerances = {**attnbench.Implementation.tolerances, torch.float32: attnbench.Tolerance(atol=2e-6, rtol=2e-5)}
     unsupported_because = {
         "chunked_prefill": "its column pass takes the row pass's output at every earlier position, which needs "
                            "their queries, and a chunk brings only its own",

@@ -23,17 +23,17 @@ def _attnbench(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
 def test_list_shows_each_implementation_and_where_it_runs():
     listing = _attnbench("list")
     assert listing.returncode == 0, listing.stderr
-    assert "naive  (exact; time n^2, memory n^2; plugin naive)" in listing.stdout
-    assert "flash  (exact; time n^2, memory n; plugin sdpa)" in listing.stdout
-    assert "sdpa_mem_efficient  (exact; time n^2, memory n; plugin sdpa)" in listing.stdout
-    assert "sdpa_cudnn  (exact; time n^2, memory n; plugin sdpa)" in listing.stdout
+    assert "naive  (exact; time n^2, memory n^2; decode step n, state n; plugin naive)" in listing.stdout
+    assert "flash  (exact; time n^2, memory n; decode step n, state n; plugin sdpa)" in listing.stdout
+    assert "sdpa_mem_efficient  (exact; time n^2, memory n; decode step n, state n; plugin sdpa)" in listing.stdout
+    assert "sdpa_cudnn  (exact; time n^2, memory n; decode step n, state n; plugin sdpa)" in listing.stdout
     assert "flex  (exact; time n^2, memory n; plugin flex)" in listing.stdout
-    assert "performer  (approximate; time n, memory n; plugin performer)" in listing.stdout
+    assert "performer  (approximate; time n, memory n; decode step 1, state 1; plugin performer)" in listing.stdout
     assert "nystrom  (approximate; time n, memory n; plugin nystrom)" in listing.stdout
-    assert "xformers  (exact; time n^2, memory n; plugin xformers_attention)" in listing.stdout
-    assert "sparse  (approximate; time n, memory n; plugin sparse)" in listing.stdout
+    assert "xformers  (exact; time n^2, memory n; decode step n, state n; plugin xformers_attention)" in listing.stdout
+    assert "sparse  (approximate; time n, memory n; decode step 1, state 1; plugin sparse)" in listing.stdout
     assert "axial  (approximate; time n^1.5, memory n; plugin axial)" in listing.stdout
-    assert "hybrid  (approximate; time n, memory n; plugin hybrid)" in listing.stdout
+    assert "hybrid  (approximate; time n, memory n; decode step 1, state 1; plugin hybrid)" in listing.stdout
     assert listing.stdout.count("cpu: runs (float32, float16, bfloat16)") == 8
     sources = listing.stdout[listing.stdout.index("input sources"):]
     assert "  smollm2: SmolLM2-135M-Instruct's own q, k, v on CPython's documentation" in sources

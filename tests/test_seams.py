@@ -20,7 +20,7 @@ from attnbench.contract.registry import Registry
 from attnbench.execution.executor import Finished, ImplementationRef, PointRound
 from attnbench.execution.local.executor import LocalExecutor
 from attnbench.execution.runner import run_suite
-from attnbench.measuring.figures import Work
+from attnbench.measuring.figures import Traffic, Work
 from attnbench.measuring.outcome import Failure
 from attnbench.presenting.columns import COLUMNS
 from attnbench.presenting.table import tidy_frame
@@ -72,7 +72,8 @@ def test_declared_capabilities_refuse_with_a_reason_each():
     ]
     assert plugin_reasons(toys.Toy("plain", toys.exact_attention), case) == []
     assert declared_limits(Picky("picky", toys.exact_attention)) == [
-        "devices: cuda", "dtypes: float16", "no causal (it looks ahead)", "no backward", "no grouped-query"]
+        "devices: cuda", "dtypes: float16", "no causal (it looks ahead)", "no backward", "no grouped-query",
+        "no chunked-prefill", "no decode"]  # inference shapes: refused unless declared
 
 
 def test_an_override_cannot_claim_what_the_declaration_refuses():
@@ -236,8 +237,10 @@ def test_every_kind_of_figures_is_stored_read_and_shown(tmp_path):
     assert set(FIGURE_READERS) <= fields and {kind.figures for kind in COLUMNS} == set(FIGURE_READERS)
     rows_path = standard_run(tmp_path / "run") / "rows.jsonl"
     stored = json.loads(rows_path.read_text().splitlines()[0])
-    assert stored["schema"] == 6 and set(stored["figures"]) == set(FIGURE_READERS) - {"work"}  # none declared
+    assert stored["schema"] == 7  # no work or traffic: none declared, and no decode step
+    assert set(stored["figures"]) == set(FIGURE_READERS) - {"work", "traffic"}
     assert not set(FIGURE_READERS) & set(stored)
     assert all(row == Row.from_json(row.to_json()) for row in read_rows(rows_path))
-    complete = dataclasses.replace(read_rows(rows_path)[0], work=Work(1e9, "4·B·H·N²·D", declared=False))
+    complete = dataclasses.replace(read_rows(rows_path)[0], work=Work(1e9, "4·B·H·N²·D", declared=False),
+                                   traffic=Traffic(1e6, "2·B·KV·N·D × 4 bytes", declared=False))
     assert set(complete.to_json()["figures"]) == set(FIGURE_READERS) and Row.from_json(complete.to_json()) == complete
