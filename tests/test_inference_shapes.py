@@ -218,3 +218,30 @@ def test_a_sweep_of_inference_shapes_runs_reports_and_fits_the_decode_declaratio
     write_reports(run)
     report = (result.run_dir / "report.md").read_text()
     assert "## Decode steps" in report and "state kept" in report and "tokens/s" in report
+
+
+class BoastsBytes(attnbench.Implementation):
+    """An approximation whose byte declaration is not a count."""
+
+    name = "boasts_bytes"
+    exact = False
+    time_complexity = "n"
+    memory_complexity = "n"
+    supports_decode = True
+    decode_time_complexity = "1"
+    decode_memory_complexity = "1"
+
+    def prepare(self, case, options):
+        raise NotImplementedError
+
+    def prepare_decode(self, case, options, k_cache, v_cache):
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k_cache[:, :, -1:], v_cache[:, :, -1:])
+
+    def step_bytes(self, case, options):
+        return "lots"
+
+
+def test_a_byte_declaration_that_is_not_a_count_costs_the_bandwidth_not_the_row():
+    measured = measure_case(BoastsBytes(), small_case(mode="decode"), {}, CHECKED)
+    assert measured.traffic is None and measured.correctness is not None
+    assert any(note.startswith("step_bytes() returned 'lots'") for note in measured.notes)

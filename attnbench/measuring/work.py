@@ -5,7 +5,7 @@ since plugin code may return anything."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from attnbench.contract.case import Case
@@ -23,16 +23,10 @@ def counted_work(implementation: Implementation, case: Case, options: Mapping[st
     if implementation.exact:  # the work is the problem's, not the plugin's to declare
         count = exact_attention(case)
         return Work(count.flops, count.formula, declared=False), ""
-    try:
-        declared = implementation.flops(case, options)
-    except Exception as error:  # noqa: BLE001 (plugin code: a failure costs its throughput, not its row)
-        return None, f"flops() raised {type(error).__name__}: {one_line(str(error), 200)}; no throughput"
+    declared, note = _declaration(lambda: implementation.flops(case, options), "flops", FlopCount, "flops",
+                                 "throughput")
     if declared is None:
-        return None, ""
-    if not (isinstance(declared, FlopCount) and _positive_number(declared.flops)
-            and isinstance(declared.formula, str) and declared.formula.strip()):
-        return None, (f"flops() returned {one_line(repr(declared), 200)} (expected None or an attnbench.FlopCount "
-                      "with a positive, finite count and its formula); no throughput")
+        return None, note
     return Work(float(declared.flops), one_line(declared.formula, FORMULA_CHARS), declared=True), ""
 
 
@@ -46,17 +40,29 @@ def counted_traffic(
     if implementation.exact:
         count = exact_decode_bytes(case)
         return Traffic(count.bytes, count.formula, declared=False), ""
+    declared, note = _declaration(lambda: implementation.step_bytes(case, options), "step_bytes", ByteCount,
+                                 "bytes", "bandwidth")
+    if declared is None:
+        return None, note
+    return Traffic(float(declared.bytes), one_line(declared.formula, FORMULA_CHARS), declared=True), ""
+
+
+def _declaration(
+    declare: Callable[[], Any], method: str, expected: type, amount: str, lost: str
+) -> tuple[Any, str]:
+    """What a plugin's count ``method`` returned, if usable: an ``expected`` with a positive,
+    finite ``amount`` and a formula; else None and a note (empty when it declared nothing)."""
     try:
-        declared = implementation.step_bytes(case, options)
-    except Exception as error:  # noqa: BLE001 (plugin code: a failure costs its bandwidth, not its row)
-        return None, f"step_bytes() raised {type(error).__name__}: {one_line(str(error), 200)}; no bandwidth"
+        declared = declare()
+    except Exception as error:  # noqa: BLE001 (plugin code: a failure costs this figure, not its row)
+        return None, f"{method}() raised {type(error).__name__}: {one_line(str(error), 200)}; no {lost}"
     if declared is None:
         return None, ""
-    if not (isinstance(declared, ByteCount) and _positive_number(declared.bytes)
+    if not (isinstance(declared, expected) and _positive_number(getattr(declared, amount))
             and isinstance(declared.formula, str) and declared.formula.strip()):
-        return None, (f"step_bytes() returned {one_line(repr(declared), 200)} (expected None or an "
-                      "attnbench.ByteCount with a positive, finite count and its formula); no bandwidth")
-    return Traffic(float(declared.bytes), one_line(declared.formula, FORMULA_CHARS), declared=True), ""
+        return None, (f"{method}() returned {one_line(repr(declared), 200)} (expected None or an "
+                      f"attnbench.{expected.__name__} with a positive, finite count and its formula); no {lost}")
+    return declared, ""
 
 
 def _positive_number(value: object) -> bool:
