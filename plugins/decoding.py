@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from attnbench import Case
+import attnbench
+from attnbench import AttentionFn, Case
 
 
 class SlotCache:
@@ -29,6 +30,14 @@ class SlotCache:
         self.k[:, :, self.cached:] = k
         self.v[:, :, self.cached:] = v
         return self.k, self.v
+
+
+def cached_step(case: Case, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                attention: AttentionFn) -> attnbench.DecodeStep:
+    """A decode step that writes its tokens into a SlotCache, then runs ``attention`` (prepared
+    for the case: its q_len queries over all key_len keys) over the whole cache."""
+    cache = SlotCache(case, k_cache, v_cache)
+    return lambda q, k, v: attention(q, *cache.append(k, v))
 
 
 def lower_right_allowed(case: Case) -> torch.Tensor | None:

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from attnbench_plugins.hybrid_steps import FewQueries, compute_dtype, with_ones
-from attnbench_plugins.performer import random_projection
+from attnbench_plugins.hybrid_steps import FewQueries
+from attnbench_plugins.performer import compute_dtype, random_projection, with_ones
 
 import attnbench
 from attnbench import AttentionFn, Case

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from attnbench_plugins.performer import compute_dtype, with_ones
 
 from attnbench import Case
 
@@ -109,11 +110,3 @@ class FewQueries:
         total = exact * torch.exp(band_max - common) + estimate * torch.exp(estimate_log_scale - common)
         return (total[..., :-1] / total[..., -1:]).reshape(batch, heads, rows, dim)
 
-
-def with_ones(v: torch.Tensor) -> torch.Tensor:
-    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Features in float32 for float16 and bfloat16, whose range the exponentials would leave."""
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype

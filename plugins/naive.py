@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from attnbench_plugins.decoding import SlotCache, lower_right_allowed
+from attnbench_plugins.decoding import cached_step, lower_right_allowed
 
 import attnbench
 from attnbench import AttentionFn, Case
@@ -33,12 +33,7 @@ class NaiveAttention(attnbench.Implementation):
 
     def prepare_decode(self, case: Case, options: Mapping[str, Any], k_cache: torch.Tensor,
                        v_cache: torch.Tensor) -> attnbench.DecodeStep:
-        cache, attention = SlotCache(case, k_cache, v_cache), _attention(case)
-
-        def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return attention(q, *cache.append(k, v))
-
-        return step
+        return cached_step(case, k_cache, v_cache, _attention(case))
 
 
 def _attention(case: Case) -> AttentionFn:

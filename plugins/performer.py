@@ -146,16 +146,17 @@ def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case) -> t
     its G query heads; k and v (B, KV, 1, N, D). Features are computed in float32 for float16
     and bfloat16, whose range the exponentials would leave."""
     batch, heads, rows, head_dim = q.shape
-    q = q.to(_compute_dtype(q)).view(batch, case.kv_heads, heads // case.kv_heads, rows, head_dim)
+    q = q.to(compute_dtype(q)).view(batch, case.kv_heads, heads // case.kv_heads, rows, head_dim)
     return (q, *_keys_values(k, v))
 
 
 def _keys_values(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, KV, 1, N, D) each, in the compute dtype."""
-    return k.to(_compute_dtype(k)).unsqueeze(2), v.to(_compute_dtype(v)).unsqueeze(2)
+    return k.to(compute_dtype(k)).unsqueeze(2), v.to(compute_dtype(v)).unsqueeze(2)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Features in float32 for float16 and bfloat16, whose range the exponentials would leave."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from attnbench_plugins.decoding import SlotCache, lower_right_allowed
+from attnbench_plugins.decoding import SlotCache, cached_step, lower_right_allowed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
@@ -60,10 +60,9 @@ class PinnedSdpa(attnbench.Implementation):
 
     def prepare_decode(self, case: Case, options: Mapping[str, Any], k_cache: torch.Tensor,
                        v_cache: torch.Tensor) -> attnbench.DecodeStep:
-        cache = SlotCache(case, k_cache, v_cache)
         if case.kv_heads == case.heads or (case.device_type == "cuda" and case.causal and case.query_len > 1):
-            attention = _pinned_attention(self.backend, case.kv_heads != case.heads, *_causality(case))
-            return lambda q, k, v: attention(q, *cache.append(k, v))
+            return cached_step(case, k_cache, v_cache, self.prepare(case, options))
+        cache = SlotCache(case, k_cache, v_cache)
         # Grouped-query heads folded into query rows: each kv head's G query heads become G·q rows
         # over its own keys, so the cache is read once, not copied G times (enable_gqa's CPU path).
         groups = case.heads // case.kv_heads

@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from attnbench_plugins.decoding import SlotCache
+from attnbench_plugins.decoding import cached_step
 
 import attnbench
 from attnbench import AttentionFn, Case
@@ -66,12 +66,7 @@ class XformersAttention(attnbench.Implementation):
 
     def prepare_decode(self, case: Case, options: Mapping[str, Any], k_cache: torch.Tensor,
                        v_cache: torch.Tensor) -> attnbench.DecodeStep:
-        cache, attention = SlotCache(case, k_cache, v_cache), self.prepare(case, options)
-
-        def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return attention(q, *cache.append(k, v))
-
-        return step
+        return cached_step(case, k_cache, v_cache, self.prepare(case, options))
 
 
 def _causal_bias(xformers_ops: ModuleType, causal: bool, fewer_queries: bool) -> Any:

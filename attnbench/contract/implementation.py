@@ -89,16 +89,22 @@ def complexity_exponent(text: str) -> float:
     return float(match.group("power") or 1)
 
 
-def complexity_of_shape(square: str, decode: str | None, case: Case) -> str | None:
-    """What a declaration says of the case's curve: the decode step's complexity in decode mode
-    (None when undeclared); for a fixed chunk of queries onto n keys, one power of n less than
-    the square pass's, and at least n (every key is read); else the square pass's."""
+def complexity_of_shape(declaring: Any, metric: str, case: Case) -> tuple[str | None, float | None]:
+    """What a declaration (an Implementation, or the Declared a run kept) says of the case's curve
+    for ``metric`` ("latency", or "memory": a decode step's state): the decode step's complexity
+    in decode mode (None when undeclared); for a fixed chunk of queries onto n keys, one power of
+    n less than the square pass's, and at least n (every key is read); else the square pass's.
+    Its text and exponent."""
+    latency = metric == "latency"
+    square = declaring.time_complexity if latency else declaring.memory_complexity
     if case.decode:
-        return decode
-    if case.chunked:
+        text = declaring.decode_time_complexity if latency else declaring.decode_memory_complexity
+    elif case.chunked:
         power = complexity_exponent(square) - 1
-        return "n" if power <= 1 else f"n^{power:g}"
-    return square
+        text = "n" if power <= 1 else f"n^{power:g}"
+    else:
+        text = square
+    return text, (complexity_exponent(text) if text is not None else None)
 
 
 class Implementation:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from attnbench.contract.case import CURVE_LABEL, Case, curve_x, group_key
-from attnbench.contract.implementation import Implementation, complexity_exponent, complexity_of_shape
+from attnbench.contract.implementation import Implementation, complexity_of_shape
 from attnbench.execution.predict import extrapolate
 from attnbench.settings.suite import Limits
 from attnbench.storage.results import Row
@@ -38,9 +38,8 @@ class SkipPredictor:
                 return f"the smaller {CURVE_LABEL}={curve_x(previous.case)} already ended as {previous.status}"
 
         memory_points = [(curve_x(r.case), r.memory.peak_bytes) for r in earlier if r.memory and r.memory.peak_bytes]
-        memory_exponent, time_exponent = (_exponent(square, decode, case) for square, decode in (
-            (implementation.memory_complexity, implementation.decode_memory_complexity),
-            (implementation.time_complexity, implementation.decode_time_complexity)))
+        _, memory_exponent = complexity_of_shape(implementation, "memory", case)
+        _, time_exponent = complexity_of_shape(implementation, "latency", case)
         memory = extrapolate(memory_points, curve_x(case), memory_exponent) if memory_exponent is not None else None
         if memory and memory_cap is not None and memory.value > memory_cap:
             return (f"predicted peak memory {format_bytes(memory.value)} > memory cap "
@@ -57,10 +56,3 @@ class SkipPredictor:
                 return (f"time budget: {self.spent_s[name]:.0f} s of {budget:g} s spent for {name}, and this "
                         f"point is predicted to take >= {point_s:.0f} s ({latency.basis})")
         return None
-
-
-
-def _exponent(square: str, decode: str | None, case: Case) -> float | None:
-    """The declared growth of the case's curve (a decode step's, a chunk's, a square pass's)."""
-    text = complexity_of_shape(square, decode, case)
-    return complexity_exponent(text) if text is not None else None

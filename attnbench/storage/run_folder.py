@@ -51,12 +51,8 @@ class Declared:
     decode_memory_complexity: str | None = None  # of what a step keeps between steps
 
     def complexity(self, metric: str, case: Case) -> tuple[str | None, float | None]:
-        """The declared complexity of a curve of ``case``'s shape for ``metric`` ("latency";
-        "memory", a decode step's state): its text and exponent, None when undeclared."""
-        square, decode = ((self.time_complexity, self.decode_time_complexity) if metric == "latency"
-                          else (self.memory_complexity, self.decode_memory_complexity))
-        text = complexity_of_shape(square, decode, case)
-        return text, (complexity_exponent(text) if text is not None else None)
+        """The declared complexity of a curve of ``case``'s shape for ``metric``: text and exponent."""
+        return complexity_of_shape(self, metric, case)
 
 
 @dataclass(frozen=True)
