@@ -20,6 +20,7 @@ from attnbench.contract.errors import UserError, did_you_mean
 from attnbench.contract.implementation import Implementation, plugin_reasons
 from attnbench.contract.inputs import InputSource
 from attnbench.contract.registry import Registry, load_registry
+from attnbench.execution.placement import Placement
 from attnbench.execution.runner import run_suite
 from attnbench.presenting.answer import answer_text
 from attnbench.presenting.progress import TerminalProgress
@@ -74,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help=f"run every case on this device ({DEVICES_ALLOWED})")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="measure only the points this earlier run of the same suite and code lacks")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local (default): this machine, one point at a time; ray: a Ray cluster, one case per "
+                          "GPU and one per node on CPUs (needs the ray extra)")
+    run.add_argument("--ray-address", metavar="ADDRESS",
+                     help="join this Ray cluster ('auto', or host:port) instead of starting one on this machine; "
+                          "implies --executor ray")
     run.set_defaults(command=_run)
 
     listing = commands.add_parser("list", help="list implementations and where they run")
@@ -132,9 +139,11 @@ def _run(args: argparse.Namespace) -> int:
     for problem in (*registry.problems, *registry.settings_changed):
         _warn(str(problem))
     suite = _apply_flags(load_suite(args.suite, registry), args, registry)
+    placement = _placement(args, registry)
     progress = TerminalProgress()
     try:
-        result = run_suite(suite, registry, output=args.output, progress=progress, resume=args.resume, warn=_warn)
+        result = run_suite(suite, registry, output=args.output, progress=progress, resume=args.resume, warn=_warn,
+                           placement=placement)
     finally:
         progress.close()
     if result.rows:
@@ -155,7 +164,21 @@ def _run(args: argparse.Namespace) -> int:
         print(f"attnbench: stopped by {result.interrupted.signal_name}: the {finished} finished point(s) are kept in "
               f"{result.run_dir}; resume with: {_resume_command(args, result.run_dir)}", file=sys.stderr)
         return result.interrupted.exit_code
+    if result.unplaced:
+        print(f"attnbench: {result.unplaced} point(s) were not measured (every node that could run them was lost); "
+              f"measure them with: {_resume_command(args, result.run_dir)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _placement(args: argparse.Namespace, registry: Registry) -> Placement | None:
+    """Where the cases run: None for this machine (the default)."""
+    if args.executor != "ray" and args.ray_address is None:
+        return None
+    from attnbench.execution.distributed.placement import RayPlacement, require_ray
+
+    require_ray()
+    return RayPlacement(registry, args.ray_address, warn=_warn)
 
 
 def _warn(text: str) -> None:
@@ -165,9 +188,9 @@ def _warn(text: str) -> None:
 def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
     """The command that measures what the stopped run lacks, with the flags it was started with."""
     words = ["attnbench", "run", str(args.suite), "--resume", str(run_dir)]
-    for flag in ("implementations", "device"):
-        if getattr(args, flag) is not None:
-            words += [f"--{flag}", getattr(args, flag)]
+    for flag in ("implementations", "device", "executor", "ray_address"):
+        if getattr(args, flag) not in (None, "local"):
+            words += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
     return shlex.join(words)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import re
 
 import toys
@@ -81,6 +82,11 @@ def test_implementations_of_a_case_take_turns_in_rounds(tmp_path, write_suite):
     for row in rows:
         assert row.status == "ok" and len(row.latency.round_sizes) == 3
         assert row.latency.median_s == min(row.latency.round_medians_s)
+    # Each row says where it ran (this machine: no cluster node) and when, its rounds spanning the others'.
+    assert {(row.where.host, row.where.node) for row in rows} == {(platform.node(), "")}
+    assert all(row.where.device_name for row in rows)
+    first, _, third = rows
+    assert first.started_at < third.started_at < first.ended_at and third.started_at < third.ended_at
 
 
 def test_a_point_predicted_over_the_memory_cap_is_skipped_not_run(tmp_path, write_suite, registry):

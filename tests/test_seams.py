@@ -237,7 +237,8 @@ def test_every_kind_of_figures_is_stored_read_and_shown(tmp_path):
     assert set(FIGURE_READERS) <= fields and {kind.figures for kind in COLUMNS} == set(FIGURE_READERS)
     rows_path = standard_run(tmp_path / "run") / "rows.jsonl"
     stored = json.loads(rows_path.read_text().splitlines()[0])
-    assert stored["schema"] == 7  # no work or traffic: none declared, and no decode step
+    assert stored["schema"] == 8  # no work or traffic: none declared, and no decode step
+    assert {"where", "started_at", "ended_at"} <= set(stored)
     assert set(stored["figures"]) == set(FIGURE_READERS) - {"work", "traffic"}
     assert not set(FIGURE_READERS) & set(stored)
     assert all(row == Row.from_json(row.to_json()) for row in read_rows(rows_path))

@@ -31,6 +31,11 @@ def exact_attention(q, k, v):
     )
 
 
+def sleeps_then_exact(q, k, v):
+    time.sleep(1.0)
+    return exact_attention(q, k, v)
+
+
 def returns_query(q, k, v):
     return q.clone()
 

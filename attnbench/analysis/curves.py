@@ -21,7 +21,6 @@ from scipy import stats
 from attnbench.contract.case import Case, curve_x, group_key
 from attnbench.contract.work import exact_attention
 from attnbench.measuring.figures import Work
-from attnbench.measuring.flops import matmul_key
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import Declared
 
@@ -202,7 +201,7 @@ def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_fl
         if work is None:
             continue
         achieved = work.flops / row.latency.median_s
-        peak = matmul_flops.get(matmul_key(row.case.device, row.case.dtype_name))
+        peak = matmul_flops.get(row.yardstick_key(row.case.dtype_name))
         results.append(Throughput(row, work.flops, achieved, achieved / peak if peak else None, work.formula))
     return results
 

@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from attnbench.analysis.curves import achieved_bandwidth, metric_value, tokens_per_second
-from attnbench.measuring.flops import matmul_key
 from attnbench.storage.results import Row
 
 
@@ -29,7 +28,7 @@ def decode_points(rows: Sequence[Row], copy_bytes_per_s: Mapping[str, float]) ->
         if not row.case.decode or row.status not in ("ok", "incorrect"):
             continue
         achieved = achieved_bandwidth(row)
-        copy = copy_bytes_per_s.get(matmul_key(row.case.device, row.case.dtype_name))
+        copy = copy_bytes_per_s.get(row.yardstick_key(row.case.dtype_name))
         points.append(DecodePoint(row, metric_value(row, "latency"), tokens_per_second(row),
                                   row.memory.state_bytes if row.memory else None, achieved,
                                   achieved / copy if achieved and copy else None))

@@ -90,6 +90,12 @@ class Registry:
         self._implementations[name] = implementation
         self._plugin_of[name] = self._current_plugin
 
+    def add_sent(self, implementation: Implementation) -> None:
+        """An implementation the run's driver registered in Python and sent with the work (to a
+        cluster's node): it runs under its name there, in place of any installed one of that name."""
+        self._implementations[implementation.name] = implementation
+        self._plugin_of[implementation.name] = "<python>"
+
     def _add_source(self, source: InputSource) -> None:
         violations = source_violations(source)
         if violations:

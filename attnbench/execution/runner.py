@@ -15,15 +15,18 @@ from attnbench.contract.case import Case
 from attnbench.contract.errors import UserError
 from attnbench.contract.implementation import Implementation, effective_options
 from attnbench.contract.registry import Registry
+from attnbench.execution.cases import CaseWork
+from attnbench.execution.dispatch import Dispatcher
 from attnbench.execution.executor import Executor, ImplementationRef, PointRound, WorkUnit
 from attnbench.execution.local.executor import LocalExecutor
-from attnbench.execution.scheduler import CaseContext, run_case
+from attnbench.execution.placement import Placement, ThisMachine, device_kind
+from attnbench.execution.scheduler import SweepPlan
 from attnbench.execution.skips import SkipPredictor
-from attnbench.execution.yardsticks import Yardsticks
+from attnbench.execution.yardsticks import best_of
 from attnbench.settings.grid import expand_all
 from attnbench.settings.suite import Suite
 from attnbench.settings.variants import Variant, variants
-from attnbench.storage import flags, run_folder
+from attnbench.storage import run_folder
 from attnbench.storage.environment import Environment
 from attnbench.storage.results import Row
 from attnbench.support.containment import Interrupted, PluginFault, contained, deferred_interrupts
@@ -48,6 +51,7 @@ class RunResult:
     rows: tuple[Row, ...]
     environment: Environment
     interrupted: Interrupted | None = None  # the signal that stopped the sweep early
+    unplaced: int = 0  # points not measured because every slot that could run them was lost
 
     @property
     def rows_path(self) -> Path:
@@ -63,6 +67,7 @@ def run_suite(
     resume: Path | None = None,
     warn: Callable[[str], None] | None = None,
     executor: Executor | None = None,
+    placement: Placement | None = None,
 ) -> RunResult:
     """Measure every implementation of the suite on every case of its sweep.
 
@@ -71,12 +76,14 @@ def run_suite(
     ``output``: the --output flag (else the suite's output field); ``resume``: a run folder of the
     same suite and code, of which only the missing points are measured; ``warn``: told anything
     the user should know before the sweep starts (a busy machine, a very large grid);
-    ``executor``: where the work runs (default: forked workers on this machine, one at a time).
+    ``executor``: what runs the rounds on this machine (default: forked workers, one at a time);
+    ``placement``: where cases run (default: this machine; attnbench.execution.distributed for a
+    Ray cluster), each row written here as it comes back.
     A SIGTERM, SIGHUP or Ctrl-C (attnbench.support.containment.Interrupted) ends the sweep with
     every finished row kept; the result says which signal it was.
     """
     warn = warn or (lambda text: None)
-    executor = executor or LocalExecutor(registry, started=_progress_of_points(progress))
+    placement = placement or ThisMachine(executor or LocalExecutor(registry, started=_progress_of_points(progress)))
     series = variants(suite)
     implementations = {variant.name: registry.get(variant.implementation) for variant in series}
     threads = suite.measure.threads or torch.get_num_threads()
@@ -89,7 +96,7 @@ def run_suite(
         environment, done, lock = run_folder.resume_run(run_dir, suite, warn)
     else:
         run_dir, lock = run_folder.new_run_folder(output, suite)
-        environment = executor.environment(threads, _plugin_sources(registry, series))
+        environment = placement.environment(threads, _plugin_sources(registry, series))
         environment = dataclasses.replace(environment, input_sources=_input_sources(registry, suite, cases))
         busy = environment.busy_warning()
         if busy:
@@ -98,45 +105,46 @@ def run_suite(
         done = []
 
     latency = suite.measure.latency
-    yardsticks = Yardsticks(executor, cases, threads, suite.limits.timeout_s, environment.matmul_flops_samples,
-                            environment.copy_bytes_per_s_samples)
     skips = SkipPredictor(suite.limits, latency.min_samples if latency else 1, latency.rounds if latency else 1)
     for row in done:  # earlier points still inform predictions and budgets
         skips.record(row)
     recorded = {(row.implementation, row.case) for row in done}
     refs = {variant.name: ImplementationRef(registry.plugin_of(variant.implementation), variant.implementation)
             for variant in series}
-    context = CaseContext(suite, executor, skips, refs, options, broken, run_dir.name, threads)
+    plan = SweepPlan(suite, refs, options, broken, {name: impl.exact for name, impl in implementations.items()},
+                     run_dir.name, threads)
+    todo = [CaseWork(case, names) for case in cases
+            if (names := tuple(name for name in implementations if (name, case) not in recorded))]
     writer = run_folder.row_writer(run_dir)
     rows: list[Row] = list(done)
     interrupted = None
+    dispatcher = None
     if progress:
-        progress.started(len(cases) * len(implementations) - len(recorded))
+        progress.started(sum(len(work.series) for work in todo))
     try:
-        for case in cases:
-            todo = {name: impl for name, impl in implementations.items() if (name, case) not in recorded}
-            if todo and latency is not None:
-                yardsticks.measure_if_due()
-            for row in run_case(case, todo, context):
-                row = flags.with_flags(row, implementations[row.implementation].exact, yardsticks.best)
-                skips.record(row)
-                with deferred_interrupts():
-                    writer.write(row)
-                rows.append(row)
-                if progress:
-                    progress.finished(row)
+        slots = placement.open(plan, {device_kind(case.device) for case in cases}, environment.matmul_flops_samples,
+                               environment.copy_bytes_per_s_samples)
+        dispatcher = Dispatcher(placement, slots, plan, implementations, skips, _progress_of_cases(progress), warn,
+                                environment.matmul_flops_samples, environment.copy_bytes_per_s_samples)
+        for row in dispatcher.run(todo):
+            with deferred_interrupts():
+                writer.write(row)
+            rows.append(row)
+            if progress:
+                progress.finished(row)
     except Interrupted as signal_received:
         interrupted = signal_received
     finally:
-        executor.cancel()
+        placement.close()
         writer.close()
-        environment = dataclasses.replace(environment, matmul_flops=yardsticks.best,
-                                          matmul_flops_samples=yardsticks.samples,
-                                          copy_bytes_per_s=yardsticks.best_copy,
-                                          copy_bytes_per_s_samples=yardsticks.copy_samples)
+        if dispatcher is not None:
+            flops, copy = dispatcher.flops_samples, dispatcher.copy_samples
+            environment = dataclasses.replace(
+                environment, matmul_flops=best_of(flops), matmul_flops_samples=flops, copy_bytes_per_s=best_of(copy),
+                copy_bytes_per_s_samples=copy, nodes={**environment.nodes, **placement.nodes()})
         run_folder.write_environment(run_dir, environment)
         lock.close()
-    return RunResult(run_dir, tuple(rows), environment, interrupted)
+    return RunResult(run_dir, tuple(rows), environment, interrupted, dispatcher.unplaced if dispatcher else 0)
 
 
 def _progress_of_points(progress: ProgressListener | None) -> Callable[[WorkUnit], None] | None:
@@ -146,6 +154,14 @@ def _progress_of_points(progress: ProgressListener | None) -> Callable[[WorkUnit
     def started(unit: WorkUnit) -> None:
         if isinstance(unit, PointRound):
             progress.point(unit.series, unit.case)
+
+    return started
+
+
+def _progress_of_cases(progress: ProgressListener | None) -> Callable[[str, CaseWork], None]:
+    def started(slot: str, work: CaseWork) -> None:
+        if progress is not None and work.series:
+            progress.point(work.series[0], work.case)
 
     return started
 

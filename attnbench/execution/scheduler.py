@@ -10,14 +10,13 @@ with that failure. The executor runs the rounds; attnbench.measuring.outcome nam
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from attnbench.contract.case import Case, device_unavailable_reason
-from attnbench.contract.implementation import Implementation
 from attnbench.execution.executor import Executor, Finished, ImplementationRef, PointRound
-from attnbench.execution.skips import SkipPredictor
 from attnbench.measuring import outcome
 from attnbench.measuring.correctness import Verifier
 from attnbench.measuring.figures import Correctness, Latency, Measurement
@@ -27,42 +26,41 @@ from attnbench.storage.results import Row
 
 
 @dataclass(frozen=True)
-class CaseContext:
-    """What every case of a sweep shares."""
+class SweepPlan:
+    """What every case of a sweep shares: plain data, sent once to wherever cases run."""
 
     suite: Suite
-    executor: Executor
-    skips: SkipPredictor
     refs: Mapping[str, ImplementationRef]  # series name -> its implementation's plugin and name
     options: Mapping[str, Mapping[str, Any]]  # series name -> its effective options
     broken: Mapping[str, str]  # series name -> why its options could not be checked
+    exact: Mapping[str, bool]  # series name -> whether it computes exact attention (for flags)
     run_id: str
     threads: int
 
 
-def run_case(case: Case, implementations: Mapping[str, Implementation], context: CaseContext) -> Iterator[Row]:
-    """The rows of one case, each as soon as it is final; ``implementations``: series name (an
-    implementation, or a variant of one) -> what it runs."""
-    suite = context.suite
+def run_case(case: Case, series: Sequence[str], skips: Mapping[str, str], plan: SweepPlan,
+             executor: Executor) -> Iterator[Row]:
+    """The rows of one case, each as soon as it is final; ``series``: the names to measure (an
+    implementation, or a variant of one), in the suite's order; ``skips``: series -> why the
+    skip predictor (attnbench.execution.skips) does not run it; ``executor``: runs the rounds."""
+    suite = plan.suite
     latency = suite.measure.latency
     rounds = latency.rounds if latency else 1
     first_round = dataclasses.replace(suite.measure, latency=latency.per_round() if latency else None)
     later_round = dataclasses.replace(first_round, correctness=None, memory=False)
-    cap = context.executor.memory_cap_bytes(suite.limits, case.device)
 
     points: dict[str, _Point] = {}
-    for name, implementation in implementations.items():
-        point = _Point(name, case, context.options.get(name, {}), context.run_id, rounds)
-        refusal = outcome.refused(context.broken.get(name), device_unavailable_reason(case.device),
-                                  context.skips.skip_reason(name, implementation, case, cap))
+    for name in series:
+        point = _Point(name, case, plan.options.get(name, {}), plan.run_id, rounds)
+        refusal = outcome.refused(plan.broken.get(name), device_unavailable_reason(case.device), skips.get(name))
         if refusal:
             yield point.failed(refusal, log_tail="")
             continue
         points[point.implementation] = point
-        context.executor.submit(point.unit(first_round, context))
+        executor.submit(point.unit(first_round, plan))
 
     timed: list[_Point] = []
-    for finished in context.executor.finished():
+    for finished in executor.finished():
         point = points[finished.unit.series]
         ended = point.add(finished)
         if ended:
@@ -75,8 +73,8 @@ def run_case(case: Case, implementations: Mapping[str, Implementation], context:
     for round_index in range(1, rounds):
         turn = round_index % len(timed) if timed else 0
         for point in timed[turn:] + timed[:turn]:
-            context.executor.submit(point.unit(later_round, context))
-        for finished in context.executor.finished():
+            executor.submit(point.unit(later_round, plan))
+        for finished in executor.finished():
             point = points[finished.unit.series]
             ended = point.add(finished)
             if ended:
@@ -84,6 +82,11 @@ def run_case(case: Case, implementations: Mapping[str, Implementation], context:
                 yield ended
     for point in timed:
         yield point.finished_row()
+
+
+def failed_row(case: Case, name: str, failure: Failure, plan: SweepPlan) -> Row:
+    """The row of a point that ended before the case's scheduler ran it (its node was lost)."""
+    return _Point(name, case, plan.options.get(name, {}), plan.run_id, 1).failed(failure, log_tail="")
 
 
 @dataclass
@@ -99,16 +102,20 @@ class _Point:
     notes: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
     verifier: Verifier | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
 
-    def unit(self, measure: Measure, context: CaseContext) -> PointRound:
-        suite = context.suite
-        return PointRound(context.refs[self.implementation], self.implementation, self.case, self.options, measure,
-                          suite.limits, suite.seed, context.threads, self.verifier,
+    def unit(self, measure: Measure, plan: SweepPlan) -> PointRound:
+        suite = plan.suite
+        return PointRound(plan.refs[self.implementation], self.implementation, self.case, self.options, measure,
+                          suite.limits, suite.seed, plan.threads, self.verifier,
                           suite.source_options.get(self.case.inputs, {}))
 
     def add(self, finished: Finished) -> Row | None:
         """Takes one round's outcome; the point's final row when it failed there."""
         self.wall_time_s += finished.wall_time_s
+        self.ended_at = time.time()
+        self.started_at = self.started_at or self.ended_at - finished.wall_time_s
         self.notes.extend(finished.notes)
         result = finished.outcome
         if isinstance(result, Measurement):
@@ -142,4 +149,5 @@ class _Point:
     def _row(self, status: str, reasons: Sequence[str], **fields: Any) -> Row:
         notes = tuple(dict.fromkeys((*self.notes, *fields.pop("notes", ()))))
         return Row(run_id=self.run_id, implementation=self.implementation, case=self.case, status=status,
-                   reasons=tuple(reasons), options=self.options, wall_time_s=self.wall_time_s, notes=notes, **fields)
+                   reasons=tuple(reasons), options=self.options, wall_time_s=self.wall_time_s, notes=notes,
+                   started_at=self.started_at, ended_at=self.ended_at, **fields)

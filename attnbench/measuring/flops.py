@@ -12,5 +12,6 @@ def attention_flops(case: Case) -> float:
     return exact_attention(case).flops
 
 
-def matmul_key(device: str, dtype_name: str) -> str:
-    return f"{device}/{dtype_name}"
+def matmul_key(device: str, dtype_name: str, slot: str = "") -> str:
+    """E.g. "cpu/float32"; on a cluster the node (and GPU) comes first: "host/1a2b3c4d|cpu/float32"."""
+    return f"{slot}|{device}/{dtype_name}" if slot else f"{device}/{dtype_name}"

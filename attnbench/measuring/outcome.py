@@ -140,6 +140,10 @@ def died(exitcode: int | None) -> Failure:
     return Failure("crashed", (f"worker exited with code {exitcode} before sending a result",))
 
 
+def node_lost(slot: str, reason: str) -> Failure:
+    return Failure("crashed", (f"the cluster lost {slot}, which was measuring it: {reason}",))
+
+
 def not_here(implementation: str, plugin: str) -> Failure:
     return Failure("error", (f"implementation {implementation!r} of plugin {plugin!r} is not registered where the "
                              "work ran (install the same plugins there)",))
@@ -151,6 +155,10 @@ def no_such_source(name: str) -> Failure:
 
 
 # --- in the scheduler: points that are not run -----------------------------------------------
+
+
+def no_slot(kind: str) -> Failure:
+    return Failure("unsupported", (f"no node of the cluster has a {kind} device",))
 
 
 def refused(broken_options: str | None, device_unavailable: str | None, skip: str | None) -> Failure | None:

@@ -56,6 +56,10 @@ class Environment:
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
     # input source -> its description and the parameters in effect (a model's layers, ...)
     input_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # On a cluster: each slot's machine (attnbench.execution.placement.Slot) as it described
+    # itself there: an Environment's fields. Empty when the run used only this machine.
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    niceness: int | None = None  # the scheduling priority the workers inherit (Ray's workers default to 15)
 
     def busy_warning(self) -> str | None:
         """A sentence when other work was running on the CPUs as the run started."""
@@ -103,6 +107,7 @@ def capture_environment(threads: int | None = None, plugins: dict[str, dict[str,
         cpu_frequency=_cpu_frequency(),
         worker_allocator=worker_allocator_policy(),
         plugins=plugins or {},
+        niceness=os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None,
     )
 
 

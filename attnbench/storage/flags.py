@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from attnbench.contract.implementation import DEFAULT_TOLERANCES
-from attnbench.measuring.flops import attention_flops, matmul_key
+from attnbench.measuring.flops import attention_flops
 from attnbench.storage.results import Flag, Row
 from attnbench.support.units import format_bytes
 
@@ -83,8 +83,8 @@ def _declared_work(row: Row, yardstick: Mapping[str, float]) -> list[Flag]:
 
 def best_yardstick(row: Row, yardstick: Mapping[str, float]) -> tuple[str, float | None]:
     """The highest matmul rate measured on the row's device, in its dtype or in float32."""
-    device, dtype = row.case.device, row.case.dtype_name
-    peaks = {name: yardstick.get(matmul_key(device, name)) for name in (dtype, "float32")}
+    dtype = row.case.dtype_name
+    peaks = {name: yardstick.get(row.yardstick_key(name)) for name in (dtype, "float32")}
     return max(((name, value) for name, value in peaks.items() if value), key=lambda item: item[1],
                default=(dtype, None))
 

@@ -14,6 +14,7 @@ from typing import Any
 from attnbench.contract.case import Case
 from attnbench.contract.errors import UserError
 from attnbench.measuring.figures import Correctness, ErrorFigures, Latency, Memory, Traffic, Work
+from attnbench.measuring.flops import matmul_key
 from attnbench.measuring.gpu_state import GpuSample
 from attnbench.measuring.outcome import Status
 from attnbench.support.text import bounded_block, one_line
@@ -25,7 +26,26 @@ from attnbench.support.text import bounded_block, one_line
 # 5: "work", the FLOPs of one timed call.
 # 6: error figures carry the rows' cosine similarity with the reference (mean, worst).
 # 7: the case's q_len and the decode mode; memory's state_bytes; "traffic", a decode step's bytes.
-SCHEMA_VERSION = 7
+# 8: "where": the host, cluster node and device the point ran on; started_at and ended_at.
+SCHEMA_VERSION = 8
+
+
+@dataclass(frozen=True)
+class Where:
+    """The machine and device a point ran on."""
+
+    host: str
+    device_name: str  # the CPU's model, or the GPU's name
+    device_uuid: str = ""  # a GPU's UUID
+    node: str = ""  # the Ray node's id on a cluster; empty for the machine that started the run
+
+    @property
+    def slot(self) -> str:
+        """The yardstick's owner: empty on the machine that started the run (its yardsticks are the
+        run's own), else the node and, for a GPU, which one."""
+        if not self.node:
+            return ""
+        return f"{self.host}/{self.node[:8]}" + (f"/{self.device_uuid}" if self.device_uuid else "")
 
 
 @dataclass(frozen=True)
@@ -70,9 +90,13 @@ class Row:
     work: Work | None = None
     traffic: Traffic | None = None
     wall_time_s: float = 0.0  # the whole point, worker start to result
+    # Unix time on the clock of the machine that ran it: its first round's start, its last one's end
+    started_at: float | None = None
+    ended_at: float | None = None
     detail: str = ""  # traceback or the worker's last output, for failures
     notes: tuple[str, ...] = ()  # warnings from the implementation, e.g. which path it took
     flags: tuple[Flag, ...] = ()  # what the harness found: implausible speed, load, a loose tolerance
+    where: Where | None = None  # None in rows of schema 7 and before
 
     def __post_init__(self) -> None:
         # Text from plugin code: bounded, printable, one line per reason (attnbench.support.text).
@@ -94,6 +118,10 @@ class Row:
         """Every kind of figures the row can carry (FIGURE_READERS), by name; None where not measured."""
         return {name: getattr(self, name) for name in FIGURE_READERS}
 
+    def yardstick_key(self, dtype_name: str) -> str:
+        """The key of the yardstick, in ``dtype_name``, of the device that ran this row."""
+        return matmul_key(self.case.device, dtype_name, self.where.slot if self.where else "")
+
     def to_json(self) -> dict[str, Any]:
         data = {"schema": SCHEMA_VERSION,
                 **{name: value for name, value in dataclasses.asdict(self).items() if name not in FIGURE_READERS}}
@@ -114,9 +142,12 @@ class Row:
             reasons=tuple(data.get("reasons", ())),
             options=data.get("options", {}),
             wall_time_s=data.get("wall_time_s", 0.0),
+            started_at=data.get("started_at"),
+            ended_at=data.get("ended_at"),
             detail=data.get("detail", ""),
             notes=tuple(data.get("notes", ())),
             flags=tuple(Flag(**flag) for flag in data.get("flags", ())),
+            where=Where(**data["where"]) if data.get("where") else None,
             **figures,
         )
 

@@ -1,0 +1,201 @@
+"""Cases on a Ray cluster: a slot per GPU, and per node for CPU cases; rows stream back here.
+
+``attnbench run SUITE --executor ray`` starts a Ray instance on this machine, bound to loopback
+with no dashboard; ``--ray-address`` joins a running cluster instead. Each slot is an actor
+(attnbench.execution.distributed.node) pinned to its node: a GPU slot holds one GPU
+(``num_gpus=1``), a CPU slot all of its node's CPUs, so that Ray places nothing else of this run
+beside a CPU measurement (the dispatcher also keeps GPU cases off a node while a CPU case runs
+there). The driver (this process) decides what runs where (attnbench.execution.dispatch) and
+writes every row to the run folder as it arrives.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from attnbench.contract.errors import UserError
+from attnbench.contract.registry import Registry
+from attnbench.execution.cases import CaseEnd, CaseWork
+from attnbench.execution.placement import CaseDone, RowReady, Slot, SlotEvent, SlotLost
+from attnbench.execution.scheduler import SweepPlan
+from attnbench.storage.environment import Environment, capture_environment
+from attnbench.support.containment import PluginFault, contained
+from attnbench.support.text import one_line
+
+EXTRA = "pip install -e '.[ray]'"
+START_TIMEOUT_S = 120.0  # for a slot's actor to start (import torch, load plugins) on its node
+POLL_S = 1.0  # how long one wait for the next row lasts, so that a Ctrl-C is seen
+CANCEL_GRACE_S = 10.0  # after a cancel, for the slots' workers to stop and clean up before they are killed
+# Implementations registered in Python rather than by an installed plugin travel with the work.
+PYTHON_PLUGIN = "<python>"
+
+
+def require_ray() -> None:
+    """One line naming the extra when Ray is not installed."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError(f"--executor ray: Ray is not installed; install the extra: {EXTRA}") from None
+
+
+class RayPlacement:
+    """``address``: a running cluster ("auto", or "host:port"); None starts one on this machine."""
+
+    def __init__(self, registry: Registry, address: str | None = None,
+                 warn: Any = lambda text: None) -> None:
+        self.registry = registry
+        self.address = address
+        self.warn = warn
+        self.started_here = False
+        self.actors: dict[str, Any] = {}  # slot name -> its actor
+        self.facts: dict[str, dict[str, Any]] = {}  # slot name -> what its actor said of itself
+        self.streams: dict[Any, tuple[Slot, CaseWork]] = {}  # a running case's row stream -> where, what
+        self.ready: deque[SlotEvent] = deque()
+
+    def environment(self, threads: int, plugins: dict[str, dict[str, Any]]) -> Environment:
+        return capture_environment(threads=threads, plugins=plugins)
+
+    def open(self, plan: SweepPlan, kinds: set[str], stored_flops: Mapping[str, list[float]],
+             stored_copy: Mapping[str, list[float]]) -> list[Slot]:
+        ray = self._connect()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from attnbench.execution.distributed.node import NodeRunner
+
+        actor_class = ray.remote(max_restarts=0, max_task_retries=0)(NodeRunner)
+        shipped = self._shipped(plan)
+        pending = []
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            resources = node.get("Resources", {})
+            on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            wanted = []
+            if "cpu" in kinds and resources.get("CPU", 0) >= 1:
+                wanted.append(("cpu", {"num_cpus": resources["CPU"]}))
+            if "cuda" in kinds:
+                wanted += [("cuda", {"num_gpus": 1, "num_cpus": 0})] * int(resources.get("GPU", 0))
+            for kind, claim in wanted:
+                actor = actor_class.options(scheduling_strategy=on_node, **claim).remote(
+                    plan, shipped, stored_flops, stored_copy, os.environ.get("OMP_NUM_THREADS"))
+                pending.append((kind, actor, actor.facts.remote(kind)))
+        slots = []
+        for kind, actor, facts_ref in pending:
+            try:
+                facts = ray.get(facts_ref, timeout=START_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 (a node that cannot start a slot loses only that slot)
+                self.warn(f"a {kind} slot did not start on the Ray cluster: {_reason(error)}")
+                ray.kill(actor, no_restart=True)
+                continue
+            slot = Slot(facts["name"], facts["node"], frozenset({kind}), {kind: facts["device_name"]},
+                        {kind: facts["memory_cap"]})
+            niceness = facts["environment"].get("niceness")
+            if niceness:
+                self.warn(f"{slot.name} measures at niceness {niceness} (Ray's worker_niceness), so other work "
+                          "there takes the CPUs first: start its Ray node with RAY_worker_niceness=0")
+            self.actors[slot.name], self.facts[slot.name] = actor, facts
+            slots.append(slot)
+        if not slots:
+            raise UserError(f"--executor ray: the Ray cluster{f' at {self.address}' if self.address else ''} "
+                            f"offers no slot for {', '.join(sorted(kinds))} cases")
+        return slots
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return {name: facts["environment"] for name, facts in self.facts.items()}
+
+    def start(self, slot: Slot, work: CaseWork) -> None:
+        self.streams[self.actors[slot.name].run.remote(work)] = (slot, work)
+
+    def next_event(self) -> SlotEvent:
+        import ray
+
+        while not self.ready:
+            done, _ = ray.wait(list(self.streams), num_returns=1, timeout=POLL_S)
+            for stream in done:
+                self.ready.append(self._take(ray, stream))
+        return self.ready.popleft()
+
+    def close(self) -> None:
+        """Cancel the running cases (their workers stop and clean up), then end every slot."""
+        try:
+            import ray
+        except ImportError:
+            return
+        if not ray.is_initialized():
+            return
+        for stream in self.streams:
+            contained(lambda stream=stream: ray.cancel(stream), "cancelling a case on the Ray cluster")
+        if self.streams:
+            contained(lambda: ray.wait(list(self.streams), num_returns=len(self.streams), timeout=CANCEL_GRACE_S),
+                      "waiting for cancelled cases")
+        for actor in self.actors.values():
+            contained(lambda actor=actor: ray.kill(actor, no_restart=True), "ending a slot on the Ray cluster")
+        self.streams.clear()
+        self.actors.clear()
+        ray.shutdown()  # a cluster we joined keeps running; one started here stops
+
+    def _take(self, ray: Any, stream: Any) -> SlotEvent:
+        slot, work = self.streams[stream]
+        try:
+            item = ray.get(next(stream))
+        except StopIteration:
+            del self.streams[stream]
+            return SlotLost(slot, work, "its case ended without its last rows")
+        except Exception as error:  # noqa: BLE001 (any failure of the slot: its node died, its actor was killed)
+            del self.streams[stream]
+            contained(lambda: ray.kill(self.actors.pop(slot.name), no_restart=True), "ending a lost slot")
+            return SlotLost(slot, work, _reason(error))
+        if isinstance(item, CaseEnd):
+            del self.streams[stream]
+            return CaseDone(slot, item)
+        return RowReady(slot, item)
+
+    def _connect(self) -> Any:
+        require_ray()
+        if self.address is None:
+            # Before Ray is imported: a Ray of this machine alone binds every server to 127.0.0.1.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            # Its workers (and so the measurements) at the priority a local run has, not Ray's 15.
+            os.environ.setdefault("RAY_worker_niceness", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        try:
+            if self.address is None:
+                ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+                self.started_here = True
+            else:
+                ray.init(address=self.address, log_to_driver=False)
+        except Exception as error:  # noqa: BLE001 (Ray's own errors: no cluster there, a version mismatch)
+            where = f"--ray-address {self.address}" if self.address else "--executor ray"
+            raise UserError(f"{where}: could not start or join Ray: {_reason(error)}") from None
+        return ray
+
+    def _shipped(self, plan: SweepPlan) -> list[bytes]:
+        """The implementations of the sweep registered in Python (no plugin installs them on the nodes)."""
+        shipped = []
+        for ref in dict.fromkeys(plan.refs.values()):
+            if ref.plugin != PYTHON_PLUGIN:
+                continue
+            payload = contained(lambda ref=ref: _pickled(self.registry.get(ref.name)), f"pickling {ref.name!r}")
+            if isinstance(payload, PluginFault):
+                self.warn(f"{ref.name} cannot be sent to the Ray cluster ({payload.message}): its points will say "
+                          "it is not registered there")
+            else:
+                shipped.append(payload)
+        return shipped
+
+
+def _pickled(implementation: object) -> bytes:
+    from ray import cloudpickle  # classes defined in a script travel by value
+
+    return cloudpickle.dumps(implementation)
+
+
+def _reason(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return one_line(f"{type(error).__name__}: {lines[0] if lines else ''}")[:300]
+
