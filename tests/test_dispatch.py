@@ -124,3 +124,24 @@ def test_a_device_no_node_has_is_unsupported_and_cases_left_without_slots_are_le
     # The case that was running is recorded as lost (no slot is left to retry it); the three never
     # started are not recorded.
     assert [row.status for row in rows] == ["crashed", "crashed"] and dispatcher.unplaced == 6
+
+
+def test_a_cluster_of_mixed_gpus_is_reported_per_device_name(tmp_path):
+    from attnbench.analysis.curves import scaling_fits
+    from attnbench.measuring.figures import Memory
+    from attnbench.storage.results import RowWriter
+    from attnbench.storage.run_folder import load_run
+    from attnbench.testing import small_case
+
+    writer = RowWriter(tmp_path / "rows.jsonl")
+    for model, slot_node in (("NVIDIA H100", "n1"), ("NVIDIA B200", "n2")):
+        for n in (64, 128, 256):
+            writer.write(Row("run", "one", small_case(seq_len=n, device="cuda"), "ok",
+                             memory=Memory(n * 1000 * (2 if "B" in model else 1), None, "allocator"),
+                             where=Where("h", model, "GPU-" + slot_node, slot_node)))
+    writer.close()
+    rows = load_run(tmp_path).rows
+    assert {row.case.device for row in rows} == {"cuda (NVIDIA H100)", "cuda (NVIDIA B200)"}
+    assert {row.yardstick_key("float32") for row in rows} == {"h/n1/GPU-n1|cuda/float32", "h/n2/GPU-n2|cuda/float32"}
+    fits = [fit for fit in scaling_fits(rows, {}) if fit.metric == "memory"]
+    assert sorted(fit.group.device for fit in fits) == ["cuda (NVIDIA B200)", "cuda (NVIDIA H100)"]

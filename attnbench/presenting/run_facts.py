@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from attnbench.contract.inputs import SOURCE_NOTE_PREFIX
 from attnbench.measuring.figures import NOISY_RELATIVE_IQR
@@ -18,9 +19,10 @@ def identity_line(run: RunFolder) -> str:
     env = run.environment
     torch_version = env.get("packages", {}).get("torch", "?")
     devices = ", ".join(f"{k}: {v}" for k, v in env.get("devices", {}).items()) or "CPU only"
+    cluster = f" · on a Ray cluster of {len(env['nodes'])} slot(s)" if env.get("nodes") else ""
     return (f"{env.get('started_at', 'unknown')} · {devices} · {env.get('cpu_model', 'unknown CPU')}, torch threads "
             f"{env.get('torch_threads', '?')} · torch {torch_version} · commit {str(env.get('git_commit') or '?')[:10]}"
-            f"{' (uncommitted changes)' if env.get('git_dirty') else ''} · {len(run.rows)} points")
+            f"{' (uncommitted changes)' if env.get('git_dirty') else ''} · {len(run.rows)} points{cluster}")
 
 
 def run_facts(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
@@ -34,6 +36,7 @@ def run_facts(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
         ("CPU", f"{env.get('cpu_model', 'unknown')}, {env.get('cpus_usable', '?')} usable cores, "
                 f"torch threads {env.get('torch_threads', '?')}"),
         ("devices", ", ".join(f"{k}: {v}" for k, v in env.get("devices", {}).items()) or "CPU only"),
+        ("where it ran", _placement_text(env, run.rows)),
         ("packages", ", ".join(f"{k} {v}" for k, v in packages.items())),
         ("timing settings", ", ".join(f"{k}={v}" for k, v in env.get("timing_variables", {}).items()) or "none set"),
         ("load at start", _load_text(env)),
@@ -53,6 +56,19 @@ def run_facts(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
         ("input captures", input_capture_text(run.rows)),
     ]
     return f"attnbench report — {run.suite_name} — {run.run_id}", facts
+
+
+def _placement_text(env: Mapping[str, Any], rows: Sequence[Row]) -> str:
+    """This machine, or each slot of the Ray cluster: its device, machine and how many points it ran."""
+    nodes: Mapping[str, Mapping[str, Any]] = env.get("nodes") or {}
+    if not nodes:
+        return f"this machine ({env.get('hostname', '?')}), one point at a time"
+    points = Counter(row.where.slot for row in rows if row.where is not None)
+    devices = {row.where.slot: row.where.device_name for row in rows if row.where is not None}
+    return "a Ray cluster, one case per slot: " + " · ".join(
+        f"{name}: {devices.get(name, node.get('cpu_model', '?'))}, {node.get('cpus_usable', '?')} usable cores, "
+        f"torch threads {node.get('torch_threads', '?')}, niceness {node.get('niceness', '?')}, "
+        f"{points.get(name, 0)} points" for name, node in nodes.items())
 
 
 def _rounds_text(rows: Sequence[Row]) -> str:

@@ -30,6 +30,14 @@ from attnbench.support.text import bounded_block, one_line
 SCHEMA_VERSION = 8
 
 
+DEVICE_NAME_SEPARATOR = " ("
+
+
+def named_device(device: str, device_name: str) -> str:
+    """A device of the sweep with the name of the model that ran it: "cuda (NVIDIA H100)"."""
+    return f"{device}{DEVICE_NAME_SEPARATOR}{device_name})"
+
+
 @dataclass(frozen=True)
 class Where:
     """The machine and device a point ran on."""
@@ -120,7 +128,8 @@ class Row:
 
     def yardstick_key(self, dtype_name: str) -> str:
         """The key of the yardstick, in ``dtype_name``, of the device that ran this row."""
-        return matmul_key(self.case.device, dtype_name, self.where.slot if self.where else "")
+        device = self.case.device.partition(DEVICE_NAME_SEPARATOR)[0]  # as the sweep named it
+        return matmul_key(device, dtype_name, self.where.slot if self.where else "")
 
     def to_json(self) -> dict[str, Any]:
         data = {"schema": SCHEMA_VERSION,

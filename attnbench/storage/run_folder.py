@@ -11,11 +11,13 @@ and reading its files, resuming it.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +29,7 @@ from attnbench.contract.implementation import Implementation, complexity_exponen
 from attnbench.settings.suite import Suite
 from attnbench.storage import flags
 from attnbench.storage.environment import Environment, capture_environment, code_version
-from attnbench.storage.results import Row, RowWriter, read_rows_tolerantly
+from attnbench.storage.results import Row, RowWriter, named_device, read_rows_tolerantly
 from attnbench.support.units import format_bytes
 
 ROWS_FILE = "rows.jsonl"
@@ -115,7 +117,21 @@ def load_run(location: Path, fallback: Mapping[str, Declared] | None = None) -> 
     # Flagged again with the run's final yardstick: the best matmul rate measured in the whole run.
     exact = {name: info.exact for name, info in declared.items()}
     rows = flags.refresh(rows, exact, environment.get("matmul_flops", {}))
-    return RunFolder(folder, tuple(rows), environment, declared)
+    return RunFolder(folder, tuple(by_device_name(rows)), environment, declared)
+
+
+def by_device_name(rows: Sequence[Row]) -> list[Row]:
+    """Where one device of the sweep ran on devices of more than one name (a cluster of mixed
+    GPUs), each of its rows' device names its model, e.g. "cuda (NVIDIA H100)": curves, answers
+    and tables then never join one model's points with another's."""
+    names: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        if row.where is not None:
+            names[row.case.device].add(row.where.device_name)
+    mixed = {device for device, found in names.items() if len(found) > 1}
+    return [dataclasses.replace(row, case=dataclasses.replace(row.case, device=named_device(row.case.device,
+                                                                                            row.where.device_name)))
+            if row.where is not None and row.case.device in mixed else row for row in rows]
 
 
 def _read_rows(path: Path) -> list[Row]:

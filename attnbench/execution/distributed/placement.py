@@ -49,7 +49,6 @@ class RayPlacement:
         self.registry = registry
         self.address = address
         self.warn = warn
-        self.started_here = False
         self.actors: dict[str, Any] = {}  # slot name -> its actor
         self.facts: dict[str, dict[str, Any]] = {}  # slot name -> what its actor said of itself
         self.streams: dict[Any, tuple[Slot, CaseWork]] = {}  # a running case's row stream -> where, what
@@ -166,7 +165,6 @@ class RayPlacement:
         try:
             if self.address is None:
                 ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-                self.started_here = True
             else:
                 ray.init(address=self.address, log_to_driver=False)
         except Exception as error:  # noqa: BLE001 (Ray's own errors: no cluster there, a version mismatch)
