@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -46,11 +47,14 @@ def main() -> int:
 
 
 class Clock:
-    """Progress that notes the first dispatch and the last row."""
+    """Progress that notes the first dispatch and the last row, and for each row how long after
+    its point ended it arrived here (the nodes share this machine's clock)."""
 
     def __init__(self) -> None:
         self.first: float | None = None
         self.last = 0.0
+        self.rows: list = []
+        self.delays: list[float] = []
 
     def started(self, total: int) -> None: ...
 
@@ -59,6 +63,19 @@ class Clock:
 
     def finished(self, row) -> None:
         self.last = time.perf_counter()
+        self.rows.append(row)
+        if row.ended_at is not None:
+            self.delays.append(time.time() - row.ended_at)
+
+    def costs_ms(self) -> str:
+        """Per case: the median time from a row's point ending to its arrival here, and from a
+        case ending on a slot to the next one starting there."""
+        by_slot: dict[str, list] = {}
+        for row in self.rows:
+            by_slot.setdefault(row.where.slot, []).append(row)
+        gaps = [later.started_at - earlier.ended_at for rows in by_slot.values()
+                for earlier, later in zip(rows, rows[1:], strict=False)]
+        return f"{statistics.median(self.delays) * 1e3:.1f} ms, {statistics.median(gaps) * 1e3:.1f} ms"
 
 
 def sleeping_throughput(cases: int, slot_counts: list[int]) -> int:
@@ -85,7 +102,8 @@ def sleeping_throughput(cases: int, slot_counts: list[int]) -> int:
         local_s = local.last - local.first
         print(f"\nstand-in: {SLEEP_S:g} s per call; {cases} cases of one point each; local executor: "
               f"{local_s:.1f} s for {len(rows)} points ({cases / local_s:.2f} cases/s, {local_s / cases:.2f} s a case; "
-              f"{time.perf_counter() - started - local_s:.1f} s before the first case)")
+              f"{time.perf_counter() - started - local_s:.1f} s before the first case; row delay, gap between cases: "
+              f"{local.costs_ms()})")
         results = []
         for slots in slot_counts:
             cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -102,14 +120,16 @@ def sleeping_throughput(cases: int, slot_counts: list[int]) -> int:
             span = clock.last - clock.first
             statuses = {row.status for row in result.rows}
             used = len({row.where.node for row in result.rows})
-            results.append((slots, span, clock.first - started, statuses, used))
+            results.append((slots, span, clock.first - started, statuses, used, clock.costs_ms()))
         base = results[0][1]
         print(f"\n{'slots':>5}  {'nodes used':>10}  {'cases/s':>8}  {'speed-up':>8}  {'s a case':>8}  "
-              f"{'Ray/local a case':>16}  {'start-up s':>10}  statuses")
-        for slots, span, startup, statuses, used in results:
+              f"{'Ray/local a case':>16}  {'start-up s':>10}  {'row delay, gap':>18}  statuses")
+        for slots, span, startup, statuses, used, costs in results:
             print(f"{slots:>5}  {used:>10}  {cases / span:>8.2f}  {base / span:>7.2f}×  {span / cases:>8.2f}  "
-                  f"{span * slots / local_s:>15.2f}×  {startup:>10.1f}  {', '.join(sorted(statuses))}")
-        print("\nRay/local a case: a slot's time per case over the local executor's (1.00×: no overhead).")
+                  f"{span * slots / local_s:>15.2f}×  {startup:>10.1f}  {costs:>18}  {', '.join(sorted(statuses))}")
+        print("\nRay/local a case: a slot's time per case over the local executor's (1.00×: no overhead). Row "
+              "delay: a point's end to its row here (median); gap: a case's end to the next one's start on the "
+              "same slot (median): what dispatching through Ray costs a case.")
     return 0
 
 

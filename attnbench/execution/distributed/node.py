@@ -20,6 +20,7 @@ import ray
 from attnbench.contract.registry import load_registry
 from attnbench.execution.cases import CaseEnd, CaseRunner, CaseWork, where_on
 from attnbench.execution.local.executor import LocalExecutor
+from attnbench.execution.local.isolation import start_fork_server
 from attnbench.execution.placement import device_kind
 from attnbench.execution.scheduler import SweepPlan
 from attnbench.storage.environment import capture_environment
@@ -48,6 +49,7 @@ class NodeRunner:
         executor = LocalExecutor(registry)
         self.memory_caps = {kind: executor.memory_cap_bytes(plan.suite.limits, kind) for kind in ("cpu", "cuda")}
         self.runner = CaseRunner(plan, executor, self.environment, self.node, stored_flops, stored_copy)
+        start_fork_server()
 
     def facts(self, kind: str) -> dict[str, Any]:
         """This slot as the driver needs it: its name, its device's name and memory cap, and the machine."""

@@ -13,6 +13,7 @@ everything the worker started is killed (attnbench.execution.local.sandbox) and 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import pickle
 import time
@@ -151,6 +152,13 @@ def _stop(process: multiprocessing.process.BaseProcess) -> None:
 
 
 _fork_server: multiprocessing.context.BaseContext | None = None
+
+
+def start_fork_server() -> None:
+    """Start the fork server now: its imports (torch, the plugins) take seconds, which would
+    otherwise land in the first point's wall time (a cluster's slot starts it when it starts)."""
+    if _context().get_start_method() == "forkserver":
+        multiprocessing.forkserver.ensure_running()
 
 
 def _context() -> multiprocessing.context.BaseContext:
