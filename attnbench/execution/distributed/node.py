@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ class NodeRunner:
         else:
             os.environ["OMP_NUM_THREADS"] = omp_num_threads
         _drop_niceness()
+        _leave_main_alone()
         registry = load_registry()
         for payload in shipped:
             registry.add_sent(pickle.loads(payload))
@@ -59,6 +61,15 @@ class NodeRunner:
 
     def run(self, work: CaseWork) -> Iterator[Row | CaseEnd]:
         yield from self.runner.run(work)
+
+
+def _leave_main_alone() -> None:
+    """This process's __main__ is Ray's worker script, which multiprocessing would run again in
+    every measurement worker it starts (a fixed cost per round that a local run does not pay);
+    the workers need nothing from it."""
+    main = sys.modules["__main__"]
+    if getattr(main, "__spec__", None) is None and hasattr(main, "__file__"):
+        del main.__file__
 
 
 def _drop_niceness() -> None:

@@ -12,6 +12,8 @@ writes every row to the run folder as it arrives.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -162,6 +164,7 @@ class RayPlacement:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
             if self.address is None:
                 ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
@@ -170,6 +173,10 @@ class RayPlacement:
         except Exception as error:  # noqa: BLE001 (Ray's own errors: no cluster there, a version mismatch)
             where = f"--ray-address {self.address}" if self.address else "--executor ray"
             raise UserError(f"{where}: could not start or join Ray: {_reason(error)}") from None
+        finally:
+            # ray.init makes SIGTERM exit at once; attnbench's handler stops the sweep keeping its rows.
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)
         return ray
 
     def _shipped(self, plan: SweepPlan) -> list[bytes]:

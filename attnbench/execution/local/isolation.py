@@ -13,7 +13,6 @@ everything the worker started is killed (attnbench.execution.local.sandbox) and 
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import pickle
 import time
@@ -155,10 +154,14 @@ _fork_server: multiprocessing.context.BaseContext | None = None
 
 
 def start_fork_server() -> None:
-    """Start the fork server now: its imports (torch, the plugins) take seconds, which would
-    otherwise land in the first point's wall time (a cluster's slot starts it when it starts)."""
-    if _context().get_start_method() == "forkserver":
-        multiprocessing.forkserver.ensure_running()
+    """Start the fork server and wait until it serves: its imports (torch, the plugins) take
+    seconds, which would otherwise land in the first point's wall time (a cluster's slot pays
+    them as it starts)."""
+    context = _context()
+    if context.get_start_method() == "forkserver":
+        ready = context.Process(target=int, daemon=True)  # a child that does nothing
+        ready.start()
+        ready.join()
 
 
 def _context() -> multiprocessing.context.BaseContext:
