@@ -85,6 +85,7 @@ def sleeping_throughput(cases: int, slot_counts: list[int]) -> int:
 
     from attnbench.contract.registry import Registry
     from attnbench.execution.distributed.placement import RayPlacement
+    from attnbench.execution.local.isolation import start_fork_server
     from attnbench.execution.runner import run_suite
     from attnbench.settings.loader import load_suite
 
@@ -96,6 +97,7 @@ def sleeping_throughput(cases: int, slot_counts: list[int]) -> int:
         suite_path.write_text(f"implementations: [sleeper]\nsweep: {{seq_len: 32, heads: {heads}}}\n"
                               "measure: {correctness: {rows: 32}, latency: false, memory: false}\n")
         suite = load_suite(suite_path, registry)
+        start_fork_server()  # as each Ray slot does before its first case: the start-up is not a case's
         local = Clock()
         started = time.perf_counter()
         rows = run_suite(suite, registry, output=Path(folder) / "local", progress=local).rows
