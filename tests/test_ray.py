@@ -1,4 +1,4 @@
-"""The Ray executor on a real cluster of three nodes on this machine, bound to loopback: the same
+"""The Ray executor on a real cluster of two nodes on this machine, bound to loopback: the same
 rows as the local executor, one case per node at a time, a node lost mid-case, Ctrl-C, resume."""
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ FAST = "measure: {correctness: {rows: 32}, latency: {min_run_time_s: 0.01, max_r
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and two more nodes, one CPU each; their workers import the toys like ours do."""
+    """A head and one more node, one CPU each; their workers import the toys like ours do."""
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), *sys.path[:1], saved]))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=1)]
     cluster.wait_for_nodes()
     try:
         yield cluster, workers

@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from attnbench.contract.errors import UserError
@@ -47,7 +47,7 @@ class RayPlacement:
     """``address``: a running cluster ("auto", or "host:port"); None starts one on this machine."""
 
     def __init__(self, registry: Registry, address: str | None = None,
-                 warn: Any = lambda text: None) -> None:
+                 warn: Callable[[str], None] = lambda text: None) -> None:
         self.registry = registry
         self.address = address
         self.warn = warn
@@ -72,14 +72,8 @@ class RayPlacement:
         for node in ray.nodes():
             if not node.get("Alive"):
                 continue
-            resources = node.get("Resources", {})
             on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            wanted = []
-            if "cpu" in kinds and resources.get("CPU", 0) >= 1:
-                wanted.append(("cpu", {"num_cpus": resources["CPU"]}))
-            if "cuda" in kinds:
-                wanted += [("cuda", {"num_gpus": 1, "num_cpus": 0})] * int(resources.get("GPU", 0))
-            for kind, claim in wanted:
+            for kind, claim in _claims(node.get("Resources", {}), kinds):
                 actor = actor_class.options(scheduling_strategy=on_node, **claim).remote(
                     plan, shipped, stored_flops, stored_copy, os.environ.get("OMP_NUM_THREADS"))
                 pending.append((kind, actor, actor.facts.remote(kind)))
@@ -93,6 +87,10 @@ class RayPlacement:
                 continue
             slot = Slot(facts["name"], facts["node"], frozenset({kind}), {kind: facts["device_name"]},
                         {kind: facts["memory_cap"]})
+            if slot.name in self.actors:  # e.g. two GPUs that report no UUID: one slot, not two on one key
+                self.warn(f"two slots on the Ray cluster call themselves {slot.name}; one of them is left out")
+                ray.kill(actor, no_restart=True)
+                continue
             niceness = facts["environment"].get("niceness")
             if niceness:
                 self.warn(f"{slot.name} measures at niceness {niceness} (Ray's worker_niceness), so other work "
@@ -192,6 +190,18 @@ class RayPlacement:
             else:
                 shipped.append(payload)
         return shipped
+
+
+def _claims(resources: Mapping[str, float], kinds: set[str]) -> list[tuple[str, dict[str, float]]]:
+    """The slots a node offers and what each holds there: for CPU cases all of its CPUs, for GPU
+    cases one GPU each (and no CPU, so that they sit beside a CPU slot; the dispatcher keeps a CPU
+    case alone on its machine)."""
+    claims: list[tuple[str, dict[str, float]]] = []
+    if "cpu" in kinds and resources.get("CPU", 0) >= 1:
+        claims.append(("cpu", {"num_cpus": resources["CPU"]}))
+    if "cuda" in kinds:
+        claims += [("cuda", {"num_gpus": 1, "num_cpus": 0})] * int(resources.get("GPU", 0))
+    return claims
 
 
 def _pickled(implementation: object) -> bytes:
