@@ -18,6 +18,7 @@ from attnbench.contract.case import Case
 from attnbench.execution.executor import Executor
 from attnbench.execution.scheduler import SweepPlan, run_case
 from attnbench.execution.yardsticks import Yardsticks
+from attnbench.measuring.flops import slot_of_key
 from attnbench.storage import flags
 from attnbench.storage.environment import Environment
 from attnbench.storage.results import Row, Where
@@ -67,18 +68,12 @@ class CaseRunner:
         for row in run_case(case, work.series, work.skips, self.plan, self.executor):
             row = dataclasses.replace(row, where=where, notes=(*row.notes, *work.notes))
             yield flags.with_flags(row, self.plan.exact.get(row.implementation, False), self.yardsticks.best)
-        slot = where.slot
-        yield CaseEnd(work, _own(self.yardsticks.samples, slot), _own(self.yardsticks.copy_samples, slot))
+        yield CaseEnd(work, _own(self.yardsticks.samples, where.slot), _own(self.yardsticks.copy_samples, where.slot))
 
 
 def _own(samples: Mapping[str, list[float]], slot: str) -> dict[str, list[float]]:
     """The samples of ``slot``'s yardsticks (those of other slots came from an earlier part of the run)."""
-    return {key: list(values) for key, values in samples.items() if _slot_of(key) == slot}
-
-
-def _slot_of(key: str) -> str:
-    """The slot in a yardstick's key (attnbench.measuring.flops.matmul_key); empty for this machine's."""
-    return key.partition("|")[0] if "|" in key else ""
+    return {key: list(values) for key, values in samples.items() if slot_of_key(key) == slot}
 
 
 def where_on(environment: Environment, device: str, node: str) -> Where:

@@ -15,3 +15,8 @@ def attention_flops(case: Case) -> float:
 def matmul_key(device: str, dtype_name: str, slot: str = "") -> str:
     """E.g. "cpu/float32"; on a cluster the node (and GPU) comes first: "host/1a2b3c4d|cpu/float32"."""
     return f"{slot}|{device}/{dtype_name}" if slot else f"{device}/{dtype_name}"
+
+
+def slot_of_key(key: str) -> str:
+    """The slot in a key matmul_key made; empty for the machine that started the run."""
+    return key.partition("|")[0] if "|" in key else ""
