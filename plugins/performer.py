@@ -38,6 +38,7 @@ import attnbench
 from attnbench import AttentionFn, Case
 from attnbench.contract.work import random_features, timed_call
 
+LOG2_E = 1.0 / math.log(2.0)  # e^x = 2^(x·log₂e): exp2 runs at about twice exp's rate on CPUs
 REFERENCE_KEY_BLOCK = 4096  # keys per block of the float64 reference: its (rows × block × m) weights stay small
 
 
@@ -77,7 +78,7 @@ class PerformerAttention(attnbench.Implementation):
         tokens' features to a copy of it, so it costs the same whatever the cache's length."""
         favor, causal = _favor(case, options), case.causal
         k_cache, v_cache = _keys_values(k_cache, v_cache)
-        state = favor.key_sums(k_cache, with_ones(v_cache))
+        state = favor.key_sums(k_cache, v_cache)
         del k_cache, v_cache  # the cache itself is not kept
 
         def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -87,12 +88,12 @@ class PerformerAttention(attnbench.Implementation):
         return step
 
     def step_bytes(self, case: Case, options: Mapping[str, Any]) -> attnbench.ByteCount:
-        """The key sums read (float32, m × (D+2) per kv head), the projection, the new tokens
-        and the output: nothing grows with the cache."""
+        """The key sums read (float32, (m + 1) × (D + 1) per kv head), the projection, the new
+        tokens and the output: nothing grows with the cache."""
         b, h, kv, q, d, m = case.batch, case.heads, case.kv_heads, case.query_len, case.head_dim, options["features"]
         size = case.dtype.itemsize
-        return attnbench.ByteCount(4.0 * (b * kv * m * (d + 2) + d * m) + size * 2.0 * b * q * d * (h + kv),
-                                   f"(B·KV·m·(D+2) + D·m) × 4 + 2·B·q·D·(H+KV) × {size} bytes, m={m}")
+        return attnbench.ByteCount(4.0 * (b * kv * (m + 1) * (d + 1) + d * m) + size * 2.0 * b * q * d * (h + kv),
+                                   f"(B·KV·(m+1)·(D+1) + D·m) × 4 + 2·B·q·D·(H+KV) × {size} bytes, m={m}")
 
     def flops(self, case: Case, options: Mapping[str, Any]) -> attnbench.FlopCount:
         """φ(Q), φ(K), φ(K)ᵀ[V, 1] and φ(Q)·(that): 4·B·(H+KV)·N·m·D; causal adds each chunk's
@@ -137,8 +138,9 @@ class PerformerAttention(attnbench.Implementation):
 
 
 def _favor(case: Case, options: Mapping[str, Any]) -> FavorPlus:
-    projection = _scaled_projection(case, options).to(case.device)  # (D, m)
-    return FavorPlus(projection, 0.5 * case.head_dim**-0.5, options["epsilon"], options["chunk_size"])
+    compute = torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype  # as compute_dtype
+    projection = _scaled_projection(case, options).to(device=case.device, dtype=compute)  # (D, m)
+    return FavorPlus(projection * LOG2_E, 0.5 * case.head_dim**-0.5, options["epsilon"], options["chunk_size"])
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case) -> tuple[torch.Tensor, ...]:
@@ -177,11 +179,17 @@ def _scaled_projection(case: Case, options: Mapping[str, Any]) -> torch.Tensor:
 
 
 class FavorPlus:
-    """FAVOR+ with a fixed projection. Shapes: q (B, KV, G, N, D); k and v (B, KV, 1, N, D)."""
+    """FAVOR+ with a fixed projection. Shapes: q (B, KV, G, N, D); k and v (B, KV, 1, N, D).
+
+    Arranged so that the (rows × m) features cost one product, one subtraction and one
+    exponential each: the projection carries a factor log₂e, so features are powers of 2 (exp2
+    runs at about twice exp's rate on CPUs) and stabilisers are in base-2 units; the factor
+    e^(−|x̃|²/2) of each row enters the exponent with the row's stabiliser.
+    """
 
     def __init__(self, projection: torch.Tensor, half_norm_scale: float, epsilon: float, chunk: int) -> None:
-        self.projection = projection  # (D, m), already scaled by d^-¼
-        self.half_norm_scale = half_norm_scale  # |x̃|²/2 = |x|² · half_norm_scale
+        self.projection = projection  # (D, m), already scaled by d^-¼ and log₂e
+        self.norm_scale = half_norm_scale * LOG2_E  # |x̃|²/2 in base-2 units = |x|² · norm_scale
         self.epsilon = epsilon
         self.chunk = chunk
 
@@ -190,124 +198,120 @@ class FavorPlus:
     ) -> torch.Tensor:
         """The queries are the last of the keys' positions; ``earlier``: the sums over keys
         before all of these (a decode step's state), or None."""
-        v1 = with_ones(v)
         prefix = k.shape[-2] - q.shape[-2]
         if prefix:  # chunked prefill: the earlier keys enter as sums, the chunk as itself
-            (k_before, k), (v1_before, v1) = k.split([prefix, q.shape[-2]], dim=-2), v1.split([prefix, q.shape[-2]],
-                                                                                               dim=-2)
-            earlier = self.key_sums(k_before, v1_before, earlier)
-        return self._causal(q, k, v1, earlier) if causal else self._non_causal(q, k, v1, earlier)
+            sizes = [prefix, q.shape[-2]]
+            (k_before, k), (v_before, v) = k.split(sizes, dim=-2), v.split(sizes, dim=-2)
+            earlier = self.key_sums(k_before, v_before, earlier)
+        return self._causal(q, k, v, earlier) if causal else self._non_causal(q, k, v, earlier)
 
     # Chunks come from split(), never from slicing in the loop: the backward of a slice fills a
     # gradient as large as the whole input, which made training quadratic in the chunk count.
 
-    def key_sums(self, k: torch.Tensor, v1: torch.Tensor, earlier: KeySums | None = None) -> KeySums:
+    def key_sums(self, k: torch.Tensor, v: torch.Tensor, earlier: KeySums | None = None) -> KeySums:
         """The sums over these keys, added to ``earlier`` (a new KeySums: ``earlier`` is unchanged)."""
-        keys = earlier if earlier is not None else KeySums.empty(v1, self.projection.shape[1])
-        for chunk_k, chunk_v1 in zip(k.split(self.chunk, dim=-2), v1.split(self.chunk, dim=-2), strict=True):
-            logits, half_norm = self._logits(chunk_k)
+        keys = earlier if earlier is not None else KeySums.empty(v, self.projection.shape[1])
+        for chunk_k, chunk_v, norms in zip(*self._chunks(k, v, self._half_norms(k)), strict=True):
+            logits = chunk_k @ self.projection
             keys = keys.rescaled_to(torch.maximum(keys.stabiliser, logits.detach().amax(dim=(-2, -1), keepdim=True)))
-            keys = keys.plus(self._key_features(logits, half_norm, keys.stabiliser), chunk_v1)
+            keys = keys.plus(logits.sub_(keys.stabiliser + norms).exp2_(), with_ones(chunk_v))
         return keys
 
-    def _non_causal(self, q: torch.Tensor, k: torch.Tensor, v1: torch.Tensor, earlier: KeySums | None) -> torch.Tensor:
-        keys = self.key_sums(k, v1, earlier)
+    def _non_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, earlier: KeySums | None) -> torch.Tensor:
+        keys = self.key_sums(k, v, earlier)
+        # Σⱼ φ(qᵢ)·φ(kⱼ) [vⱼ, 1] with φ = e + ε is e_q(i)·(products + ε·values) + (ε·weighted + m·ε²·values):
+        # the ε terms fold into the product's right side and one row added to every query's sums.
+        eps, features = self.epsilon, self.projection.shape[1]
+        products = keys.products.transpose(-1, -2) + eps * keys.values  # (B, KV, 1, m, D+1)
+        constant = eps * keys.weighted() + (features * eps * eps) * keys.values
         outputs = []
-        for chunk_q in q.split(self.chunk, dim=-2):
-            eq = self._query_features(chunk_q)  # (B, KV, G, C, m)
-            outputs.append(self._normalised(eq @ keys.products, eq, keys.weighted, keys.values, 1.0))
+        for chunk_q, norms in zip(*self._chunks(q, self._half_norms(q)), strict=True):
+            sums = torch.matmul(self._query_features(chunk_q, norms), products).add_(constant)
+            outputs.append(sums[..., :-1] / sums[..., -1:])
         return torch.cat(outputs, dim=-2)
 
-    def _causal(self, q: torch.Tensor, k: torch.Tensor, v1: torch.Tensor, earlier: KeySums | None) -> torch.Tensor:
-        earlier = earlier if earlier is not None else KeySums.empty(v1, self.projection.shape[1])
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, earlier: KeySums | None) -> torch.Tensor:
+        keys = earlier if earlier is not None else KeySums.empty(v, self.projection.shape[1])
+        eps, features = self.epsilon, self.projection.shape[1]
         outputs = []
-        chunks = zip(*(t.split(self.chunk, dim=-2) for t in (q, k, v1)), strict=True)
-        for chunk_q, chunk_k, chunk_v1 in chunks:
-            logits, half_norm = self._logits(chunk_k)
+        chunks = self._chunks(q, self._half_norms(q), k, self._half_norms(k), v)
+        for chunk_q, query_norms, chunk_k, key_norms, chunk_v in zip(*chunks, strict=True):
+            chunk_v1 = with_ones(chunk_v)
+            logits = chunk_k @ self.projection
             # The maximum over keys up to each position (B, KV, 1, C, 1): query i's own stabiliser.
             upto = torch.cummax(logits.detach().amax(dim=-1, keepdim=True), dim=-2).values
-            upto = torch.maximum(upto, earlier.stabiliser)
-            earlier = earlier.rescaled_to(upto[..., -1:, :])
-            ek = self._key_features(logits, half_norm, earlier.stabiliser)  # (B, KV, 1, C, m)
-            eq = self._query_features(chunk_q)  # (B, KV, G, C, m)
-            products = eq @ earlier.products + (eq @ ek.transpose(-1, -2)).tril_() @ chunk_v1
-            weighted = earlier.weighted + (ek.sum(dim=-1, keepdim=True) * chunk_v1).cumsum(dim=-2)
-            values = earlier.values + chunk_v1.cumsum(dim=-2)
-            own_scale = torch.exp(upto - earlier.stabiliser)  # exp(M_i − M_chunk) <= 1
-            outputs.append(self._normalised(products, eq, weighted, values, own_scale))
-            earlier = earlier.plus(ek, chunk_v1)
+            upto = torch.maximum(upto, keys.stabiliser)
+            keys = keys.rescaled_to(upto[..., -1:, :])
+            ek = logits.sub_(keys.stabiliser + key_norms).exp2_()  # (B, KV, 1, C, m)
+            eq = self._query_features(chunk_q, query_norms)  # (B, KV, G, C, m)
+            # Within the chunk: Σ_{j <= i} (e_q(i) + ε)·e_k(j) [v_j, 1].
+            pairs = eq @ ek.transpose(-1, -2)
+            if eps:
+                pairs.add_(eps * ek.sum(dim=-1).unsqueeze(-2))
+            within = pairs.tril_() @ chunk_v1
+            # The earlier chunks, and the ε·(e_q + ε) terms of every key up to i. The sums holding
+            # e_k are relative to the chunk's stabiliser; 2^(M_i − M_chunk) <= 1 brings the rest,
+            # which holds no e_k, to query i's own (it scales numerator and denominator alike).
+            read = eq @ keys.with_feature_sums()  # its last column: Σ e_q(i)
+            own_scale = torch.exp2(upto - keys.stabiliser)
+            free = own_scale * (eps * read[..., -1:] + features * eps * eps)
+            values = keys.values + chunk_v1.cumsum(dim=-2)
+            sums = within.add_(read[..., :-1]).add_(eps * keys.weighted()).add_(free * values)
+            outputs.append(sums[..., :-1] / sums[..., -1:])
+            keys = keys.plus(ek, chunk_v1)
         return torch.cat(outputs, dim=-2)
 
-    def _normalised(
-        self,
-        products: torch.Tensor,
-        eq: torch.Tensor,
-        weighted: torch.Tensor,
-        values: torch.Tensor,
-        own_scale: torch.Tensor | float,
-    ) -> torch.Tensor:
-        """Σⱼ φ(qᵢ)·φ(kⱼ) [vⱼ, 1] with φ = e + ε, assembled from its parts; then num / den.
+    def _chunks(self, *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        return [t.split(self.chunk, dim=-2) for t in tensors]
 
-        (e_q + ε)·(e_k + ε) = e_q·e_k + ε Σ e_k + (ε Σ e_q + m ε²). ``products`` is the sum of
-        the first term, ``weighted`` = Σⱼ (Σ e_k(j)) [vⱼ, 1], ``values`` = Σⱼ [vⱼ, 1]. The sums
-        that hold e_k are relative to the chunk's stabiliser; ``own_scale`` brings the last term
-        to query i's own stabiliser, which multiplies numerator and denominator alike.
-        """
-        eps = self.epsilon
-        if eps:
-            features = eq.shape[-1]
-            free = (eps * eq.sum(dim=-1, keepdim=True) + features * eps * eps) * values
-            products = products + eps * weighted + own_scale * free
-        return products[..., :-1] / products[..., -1:]
+    def _half_norms(self, x: torch.Tensor) -> torch.Tensor:
+        """|x̃|²/2 per row, in base-2 units (…, N, 1): the features' factor e^(−|x̃|²/2) as an exponent."""
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square().mul_(self.norm_scale)
 
-    def _logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x̃·ω (…, C, m), |x̃|²/2 (…, C, 1))."""
-        half_norm = x.square().sum(dim=-1, keepdim=True).mul_(self.half_norm_scale)
-        return x @ self.projection.to(x.dtype), half_norm
-
-    def _query_features(self, q: torch.Tensor) -> torch.Tensor:
-        logits, half_norm = self._logits(q)
+    def _query_features(self, q: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """e_q (…, C, m), stabilised by each row's maximum."""
+        logits = q @ self.projection
         # Stabilisers are constants of the estimate: they take no gradient, and computing them
         # on a detached view lets the exponential work in place.
-        row_max = logits.detach().amax(dim=-1, keepdim=True)
-        return logits.sub_(half_norm).sub_(row_max).exp_()
-
-    @staticmethod
-    def _key_features(logits: torch.Tensor, half_norm: torch.Tensor, stabiliser: torch.Tensor) -> torch.Tensor:
-        return logits.sub_(half_norm).sub_(stabiliser).exp_()
+        return logits.sub_(logits.detach().amax(dim=-1, keepdim=True) + norms).exp2_()
 
 
 @dataclass(frozen=True)
 class KeySums:
-    """Sums over the keys seen so far; those holding e_k are relative to exp(stabiliser)."""
+    """Sums over the keys seen so far; those holding e_k are relative to 2^stabiliser."""
 
-    stabiliser: torch.Tensor  # (B, KV, 1, 1, 1): running maximum of ω·k̃
-    products: torch.Tensor  # Σⱼ e_k(j)ᵀ [vⱼ, 1]  (B, KV, 1, m, D+1)
-    weighted: torch.Tensor  # Σⱼ (Σ e_k(j)) [vⱼ, 1]  (B, KV, 1, 1, D+1)
+    stabiliser: torch.Tensor  # (B, KV, 1, 1, 1): running maximum of ω·k̃·log₂e
+    # Σⱼ [vⱼ, 1]ᵀ e_k(j) (B, KV, 1, D+1, m): value-major, so that a chunk's sum is the product
+    # [v, 1]ᵀ·e, which runs faster on CPUs than e_kᵀ·[v, 1] does.
+    products: torch.Tensor
     values: torch.Tensor  # Σⱼ [vⱼ, 1]  (B, KV, 1, 1, D+1), untouched by the stabiliser
 
     @classmethod
-    def empty(cls, v1: torch.Tensor, features: int) -> KeySums:
-        batch_shape, width = v1.shape[:-2], v1.shape[-1]
-        options = dict(dtype=v1.dtype, device=v1.device)
+    def empty(cls, v: torch.Tensor, features: int) -> KeySums:
+        batch_shape, width = v.shape[:-2], v.shape[-1] + 1
+        options = dict(dtype=v.dtype, device=v.device)
         return cls(
             stabiliser=torch.full((*batch_shape, 1, 1), float("-inf"), **options),
-            products=torch.zeros(*batch_shape, features, width, **options),
-            weighted=torch.zeros(*batch_shape, 1, width, **options),
+            products=torch.zeros(*batch_shape, width, features, **options),
             values=torch.zeros(*batch_shape, 1, width, **options),
         )
 
+    def weighted(self) -> torch.Tensor:
+        """Σⱼ (Σ e_k(j)) [vⱼ, 1] (B, KV, 1, 1, D+1): the products summed over the features."""
+        return self.products.sum(dim=-1).unsqueeze(-2)
+
+    def with_feature_sums(self) -> torch.Tensor:
+        """[products, 1] (B, KV, 1, m, D+2), a transposed view: a product with e_q then also gives Σ e_q."""
+        return torch.cat([self.products, torch.ones_like(self.products[..., :1, :])], dim=-2).transpose(-1, -2)
+
     def rescaled_to(self, stabiliser: torch.Tensor) -> KeySums:
-        scale = torch.exp(self.stabiliser - stabiliser)  # <= 1; 0 while the sums are empty
-        return KeySums(stabiliser, self.products * scale, self.weighted * scale, self.values)
+        scale = torch.exp2(self.stabiliser - stabiliser)  # <= 1; 0 while the sums are empty
+        return KeySums(stabiliser, self.products * scale, self.values)
 
     def plus(self, ek: torch.Tensor, v1: torch.Tensor) -> KeySums:
-        return KeySums(
-            self.stabiliser,
-            self.products + ek.transpose(-1, -2) @ v1,
-            self.weighted + (ek.sum(dim=-1, keepdim=True) * v1).sum(dim=-2, keepdim=True),
-            self.values + v1.sum(dim=-2, keepdim=True),
-        )
+        """Adds keys with features ``ek`` (relative to this stabiliser) and values ``v1``."""
+        return KeySums(self.stabiliser, torch.matmul(v1.transpose(-1, -2), ek).add_(self.products),
+                       self.values + v1.sum(dim=-2, keepdim=True))
 
 
 def random_projection(features: int, dim: int, orthogonal: bool, generator: torch.Generator) -> torch.Tensor:
