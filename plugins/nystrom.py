@@ -113,6 +113,8 @@ def segment_index(seq_len: int, landmarks: int, device: torch.device | str) -> t
 
 def segment_means(x: torch.Tensor, segment_of: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """(…, N, D) -> (…, m, D): the mean of each segment."""
+    if x.shape[-2] % sizes.shape[0] == 0:  # equal segments: a mean over a view, no scatter
+        return x.unflatten(-2, (sizes.shape[0], -1)).mean(dim=-2)
     shape = (*x.shape[:-2], sizes.shape[0], x.shape[-1])
     sums = torch.zeros(shape, dtype=x.dtype, device=x.device).index_add(-2, segment_of, x)
     return sums / sizes.to(x.dtype)
@@ -134,9 +136,9 @@ def pinv_times(matrix: torch.Tensor, values: torch.Tensor, iterations: int) -> t
     for _ in range(iterations - 1):
         z = _pinv_step(matrix, z)
     az = matrix @ z
-    inner = 7 * values - az @ values
-    inner = 15 * values - az @ inner
-    return 0.25 * (z @ (13 * values - az @ inner))
+    inner = _times_identity_minus(az, 7, values, values)
+    inner = _times_identity_minus(az, 15, inner, values)
+    return z @ _times_identity_minus(az, 13, inner, values, 0.25)
 
 
 def _initial_inverse(matrix: torch.Tensor) -> torch.Tensor:
@@ -147,16 +149,19 @@ def _initial_inverse(matrix: torch.Tensor) -> torch.Tensor:
 
 def _pinv_step(matrix: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     az = matrix @ z
-    t = _times_identity_minus(az, 7, az)
-    t = _times_identity_minus(az, 15, t)
-    return 0.25 * _times_identity_minus(z, 13, t)
+    t = _times_identity_minus(az, 7, az, az)
+    t = _times_identity_minus(az, 15, t, az)
+    return _times_identity_minus(z, 13, t, z, 0.25)
 
 
-def _times_identity_minus(left: torch.Tensor, c: float, inner: torch.Tensor) -> torch.Tensor:
-    """left @ (c·I − inner), with c·I added on the diagonal instead of built as a matrix."""
-    difference = -inner
-    difference.diagonal(dim1=-2, dim2=-1).add_(c)
-    return left @ difference
+def _times_identity_minus(left: torch.Tensor, c: float, inner: torch.Tensor, identity_part: torch.Tensor,
+                          factor: float = 1.0) -> torch.Tensor:
+    """factor · (c · identity_part − left @ inner), which is factor · left @ (c·I − inner) when
+    identity_part = left @ I: one fused product (baddbmm), no c·I matrix and no negated copy."""
+    flat = (-1, *identity_part.shape[-2:])
+    out = torch.baddbmm(identity_part.reshape(flat), left.reshape(-1, *left.shape[-2:]), inner.reshape(flat),
+                        beta=c * factor, alpha=-factor)
+    return out.view(identity_part.shape)
 
 
 @attnbench.hookimpl
