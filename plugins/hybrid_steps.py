@@ -1,14 +1,16 @@
-"""hybrid for fewer queries than keys (chunked prefill, a decode step): the same weights as the
-square pass (exact exp(s) on the band, (1/m) φ(q)·φ(k) off it, one normaliser), computed from
+"""hybrid's band of exact pairs, and hybrid for fewer queries than keys (chunked prefill, a
+decode step): the same weights as the square pass (exact exp(s) on the band, (1/m) φ(q)·φ(k)
+off it, one normaliser), computed from
 
 - the "far" keys, before every query's band: only through their feature sums
   Σ φ(k)ᵀ[v, 1] (m × (D+1) per kv head, on one stabiliser), the state a decode step keeps;
 - the "near" keys, from the band of the first query on: exact where on a query's band,
   estimated with their own features where off it (the later queries' oldest keys).
 
-A decode step therefore reads window + q keys and a fixed-size state, whatever the cache holds;
-it keeps the near keys' projections too, so a step projects only its own new keys. Each kv
-head's G query heads are folded into G·q rows, so nothing is broadcast (copied) over the group.
+A decode step therefore reads its window's blocks, q keys and a fixed-size state, whatever the
+cache holds; it keeps the near keys' projections too, so a step projects only its own new keys.
+Each kv head's G query heads are folded into G·q rows, so nothing is broadcast (copied) over
+the group.
 """
 
 from __future__ import annotations
@@ -22,6 +24,32 @@ from attnbench_plugins.performer import compute_dtype, with_ones
 from attnbench import Case
 
 STATE_CHUNK = 4096  # far keys summed per pass: their (chunk × m) features stay small
+
+
+def block_and_reach(key_len: int, window: int, block_size: int) -> tuple[int, int]:
+    """(b, r): positions fall in blocks of b = min(block_size, keys), and the exact window spans
+    r = ⌈window / b⌉ blocks on each side of a query's own, so it covers at least ±window."""
+    block = min(block_size, key_len)
+    return block, math.ceil(window / block)
+
+
+def on_band(queries: torch.Tensor, keys: torch.Tensor, block: int, reach: int, causal: bool) -> torch.Tensor:
+    """Which (query, key) position pairs (broadcast against each other) get exact weights: keys
+    whose block is within ``reach`` blocks of the query's; causal: its own block or the ``reach``
+    before it, and never a later key."""
+    apart = torch.div(queries, block, rounding_mode="floor") - torch.div(keys, block, rounding_mode="floor")
+    if causal:
+        return (apart >= 0) & (apart <= reach) & (keys <= queries)
+    return apart.abs() <= reach
+
+
+def band_pairs(key_len: int, block: int, reach: int, causal: bool) -> int:
+    """The number of exact pairs of a square pass over ``key_len`` positions (without an N × N mask)."""
+    positions = torch.arange(key_len)
+    own = positions // block
+    first = ((own - reach) * block).clamp(min=0)
+    last = positions + 1 if causal else ((own + reach + 1) * block).clamp(max=key_len)
+    return int((last - first).sum())
 
 
 @dataclass(frozen=True)
@@ -43,18 +71,19 @@ class Projected:
 class FewQueries:
     """Hybrid attention of the last ``query_len`` positions over ``key_len`` keys."""
 
-    def __init__(self, case: Case, window: int, projection: torch.Tensor) -> None:
+    def __init__(self, case: Case, window: int, block_size: int, projection: torch.Tensor) -> None:
         self.projection = projection  # (D, m), scaled by d^-¼
         self.groups = case.heads // case.kv_heads
         self.scale, self.half_norm_scale = case.head_dim**-0.5, 0.5 * case.head_dim**-0.5
         first = case.key_len - case.query_len
-        self.far = max(0, first - window)  # keys [0, far) are off every query's band
-        offset = torch.arange(first, case.key_len).unsqueeze(1) - torch.arange(self.far, case.key_len).unsqueeze(0)
-        on_band = (offset <= window) & (offset >= (0 if case.causal else -window))
-        estimated = ~on_band & (offset >= 0) if case.causal else ~on_band
-        self.on_band = on_band  # (Q, K_near)
+        block, reach = block_and_reach(case.key_len, window, block_size)
+        self.far = max(0, (first // block - reach) * block)  # keys [0, far) are off every query's band
+        queries, keys = torch.arange(first, case.key_len).unsqueeze(1), torch.arange(self.far, case.key_len)
+        band = on_band(queries, keys, block, reach, case.causal)
+        estimated = ~band & (keys <= queries) if case.causal else ~band
+        self.on_band = band  # (Q, K_near)
         # Per folded row (query head g of the group, then query i): (G·Q, K_near).
-        self.outside_band = (~on_band).repeat(self.groups, 1).to(case.device)
+        self.outside_band = (~band).repeat(self.groups, 1).to(case.device)
         self.estimated = estimated.repeat(self.groups, 1).to(case.device, torch.float32)
 
     def project(self, x: torch.Tensor) -> Projected:
