@@ -29,6 +29,7 @@ import yaml
 
 import attnbench
 from attnbench import Case
+from attnbench.measuring.allocator import steady_cpu_allocator
 from attnbench.presenting.summary import format_table
 from attnbench.support.units import format_seconds
 
@@ -47,6 +48,7 @@ def main() -> int:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="an option for both, as YAML, e.g. chunk_size=512")
     args = parser.parse_args()
+    steady_cpu_allocator()  # as attnbench's workers have it: freed pages reused, not faulted in afresh
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.option)}

@@ -1,13 +1,16 @@
 """How close the built-in approximations come to the hardware, from attnbench runs of
 suites/limits.yaml (all cores) and suites/limits_1thread.yaml (``threads: 1``):
 
-    python benchmarks/hardware_limit.py results/limits/<run-id> [--before results/limits/<older-run-id>]
+    python benchmarks/hardware_limit.py RUN [RUN ...] [--before OLDER_RUN]    # RUN: results/limits/<run-id>
 
 Per implementation, case and N: its median latency, the FLOP/s its declared work count gives,
 that as a fraction of the matmul throughput the same run measured, and the ratio of its latency
 to its peer's (lucidrains' packages, measured in the same run) with both relative errors, so a
-ratio is only read at equal error. Then each curve's log-log slope of peak memory over N, and,
-with ``--before``, each point against an earlier run: latency, error and peak memory.
+ratio is only read at equal error. Given several runs (say, one implementation measured again
+after a change), a point is taken from the last run that has it, its fraction of matmul against
+that run's own rate, and a ratio is given only where both rows come from one run. Then each
+curve's log-log slope of peak memory over N, and, with ``--before``, each point against an
+earlier run: latency, error and peak memory.
 
 The targets (issue 19) are checked and every miss is printed: forward at N >= 8192 at least 50%
 of matmul (a training step at least 35%) for performer, nystrom and hybrid; at most 0.5x the
@@ -57,17 +60,23 @@ def measured(run: RunFolder) -> dict[Point, Row]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="a run folder of suites/limits*.yaml")
+    parser.add_argument("runs", type=Path, nargs="+", help="run folders of suites/limits*.yaml, oldest first")
     parser.add_argument("--before", type=Path, help="an earlier run of the same suite, to compare with")
     args = parser.parse_args(argv)
-    run = load_run(args.run)
-    rows = measured(run)
-    rates = {point_of(t.row): t for t in throughputs(list(rows.values()), run.declared, run.matmul_flops)}
-    threads = run.environment.get("torch_threads", "?")
-    print(f"== {args.run} (threads: {threads}; matmul: "
-          + ", ".join(f"{key} {rate / 1e9:.0f} GFLOP/s" for key, rate in sorted(run.matmul_flops.items())) + ")")
+    rows: dict[Point, Row] = {}
+    rates: dict[Point, Throughput] = {}
+    source: dict[Point, int] = {}  # which run each point comes from
+    for index, path in enumerate(args.runs):
+        run = load_run(path)
+        points = measured(run)
+        rows.update(points)
+        rates.update({point_of(t.row): t for t in throughputs(list(points.values()), run.declared, run.matmul_flops)})
+        source.update(dict.fromkeys(points, index))
+        threads = run.environment.get("torch_threads", "?")
+        print(f"== {path} (threads: {threads}; matmul: "
+              + ", ".join(f"{key} {rate / 1e9:.0f} GFLOP/s" for key, rate in sorted(run.matmul_flops.items())) + ")")
     misses: list[str] = []
-    print(throughput_table(rows, rates, misses))
+    print(throughput_table(rows, rates, source, misses))
     print()
     print(memory_slopes(rows, misses))
     if args.before:
@@ -78,12 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def throughput_table(rows: dict[Point, Row], rates: dict[Point, Throughput], misses: list[str]) -> str:
+def throughput_table(rows: dict[Point, Row], rates: dict[Point, Throughput], source: dict[Point, int],
+                     misses: list[str]) -> str:
     lines = []
     for point in sorted((p for p in rows if p.implementation in OURS), key=_order):
         row, rate = rows[point], rates.get(point)
         fraction = rate.fraction_of_matmul if rate else None
-        peer = rows.get(Point(PEER_OF.get(point.implementation, ""), point.curve, point.seq_len))
+        peer_point = Point(PEER_OF.get(point.implementation, ""), point.curve, point.seq_len)
+        peer = rows.get(peer_point) if source.get(peer_point) == source[point] else None  # side by side only
         ratio = row.latency.median_s / peer.latency.median_s if peer else None
         lines.append([
             point.implementation, point.curve, str(point.seq_len), format_seconds(row.latency.median_s),
