@@ -33,7 +33,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from attnbench_plugins.hybrid_steps import FewQueries, band_pairs, block_and_reach, on_band
-from attnbench_plugins.performer import LOG2_E, compute_dtype, random_projection, with_ones
+from attnbench_plugins.performer import (
+    LOG2_E,
+    compute_dtype,
+    compute_dtype_for,
+    random_projection,
+    scaled_square_norms,
+    with_ones,
+)
 
 import attnbench
 from attnbench import AttentionFn, Case
@@ -156,7 +163,7 @@ class HybridAttention(attnbench.Implementation):
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             batch, heads, _, dim = q.shape
             dtype = q.dtype
-            compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            compute = compute_dtype_for(dtype)
             # Block-major (N/b, B, KV, G, b, C): a run of consecutive blocks is one contiguous
             # slice whose leading dimensions merge, so products on it copy nothing.
             q = _block_major(q.to(compute), block, pad, groups)
@@ -300,7 +307,7 @@ def _features(
     log₂e), with c the maximum of x̃·ω over ``dims`` (a constant: detached)."""
     logits = x @ projection.to(x.dtype)
     stabiliser = logits.detach().amax(dim=dims, keepdim=True)
-    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square().mul_(half_norm_scale)
+    norms = scaled_square_norms(x, half_norm_scale)
     features = logits.sub_(norms + stabiliser).exp2_()
     return features, stabiliser.amax(dim=-1, keepdim=True)
 

@@ -138,8 +138,7 @@ class PerformerAttention(attnbench.Implementation):
 
 
 def _favor(case: Case, options: Mapping[str, Any]) -> FavorPlus:
-    compute = torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype  # as compute_dtype
-    projection = _scaled_projection(case, options).to(device=case.device, dtype=compute)  # (D, m)
+    projection = _scaled_projection(case, options).to(device=case.device, dtype=compute_dtype_for(case.dtype))  # (D, m)
     return FavorPlus(projection * LOG2_E, 0.5 * case.head_dim**-0.5, options["epsilon"], options["chunk_size"])
 
 
@@ -159,7 +158,17 @@ def _keys_values(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Features in float32 for float16 and bfloat16, whose range the exponentials would leave."""
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return compute_dtype_for(x.dtype)
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """compute_dtype for inputs of ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def scaled_square_norms(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """|x|² · scale per row (…, N, 1), as a norm: no (N × D) temporary of squares."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square().mul_(scale)
 
 
 def _ungrouped(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -266,7 +275,7 @@ class FavorPlus:
 
     def _half_norms(self, x: torch.Tensor) -> torch.Tensor:
         """|x̃|²/2 per row, in base-2 units (…, N, 1): the features' factor e^(−|x̃|²/2) as an exponent."""
-        return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square().mul_(self.norm_scale)
+        return scaled_square_norms(x, self.norm_scale)
 
     def _query_features(self, q: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """e_q (…, C, m), stabilised by each row's maximum."""
