@@ -16,7 +16,8 @@ key stabiliser is not a pure no-op, so it is defined with care: for causal atten
 i's features are those stabilised by the maximum over keys j <= i only, so no output depends
 on a later key (one maximum over all keys, as in the reference code, leaks the future).
 
-The sums over keys run chunk by chunk (``chunk_size`` rows), with the key maximum kept as a
+The sums over keys run chunk by chunk (``chunk_size`` rows; causal: ``causal_chunk_size``, which
+also sizes the masked products inside each chunk), with the key maximum kept as a
 running maximum and earlier sums rescaled when it grows, as FlashAttention does for softmax:
 the (N × m) feature matrices are never materialised, memory is O(N·d + chunk·m), and each
 chunk's work stays in cache. Causal attention adds, per chunk, the masked (chunk × chunk)
@@ -52,11 +53,15 @@ class PerformerAttention(attnbench.Implementation):
     supports_decode = True
     decode_time_complexity = "1"  # a step updates sums of fixed size, whatever n
     decode_memory_complexity = "1"  # the key sums: m × (D + 1) per kv head
-    default_options = {"features": 256, "seed": 0, "orthogonal": True, "epsilon": 1e-4, "chunk_size": 128}
+    # Rows per chunk: large enough that the chunk's products run near the matmul kernels' rate,
+    # small enough that its (rows × m) features stay in cache; causal chunks also hold the
+    # masked (c × c) products, whose cost grows with c.
+    default_options = {"features": 256, "seed": 0, "orthogonal": True, "epsilon": 1e-4, "chunk_size": 256,
+                       "causal_chunk_size": 128}
 
     def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
         problems = {}
-        for key in ("features", "chunk_size"):
+        for key in ("features", "chunk_size", "causal_chunk_size"):
             if options[key] < 1:
                 problems[key] = f"must be at least 1, got {options[key]}"
         if options["epsilon"] < 0:
@@ -98,7 +103,7 @@ class PerformerAttention(attnbench.Implementation):
     def flops(self, case: Case, options: Mapping[str, Any]) -> attnbench.FlopCount:
         """φ(Q), φ(K), φ(K)ᵀ[V, 1] and φ(Q)·(that): 4·B·(H+KV)·N·m·D; causal adds each chunk's
         masked (c × c) products, 2·B·H·N·c·(m+D)."""
-        return timed_call(case, *random_features(case, options["features"], options["chunk_size"]))
+        return timed_call(case, *random_features(case, options["features"], options["causal_chunk_size"]))
 
     def reference(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case, options: Mapping[str, Any],
@@ -139,7 +144,8 @@ class PerformerAttention(attnbench.Implementation):
 
 def _favor(case: Case, options: Mapping[str, Any]) -> FavorPlus:
     projection = _scaled_projection(case, options).to(device=case.device, dtype=compute_dtype_for(case.dtype))  # (D, m)
-    return FavorPlus(projection * LOG2_E, 0.5 * case.head_dim**-0.5, options["epsilon"], options["chunk_size"])
+    chunk = options["causal_chunk_size" if case.causal else "chunk_size"]
+    return FavorPlus(projection * LOG2_E, 0.5 * case.head_dim**-0.5, options["epsilon"], chunk)
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case) -> tuple[torch.Tensor, ...]:

@@ -15,7 +15,7 @@ from attnbench.testing import check_implementation, small_case, small_cases
 
 def test_matches_its_dense_float64_estimator_with_ragged_chunks(registry):
     """Chunks of 48 over N=128: a ragged last chunk, and running maxima across chunks."""
-    measurements = check_implementation(registry.get("performer"), options={"chunk_size": 48})
+    measurements = check_implementation(registry.get("performer"), options={"chunk_size": 48, "causal_chunk_size": 48})
     assert len(measurements) == len(small_cases())
     for measurement in measurements.values():
         assert measurement.correctness.judged_against == "own"

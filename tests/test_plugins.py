@@ -68,7 +68,7 @@ def test_causal_outputs_never_depend_on_later_tokens(registry, name):
     if implementation.not_supported_reasons(case):
         pytest.skip(f"{name} does not run float64 here")
     options = {
-        "performer": {"chunk_size": 32},
+        "performer": {"causal_chunk_size": 32},
         "sparse": {"window": 16, "global_tokens": 2, "backend": "blocked"},
         "hybrid": {"window": 16, "block_size": 16, "features": 32},
     }
