@@ -78,6 +78,7 @@ def _module_at(rev: str | None, name: str, folder: Path) -> ModuleType:
                                        check=True, capture_output=True, text=True).stdout)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses look up the module's names
     spec.loader.exec_module(module)
     return module
 

@@ -31,7 +31,7 @@ def test_blocked_path_is_exact_on_its_pattern(registry, pattern):
 def test_flex_path_is_exact_on_its_pattern(registry):
     """Compiled FlexAttention (forward only on the CPU); the same pattern check."""
     cases = [small_case(causal=causal, kv_heads=kv_heads) for causal in (False, True) for kv_heads in (4, 2)]
-    options = {"window": 24, "global_tokens": 3, "backend": "flex", "block_size": 32}
+    options = {"window": 24, "global_tokens": 3, "backend": "flex", "flex_block_size": 32}
     measurements = check_implementation(registry.get("sparse"), cases, options)
     assert len(measurements) == len(cases)
 
@@ -65,7 +65,8 @@ def test_peak_memory_grows_linearly(registry, backend):
     where one N×N score matrix would quadruple it."""
     sparse = registry.get("sparse")
     measure = CORRECTNESS_ONLY.__class__(correctness=None, latency=None, memory=True)
-    options = {**sparse.default_options, "window": 64, "backend": backend, "block_size": 64}
+    options = {**sparse.default_options, "window": 64, "backend": backend, "block_size": 64,
+               "flex_block_size": 64}
     peaks = {
         seq_len: measure_case(sparse, small_case(batch=1, heads=2, seq_len=seq_len, head_dim=32), options, measure)
         .memory.allocator_peak_bytes
@@ -73,3 +74,21 @@ def test_peak_memory_grows_linearly(registry, backend):
     }
     assert peaks[4096] < 2.2 * peaks[2048], peaks
     assert peaks[4096] < 0.2 * 2 * 4096**2 * 4, peaks  # well under one N×N float32 matrix per head
+
+
+@pytest.mark.parametrize("value, shown", [("8", "8"), ("'big'", "'big'"), ("true", "True")])
+def test_a_flex_block_size_that_is_not_a_block_is_refused(registry, write_suite, value, shown):
+    from attnbench.contract.errors import UserError
+    from attnbench.settings.loader import load_suite
+
+    expected = rf"options\.sparse\.flex_block_size: must be null \(per device\) or an integer of at least 16, got {shown}"
+    with pytest.raises(UserError, match=expected):
+        load_suite(write_suite(f"options: {{sparse: {{flex_block_size: {value}}}}}\n"), registry)
+
+
+def test_flex_block_size_is_the_devices_unless_given(registry):
+    from attnbench_plugins.sparse import FLEX_BLOCK_SIZE, _flex_block_size
+
+    assert _flex_block_size(small_case(), None) == FLEX_BLOCK_SIZE["cpu"]
+    assert _flex_block_size(small_case(device="cuda"), None) == FLEX_BLOCK_SIZE["default"]
+    assert _flex_block_size(small_case(), 32) == 32
