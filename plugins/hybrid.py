@@ -33,14 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from attnbench_plugins.hybrid_steps import FewQueries, band_pairs, block_and_reach, on_band
-from attnbench_plugins.performer import (
-    LOG2_E,
-    compute_dtype,
-    compute_dtype_for,
-    random_projection,
-    scaled_square_norms,
-    with_ones,
-)
+from attnbench_plugins.performer import LOG2_E, random_projection, scaled_square_norms, with_ones
+from attnbench_plugins.precision import compute_dtype, compute_dtype_for
 
 import attnbench
 from attnbench import AttentionFn, Case

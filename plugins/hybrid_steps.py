@@ -19,7 +19,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from attnbench_plugins.performer import compute_dtype, with_ones
+from attnbench_plugins.performer import with_ones
+from attnbench_plugins.precision import compute_dtype
 
 from attnbench import Case
 

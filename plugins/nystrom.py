@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from attnbench_plugins.precision import compute_dtype_for
 
 import attnbench
 from attnbench import AttentionFn, Case
@@ -65,7 +66,7 @@ class NystromAttention(attnbench.Implementation):
 
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             dtype = q.dtype
-            compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            compute = compute_dtype_for(dtype)
             q, k, v = q.to(compute), k.to(compute), v.to(compute)
             batch, heads, seq_len, head_dim = q.shape
             q_landmarks = segment_means(q, segment_of, segment_sizes)  # (B, H, m, D)

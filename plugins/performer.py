@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from attnbench_plugins.precision import compute_dtype, compute_dtype_for
 
 import attnbench
 from attnbench import AttentionFn, Case
@@ -160,16 +161,6 @@ def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case) -> t
 def _keys_values(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, KV, 1, N, D) each, in the compute dtype."""
     return k.to(compute_dtype(k)).unsqueeze(2), v.to(compute_dtype(v)).unsqueeze(2)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Features in float32 for float16 and bfloat16, whose range the exponentials would leave."""
-    return compute_dtype_for(x.dtype)
-
-
-def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """compute_dtype for inputs of ``dtype``."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def scaled_square_norms(x: torch.Tensor, scale: float) -> torch.Tensor:

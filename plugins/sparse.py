@@ -19,9 +19,10 @@ Fewer queries than keys (chunked prefill, a decode step) read only the keys thos
 see: the global tokens' and the last window before the first query; a decode step keeps only
 those between steps, so its time and state do not grow with the cache.
 
-``backend: auto`` takes flex where it runs (forward on any device, training on CUDA: 52 ms
-against 175 ms for blocked at N=4096, window 256 on this CPU) and blocked otherwise, or when
-compilation is unavailable; the row then carries the note why.
+``backend: auto`` takes flex where it runs (forward on any device, training on CUDA: its fused
+kernel skips the blocks outside the window and never holds a block's scores) and blocked
+otherwise, or when compilation is unavailable; the row then carries the note why. The two cut
+the sequence into blocks of their own sizes (``flex_block_size``, ``block_size``).
 """
 
 from __future__ import annotations

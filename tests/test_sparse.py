@@ -81,7 +81,8 @@ def test_a_flex_block_size_that_is_not_a_block_is_refused(registry, write_suite,
     from attnbench.contract.errors import UserError
     from attnbench.settings.loader import load_suite
 
-    expected = rf"options\.sparse\.flex_block_size: must be null \(per device\) or an integer of at least 16, got {shown}"
+    expected = (r"options\.sparse\.flex_block_size: must be null \(per device\) or an integer of at least 16, "
+                rf"got {shown}")
     with pytest.raises(UserError, match=expected):
         load_suite(write_suite(f"options: {{sparse: {{flex_block_size: {value}}}}}\n"), registry)
 
