@@ -104,7 +104,7 @@ def throughput_table(rows: dict[Point, Row], rates: dict[Point, Throughput], sou
         target = MATMUL_FRACTION[point.curve.split()[0]]
         if point.implementation in THROUGHPUT_TARGETS and point.seq_len >= THROUGHPUT_FROM_N and fraction is not None \
                 and fraction < target:
-            misses.append(f"{_name(point)}: {100 * fraction:.0f}% of matmul (target {100 * target:.0f}%)")
+            misses.append(f"{_name(point)}: {100 * fraction:.1f}% of matmul (target {100 * target:.0f}%)")
         if ratio is not None and point.seq_len in PEER_AT_N and ratio > PEER_RATIO:
             misses.append(f"{_name(point)}: {ratio:.2f}x its peer's latency (target {PEER_RATIO}x)")
     headers = ("implementation", "case", "N", "median", "GFLOP/s", "of matmul", "/ peer", "rel err", "peer rel err")

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from attnbench_plugins.decoding import SlotCache, cached_step, lower_right_allowed
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 import attnbench
 from attnbench import AttentionFn, Case
@@ -111,6 +110,10 @@ def _lower_right_mask(case: Case) -> Any:
     the alignment without a mask in memory); on the CPU that bias would be materialised in every
     call, so the boolean mask is built once here."""
     if case.device_type == "cuda":
+        # Imported here: torch.nn.attention.bias imports torch._dynamo, a second or more that
+        # every attnbench process would otherwise pay on loading the plugins.
+        from torch.nn.attention.bias import causal_lower_right
+
         return causal_lower_right(case.query_len, case.key_len) if case.causal and case.query_len > 1 else None
     return lower_right_allowed(case)
 
