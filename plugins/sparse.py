@@ -118,8 +118,8 @@ class SparseAttention(attnbench.Implementation):
         if backend == "flex" and flex_refusal:
             raise attnbench.NotSupported(f"backend=flex: {flex_refusal} (supported: backend blocked or auto)")
         if backend == "flex" or (backend == "auto" and not flex_refusal):
+            block = _flex_block_size(case, options["flex_block_size"])
             try:
-                block = _flex_block_size(case, options["flex_block_size"])
                 return compiled_flex(case, window_block_mask(pattern, case.seq_len, block, case.device))
             except Exception as error:  # no compiler here: in auto mode, say so and fall back
                 if backend == "flex":
