@@ -1,12 +1,18 @@
 """The Ray executor on a real cluster of two nodes on this machine, bound to loopback: the same
-rows as the local executor, one case per node at a time, a node lost mid-case, Ctrl-C, resume."""
+rows as the local executor, one case per node at a time, a node lost mid-case, Ctrl-C, resume; and
+the Ray that `--executor ray` starts itself, listening on loopback only."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
+import struct
+import subprocess
 import sys
+import time
+import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -22,7 +28,8 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from attnbench import cli  # noqa: E402
-from attnbench.contract.registry import Registry  # noqa: E402
+from attnbench.contract.errors import UserError  # noqa: E402
+from attnbench.contract.registry import DISABLE_AUTOLOAD_VARIABLE, Registry  # noqa: E402
 from attnbench.execution.distributed.placement import RayPlacement  # noqa: E402
 from attnbench.execution.runner import run_suite  # noqa: E402
 from attnbench.settings.loader import load_suite  # noqa: E402
@@ -31,6 +38,7 @@ from attnbench.support.containment import Interrupted  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 FAST = "measure: {correctness: {rows: 32}, latency: {min_run_time_s: 0.01, max_run_time_s: 0.05, rounds: 2}}\n"
+PROBE = "ATTNBENCH_LISTEN_PROBE"  # in the environment of every process of one run, and so findable
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +158,76 @@ def test_without_ray_the_flag_names_the_extra(monkeypatch, capsys, tmp_path):
     assert cli.main(["run", str(suite), "--executor", "ray"]) == 2
     error = capsys.readouterr().err.strip()
     assert error == "attnbench: error: --executor ray: Ray is not installed; install the extra: pip install -e '.[ray]'"
+
+
+def listeners(marker: str) -> set[tuple[int, str, str, str, int]]:
+    """(pid, process name, protocol, address, port) of each listening socket of the processes that
+    carry ``marker`` in their environment: TCP in LISTEN, UDP unconnected and bound to a port (from
+    /proc/net and each process's socket inodes)."""
+    owners: dict[int, tuple[int, str]] = {}  # socket inode -> (pid, name)
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or f"{PROBE}={marker}\0".encode() not in (entry / "environ").read_bytes():
+                continue
+            name = (entry / "comm").read_text().strip()
+            for fd in (entry / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    owners[int(target[8:-1])] = (int(entry.name), name)
+        except OSError:  # a process that ended meanwhile
+            continue
+    found = set()
+    for protocol, listening in (("tcp", "0A"), ("tcp6", "0A"), ("udp", "07"), ("udp6", "07")):
+        for line in Path(f"/proc/net/{protocol}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], int(fields[9])
+            if inode not in owners or state != listening:
+                continue
+            hex_address, hex_port = local.split(":")
+            # The kernel prints the address as 32-bit words in host byte order.
+            words = [int(hex_address[i:i + 8], 16) for i in range(0, len(hex_address), 8)]
+            address = ipaddress.ip_address(b"".join(struct.pack("=I", word) for word in words))
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack socket is 127.0.0.1
+            if int(hex_port, 16):
+                found.add((*owners[inode], protocol, str(address), int(hex_port, 16)))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the sockets from Linux's /proc")
+def test_the_ray_a_run_starts_listens_on_loopback_only(tmp_path, write_suite):
+    """Issue 31: `attnbench run SUITE --executor ray` as a user starts it, in a fresh process without
+    the loopback setting this module made for its own Ray: while the run's Ray is up, every socket
+    that the driver and Ray's processes (GCS, raylet, workers, agents) listen on is bound to
+    127.0.0.1 or ::1. The sockets are read, not the settings."""
+    suite = write_suite("implementations: [naive]\nsweep: {seq_len: 32, heads: 2}\n" + FAST)
+    marker = uuid.uuid4().hex  # every process the run starts inherits it
+    environment = {name: value for name, value in os.environ.items() if name != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    environment.update({PROBE: marker, DISABLE_AUTOLOAD_VARIABLE: "1"})
+    with (tmp_path / "stderr").open("w") as stderr:
+        run = subprocess.Popen([sys.executable, "-m", "attnbench", "run", str(suite), "--executor", "ray",
+                                "--output", str(tmp_path / "out")], cwd=tmp_path, env=environment,
+                               stdout=subprocess.DEVNULL, stderr=stderr)
+        seen: set[tuple[int, str, str, str, int]] = set()
+        deadline = time.monotonic() + 300
+        try:
+            while run.poll() is None and time.monotonic() < deadline:
+                seen |= listeners(marker)
+                time.sleep(0.1)
+        finally:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, (tmp_path / "stderr").read_text()
+    # The check saw the run's Ray up: the driver, the GCS, the raylet and the slot's worker listening.
+    assert {"gcs_server", "raylet", "ray::NodeRunner"} <= {name for _, name, *_ in seen}, seen
+    assert run.pid in {pid for pid, *_ in seen}, seen
+    assert {entry for entry in seen if entry[3] not in ("127.0.0.1", "::1")} == set(), sorted(seen)
+
+
+def test_a_ray_that_would_listen_beyond_this_machine_is_not_started(monkeypatch, registry):
+    """Where Ray was imported without the loopback setting, its node's address is the external one:
+    the run refuses in one line rather than start a Ray reachable from the network."""
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "192.0.2.7")
+    with pytest.raises(UserError, match="the Ray it starts would listen on 192.0.2.7, beyond this machine"):
+        RayPlacement(registry, None)._connect()
+    assert not ray.is_initialized()

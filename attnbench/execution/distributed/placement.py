@@ -11,6 +11,8 @@ writes every row to the run folder as it arrives.
 
 from __future__ import annotations
 
+import importlib.util
+import ipaddress
 import os
 import signal
 import threading
@@ -36,11 +38,10 @@ PYTHON_PLUGIN = "<python>"
 
 
 def require_ray() -> None:
-    """One line naming the extra when Ray is not installed."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise UserError(f"--executor ray: Ray is not installed; install the extra: {EXTRA}") from None
+    """One line naming the extra when Ray is not installed. It does not import Ray: Ray reads the
+    setting that keeps a Ray of this machine on loopback when it is imported (RayPlacement._connect)."""
+    if importlib.util.find_spec("ray") is None:
+        raise UserError(f"--executor ray: Ray is not installed; install the extra: {EXTRA}")
 
 
 class RayPlacement:
@@ -155,17 +156,35 @@ class RayPlacement:
     def _connect(self) -> Any:
         require_ray()
         if self.address is None:
-            # Before Ray is imported: a Ray of this machine alone binds every server to 127.0.0.1.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            # Nothing of a Ray started here may listen beyond this machine: a reachable Ray runs any job
+            # it is sent. Ray binds its servers (GCS, raylet and object manager, every worker's and the
+            # driver's, its agents) to loopback when the node's IP is loopback, and takes loopback as that
+            # IP only where it allows no cluster (where it does, it rewrites even _node_ip_address=127.0.0.1
+            # to the external IP). Ray reads this when it is first imported: it comes before any `import
+            # ray`. tests/test_ray.py checks the sockets of a real run.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
             # Its workers (and so the measurements) at the priority a local run has, not Ray's 15.
             os.environ.setdefault("RAY_worker_niceness", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        import ray
+        try:
+            import ray
+            from ray.util import get_node_ip_address
+        except ImportError as error:
+            raise UserError(f"--executor ray: Ray cannot be imported ({_reason(error)}); reinstall the extra: "
+                            f"{EXTRA}") from None
+        node_ip = get_node_ip_address() if self.address is None else None  # before init: the IP it would use
+        if node_ip is not None and not _loopback(node_ip):
+            # Ray was imported before the line above (by the program that runs attnbench): refuse, not expose.
+            raise UserError(f"--executor ray: the Ray it starts would listen on {node_ip}, beyond this machine "
+                            "(Ray was imported without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); set that before importing "
+                            "Ray, or start a Ray yourself and pass --ray-address")
 
         sigterm = signal.getsignal(signal.SIGTERM)
         try:
             if self.address is None:
-                ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+                # "local": a Ray of its own, even where another runs on this machine (ray.init() would join
+                # the one in RAY_ADDRESS or the last one started here, bound however that was).
+                ray.init(address="local", include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=self.address, log_to_driver=False)
         except Exception as error:  # noqa: BLE001 (Ray's own errors: no cluster there, a version mismatch)
@@ -202,6 +221,13 @@ def _claims(resources: Mapping[str, float], kinds: set[str]) -> list[tuple[str, 
     if "cuda" in kinds:
         claims += [("cuda", {"num_gpus": 1, "num_cpus": 0})] * int(resources.get("GPU", 0))
     return claims
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _pickled(implementation: object) -> bytes:
