@@ -17,7 +17,8 @@ from pathlib import Path
 
 from attnbench.analysis.curves import crossover_between, loglog_slope
 from attnbench.presenting.summary import format_table
-from attnbench.storage.results import Row, read_rows
+from attnbench.storage.results import Row
+from attnbench.storage.run_folder import load_run
 from attnbench.support.units import format_bytes, format_seconds
 
 PAIRS = (("performer", "lucidrains_performer"), ("nystrom", "lucidrains_nystrom"), ("sparse", "lucidrains_local"))
@@ -26,7 +27,8 @@ BASELINE = "flash"
 
 def main(run_dirs: list[str]) -> int:
     for run_dir in run_dirs:
-        rows = [row for row in read_rows(Path(run_dir) / "rows.jsonl") if row.status in ("ok", "incorrect")]
+        # load_run: the ledger checked, rows edited after the run named and left out
+        rows = [row for row in load_run(Path(run_dir)).rows if row.status in ("ok", "incorrect")]
         print(f"== {run_dir}")
         print(pairs_table(rows))
         print()

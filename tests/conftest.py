@@ -1,20 +1,34 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from attnbench.contract.registry import Registry, load_registry
+from attnbench.storage.ledger import KEY_STORE_VARIABLE
 
 REPO = Path(__file__).resolve().parent.parent
+_KEY_STORES: list[str] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """tests/benchmarks run once each, untimed, unless asked for with --benchmark-only or
-    --benchmark-enable (pytest-benchmark reads this after every other plugin has configured)."""
+    --benchmark-enable (pytest-benchmark reads this after every other plugin has configured).
+    The runs' ledger keys go to a folder of this session, removed at its end, never to the
+    user's key store (the commands the tests start inherit it)."""
     option = config.option
     if hasattr(option, "benchmark_disable") and not (option.benchmark_only or option.benchmark_enable):
         option.benchmark_disable = True
+    _KEY_STORES.append(tempfile.mkdtemp(prefix="attnbench-test-keys-"))
+    os.environ[KEY_STORE_VARIABLE] = _KEY_STORES[-1]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for folder in _KEY_STORES:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

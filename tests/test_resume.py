@@ -15,6 +15,7 @@ from conftest import REPO
 
 from attnbench.contract.registry import DISABLE_AUTOLOAD_VARIABLE
 from attnbench.storage.results import read_rows
+from attnbench.storage.run_folder import verify_ledger
 
 SUITE = """
 name: resume
@@ -66,6 +67,8 @@ def test_kill_then_resume_records_every_point_exactly_once(tmp_path):
     assert len(keys) == len(set(keys)) == POINTS
     assert rows[: len(before)] == before  # the first rows kept as they were
     assert all(row.status == "ok" for row in rows)
+    ledger = verify_ledger(rows_path.parent)  # sealed through the kill, the torn line and the resume
+    assert (ledger.state, ledger.key_present, ledger.verified, ledger.findings) == ("sealed", True, POINTS, ())
 
 
 def test_resume_refuses_a_changed_suite(tmp_path):

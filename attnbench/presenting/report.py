@@ -42,6 +42,7 @@ from attnbench.presenting.render import PLOTS_FOLDER, html_page, markdown
 from attnbench.presenting.run_facts import identity_line, run_facts
 from attnbench.presenting.table import tidy_frame
 from attnbench.settings.loader import load_report_settings
+from attnbench.storage.ledger import REMOVED, Finding
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import SUITE_COPY, RunFolder
 from attnbench.support.units import format_seconds
@@ -60,7 +61,8 @@ def write_reports(run: RunFolder, budgets: Sequence[float] | None = None) -> lis
     tidy_frame(run.rows).to_csv(folder / CSV_FILE, index=False)
     sections = build_sections(run, folder / PLOTS_FOLDER, budgets)
     title, facts = run_facts(run)
-    sections.append(Section("How this was measured", (Table("Run details", ("what", "value"), tuple(facts)),)))
+    sections.append(Section("How this was measured", (Table("Run details", ("what", "value"), tuple(facts)),
+                                                      *_ledger_table(run))))
     identity = identity_line(run)
     (folder / MARKDOWN_FILE).write_text(markdown(title, identity, sections), encoding="utf-8")
     (folder / HTML_FILE).write_text(html_page(title, identity, sections, folder / PLOTS_FOLDER), encoding="utf-8")
@@ -105,6 +107,25 @@ def build_sections(run: RunFolder, plots_folder: Path, budgets: Sequence[float])
         Section("Flagged points", (_flag_table(rows),)),
     ]
     return sections
+
+
+def _ledger_table(run: RunFolder) -> tuple[Table, ...]:
+    """The rows of the run's ledger changed, added or removed after the run (none: no table)."""
+    check = run.ledger
+    if not check.edited:
+        return ()
+    lines = (*(("ledger", "", problem) for problem in check.problems),
+             *((finding.kind, _ledger_line(finding), finding.point) for finding in check.findings))
+    note = ("Lines of rows.jsonl whose seal does not verify: the harness did not write them as they are. Changed "
+            "and added rows are left out of every table, plot and answer above; removed rows are no longer in the "
+            "file.")
+    return (Table("Rows edited after the run (not reported)", ("what", "line", "point"), lines, note),)
+
+
+def _ledger_line(finding: Finding) -> str:
+    if finding.kind != REMOVED:
+        return str(finding.line)
+    return f"after {finding.line}{' (the last)' if finding.at_end else ''}" if finding.line else "at the start"
 
 
 def _baseline(group_curves: Mapping[str, list[Row]], declared: Mapping[str, Declared]) -> str | None:

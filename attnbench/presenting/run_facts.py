@@ -22,7 +22,8 @@ def identity_line(run: RunFolder) -> str:
     cluster = f" · on a Ray cluster of {len(env['nodes'])} slot(s)" if env.get("nodes") else ""
     return (f"{env.get('started_at', 'unknown')} · {devices} · {env.get('cpu_model', 'unknown CPU')}, torch threads "
             f"{env.get('torch_threads', '?')} · torch {torch_version} · commit {str(env.get('git_commit') or '?')[:10]}"
-            f"{' (uncommitted changes)' if env.get('git_dirty') else ''} · {len(run.rows)} points{cluster}")
+            f"{' (uncommitted changes)' if env.get('git_dirty') else ''} · {len(run.rows)} points{cluster}"
+            f"{' · its rows were EDITED after the run (see How this was measured)' if run.ledger.edited else ''}")
 
 
 def run_facts(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
@@ -43,6 +44,7 @@ def run_facts(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
         ("worker allocator", env.get("worker_allocator") or "not recorded"),
         ("latency rounds", _rounds_text(run.rows)),
         ("rows", f"{len(run.rows)} ({', '.join(f'{s} {n}' for s, n in Counter(r.status for r in run.rows).items())})"),
+        ("ledger", run.ledger.summary()),
         ("flagged", ", ".join(f"{kind} {n}" for kind, n in Counter(f.kind for r in run.rows for f in r.flags).items())
          or "none"),
         ("load while timed", _timed_load_text(run.rows)),

@@ -17,6 +17,7 @@ from attnbench.measuring.figures import Correctness, ErrorFigures, Latency, Memo
 from attnbench.measuring.flops import matmul_key
 from attnbench.measuring.gpu_state import GpuSample
 from attnbench.measuring.outcome import Status
+from attnbench.storage.ledger import SEAL_FIELD, Entry, Sealer, content_digest
 from attnbench.support.text import bounded_block, one_line
 
 # Rows carry the version of their layout. 1: no "schema" field, one latency round.
@@ -162,17 +163,23 @@ class Row:
 
 
 class RowWriter:
-    """Appends rows to a JSONL file as each finishes, so a killed run keeps every finished row."""
+    """Appends rows to a JSONL file as each finishes, so a killed run keeps every finished row;
+    with a ``sealer`` (attnbench.storage.ledger), each line carries its seal, written with it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sealer: Sealer | None = None) -> None:
         self.path = path
+        self._sealer = sealer
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, row: Row) -> None:
-        self._file.write(json.dumps(row.to_json(), sort_keys=False) + "\n")
+        data = row.to_json()
+        line = self._sealer.sealed_line(data) if self._sealer is not None else json.dumps(data)
+        self._file.write(line + "\n")  # one write: a kill mid-write leaves a torn last line, no seal apart
         self._file.flush()
         os.fsync(self._file.fileno())  # on disk before the next point starts: a kill loses no row
+        if self._sealer is not None:
+            self._sealer.written()
 
     def close(self) -> None:
         self._file.close()
@@ -187,13 +194,14 @@ class StoredRows:
     rows: list[Row]
     complete_bytes: int  # the file's length up to the end of its last complete row
     torn_tail: bool  # a last line cut short (a run killed while writing): ignored
+    entries: list[Entry] = field(default_factory=list)  # each row's line and seal, for the ledger's check
 
 
 def read_rows_tolerantly(path: Path) -> StoredRows:
     """The rows of a JSONL file. A last line without its newline that does not parse is the
     trace of a kill mid-write and is ignored; any other bad line is an error naming it."""
     data = path.read_bytes()
-    rows, offset = [], 0
+    rows, entries, offset = [], [], 0
     lines = data.split(b"\n")
     for number, line in enumerate(lines, start=1):
         last = number == len(lines)
@@ -202,12 +210,14 @@ def read_rows_tolerantly(path: Path) -> StoredRows:
                 fields = json.loads(line)
             except ValueError as error:
                 if last:  # no newline after it: it was being written when the run died
-                    return StoredRows(rows, offset, torn_tail=True)
+                    return StoredRows(rows, offset, torn_tail=True, entries=entries)
                 raise UserError(f"{path}: line {number} is not a result row (not JSON: {error})") from None
             rows.append(_row_from_line(fields, path, number))
+            seal = fields.get(SEAL_FIELD)
+            entries.append(Entry(number, seal, content_digest(fields) if seal is not None else None))
         if not last:
             offset += len(line) + 1
-    return StoredRows(rows, offset, torn_tail=False)
+    return StoredRows(rows, offset, torn_tail=False, entries=entries)
 
 
 def _row_from_line(fields: Any, path: Path, number: int) -> Row:

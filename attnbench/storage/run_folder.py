@@ -7,6 +7,10 @@ and reading its files, resuming it.
     environment.json      versions, CPU, threads, timing settings, commit, matmul throughput
     implementations.json  each implementation's declared exactness and complexity
     suite.yaml            the suite as it was
+    ledger.json           the ledger's id and head: how many rows the harness wrote (attnbench.storage.ledger)
+
+Every reader goes through ``load_run``, which checks the ledger's seals and leaves out each row
+changed or added after the run, naming it.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from attnbench.contract.case import Case
 from attnbench.contract.errors import UserError
 from attnbench.contract.implementation import Implementation, complexity_exponent, complexity_of_shape
 from attnbench.settings.suite import Suite
-from attnbench.storage import flags
+from attnbench.storage import flags, ledger
 from attnbench.storage.environment import Environment, capture_environment, code_version
-from attnbench.storage.results import Row, RowWriter, named_device, read_rows_tolerantly
+from attnbench.storage.ledger import LedgerCheck
+from attnbench.storage.results import Row, RowWriter, StoredRows, named_device, read_rows_tolerantly
 from attnbench.support.units import format_bytes
 
 ROWS_FILE = "rows.jsonl"
@@ -63,6 +68,7 @@ class RunFolder:
     rows: tuple[Row, ...]
     environment: Mapping[str, Any]  # empty when the run kept none
     declared: Mapping[str, Declared]
+    ledger: LedgerCheck = LedgerCheck()  # what the check of its seals found; rows edited after the run are not in rows
 
     @property
     def run_id(self) -> str:
@@ -110,14 +116,38 @@ def load_run(location: Path, fallback: Mapping[str, Declared] | None = None) -> 
         raise UserError(f"{location}: no {ROWS_FILE} here (give a run folder such as results/quick/<run-id>, "
                         f"or its {ROWS_FILE})")
     folder = rows_path.parent
-    rows = _read_rows(rows_path)
+    stored = read_rows_tolerantly(rows_path)
+    if stored.torn_tail:
+        print(f"attnbench: warning: {rows_path}: its last line was cut short (a run killed mid-write); ignored",
+              file=sys.stderr)
+    check = _checked(folder, stored)
+    for warning in check.warnings(rows_path):
+        print(f"attnbench: warning: {warning}", file=sys.stderr)
+    excluded = check.excluded_lines
+    rows = [row for row, entry in zip(stored.rows, stored.entries) if entry.line not in excluded]
+    if not rows:
+        edited = ": every row was edited after the run" if excluded else ""
+        raise UserError(f"{rows_path}: no result rows in it{edited}")
     environment = _read_json(folder / ENVIRONMENT_FILE) or {}
-    stored = _read_json(folder / IMPLEMENTATIONS_FILE)
-    declared = {name: Declared(**info) for name, info in stored.items()} if stored else dict(fallback or {})
+    kept = _read_json(folder / IMPLEMENTATIONS_FILE)
+    declared = {name: Declared(**info) for name, info in kept.items()} if kept else dict(fallback or {})
     # Flagged again with the run's final yardstick: the best matmul rate measured in the whole run.
     exact = {name: info.exact for name, info in declared.items()}
     rows = flags.refresh(rows, exact, environment.get("matmul_flops", {}))
-    return RunFolder(folder, tuple(by_device_name(rows)), environment, declared)
+    return RunFolder(folder, tuple(by_device_name(rows)), environment, declared, check)
+
+
+def verify_ledger(run_dir: Path) -> LedgerCheck:
+    """The run's rows against what the harness recorded when it wrote them (attnbench.storage.ledger)."""
+    return _checked(run_dir, read_rows_tolerantly(run_dir / ROWS_FILE))
+
+
+def _checked(run_dir: Path, stored: StoredRows) -> LedgerCheck:
+    def name(position: int) -> str:
+        row = stored.rows[position]
+        return f"{row.implementation}, {row.case.describe()}"
+
+    return ledger.check_ledger(run_dir, stored.entries, name)
 
 
 def by_device_name(rows: Sequence[Row]) -> list[Row]:
@@ -134,16 +164,6 @@ def by_device_name(rows: Sequence[Row]) -> list[Row]:
             if row.where is not None and row.case.device in mixed else row for row in rows]
 
 
-def _read_rows(path: Path) -> list[Row]:
-    stored = read_rows_tolerantly(path)
-    if stored.torn_tail:
-        print(f"attnbench: warning: {path}: its last line was cut short (a run killed mid-write); ignored",
-              file=sys.stderr)
-    if not stored.rows:
-        raise UserError(f"{path}: no result rows in it")
-    return stored.rows
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
@@ -158,7 +178,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def resume_run(run_dir: Path, suite: Suite, warn: Callable[[str], None]) -> tuple[Environment, list[Row], IO[str]]:
     """The run's environment, its finished rows and its lock, after checking that the suite and
-    the code are the ones it started with; a torn last line (a kill mid-write) is cut off."""
+    the code are the ones it started with and that its ledger was not edited (its key here, for
+    the rows to come); a torn last line (a kill mid-write) is cut off."""
     if not (run_dir / ROWS_FILE).exists() or not (run_dir / SUITE_COPY).exists():
         raise UserError(f"--resume {run_dir}: not a run folder (no {ROWS_FILE} or {SUITE_COPY})")
     lock = lock_run_folder(run_dir, f"--resume {run_dir}")  # before its rows are read
@@ -176,6 +197,14 @@ def _checked_for_resume(run_dir: Path, suite: Suite, warn: Callable[[str], None]
         raise UserError(f"--resume {run_dir}: {suite.path} has changed since this run started (its copy is "
                         f"{run_dir / SUITE_COPY}); start a new run instead of mixing two suites")
     stored = read_rows_tolerantly(rows_path)  # refuses unreadable rows before anything is measured
+    check = _checked(run_dir, stored)  # and rows edited since
+    if check.edited:
+        raise UserError(f"--resume {run_dir}: its {ROWS_FILE} was edited after the run ("
+                        f"{'; '.join([*check.problems, *(finding.short for finding in check.findings)])}); "
+                        "start a new run")
+    if check.state == ledger.SEALED and not check.key_present:
+        raise UserError(f"--resume {run_dir}: its ledger key is not on this machine (in {ledger.ledger_key_store()}); "
+                        "only the machine that started a run can add rows to it: start a new run")
     try:
         environment = Environment.from_json(json.loads((run_dir / ENVIRONMENT_FILE).read_text()))
     except (OSError, ValueError, TypeError, AttributeError) as error:
@@ -194,6 +223,8 @@ def _checked_for_resume(run_dir: Path, suite: Suite, warn: Callable[[str], None]
     if stored.torn_tail:
         with rows_path.open("r+b") as file:
             file.truncate(stored.complete_bytes)
+    if check.state == ledger.SEALED:
+        ledger.record_head(run_dir, check)  # the rows found: the next row's seal follows the last
     return environment, stored.rows
 
 
@@ -246,6 +277,7 @@ def write_run_files(run_dir: Path, environment: Environment, implementations: Ma
         write_environment(run_dir, environment)
         write_declared(run_dir, declared_of(implementations))
         shutil.copyfile(suite.path, run_dir / SUITE_COPY)
+        ledger.start_ledger(run_dir)
     except OSError as error:
         raise UserError(f"{run_dir}: cannot write the run's files ({error.strerror or error})") from None
 
@@ -263,4 +295,5 @@ def _remove_empty(folder: Path) -> None:
 
 
 def row_writer(run_dir: Path) -> RowWriter:
-    return RowWriter(run_dir / ROWS_FILE)
+    """The run's writer, sealing each row it appends (a run from before seals: as it was)."""
+    return RowWriter(run_dir / ROWS_FILE, ledger.open_sealer(run_dir))
