@@ -19,7 +19,7 @@ from attnbench.contract.case import Case
 from attnbench.contract.errors import NotSupported
 from attnbench.contract.implementation import Implementation, contract_violations, effective_options, plugin_reasons
 from attnbench.measuring.figures import Measurement
-from attnbench.measuring.measure import measure_case
+from attnbench.measuring.in_process import measure_case
 from attnbench.settings.suite import CorrectnessSettings, Measure
 
 CORRECTNESS_ONLY = Measure(correctness=CorrectnessSettings(), latency=None, memory=False)

@@ -21,7 +21,8 @@ from attnbench.contract.errors import NotSupported
 from attnbench.contract.implementation import Implementation, effective_options, reasons_not_to_run
 from attnbench.contract.registry import Registry, load_registry
 from attnbench.measuring.inputs import make_inputs
-from attnbench.measuring.measure import attention_call, measure_case
+from attnbench.measuring.call_server import attention_call
+from attnbench.measuring.in_process import measure_case
 from attnbench.measuring.timing import synchronize
 from attnbench.settings.suite import CorrectnessSettings, Measure
 from attnbench.settings.variants import parse_variant

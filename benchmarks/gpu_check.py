@@ -43,7 +43,7 @@ from attnbench.contract.implementation import Implementation, effective_options,
 from attnbench.contract.registry import Registry, load_registry
 from attnbench.execution.runner import run_suite
 from attnbench.measuring.flops import attention_flops, matmul_key
-from attnbench.measuring.measure import measure_case
+from attnbench.measuring.in_process import measure_case
 from attnbench.presenting.progress import TerminalProgress
 from attnbench.presenting.report import write_reports
 from attnbench.settings.loader import load_suite

@@ -7,6 +7,7 @@ they test is the measuring code itself.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +18,18 @@ from torch.profiler import ProfilerActivity, profile
 
 from attnbench.contract.case import Case
 from attnbench.contract.implementation import Implementation, effective_options, plugin_reasons
+from attnbench.measuring.call_server import attention_call
 from attnbench.measuring.inputs import make_inputs
-from attnbench.measuring.measure import attention_call
-from attnbench.measuring.memory import measure_peak_memory
-from attnbench.measuring.timing import measure_latency, synchronize, time_one_call
+from attnbench.measuring.memory import cpu_allocator_peak, cuda_peak
+from attnbench.measuring.timing import (
+    FLUSH_BYTES,
+    BlockTiming,
+    flushed_calls,
+    l2_bytes,
+    local_blocks,
+    synchronize,
+    timed_blocks,
+)
 from attnbench.settings.suite import LatencySettings
 from attnbench.support.text import one_line
 from attnbench.support.units import format_bytes
@@ -56,7 +65,8 @@ def naive_peak(naive: Implementation, case: Case) -> Check:
     buffers = 2 * case.batch * case.heads * case.seq_len**2 * case.dtype.itemsize
     call = _call(naive, case)
     call()  # the first call's one-time allocations (library workspaces) are not the point's
-    peak = measure_peak_memory(call, torch.device(case.device)).allocator_peak_bytes
+    device = torch.device(case.device)
+    peak = cuda_peak(call, device) if device.type == "cuda" else cpu_allocator_peak(call)
     if peak is None:
         return Check("naive peak", "FAIL", f"no allocator peak on {case.device}")
     ratio = peak / buffers
@@ -93,9 +103,15 @@ def _timer_against_clock(implementation: Implementation, case: Case) -> Check:
             out = attention()
         return out
 
+    def timer() -> float:  # CUDA events, as a cold timed call is timed; the CPU's block clock otherwise
+        if device.type != "cuda":
+            return local_blocks(long_call, device)(1).stated_s
+        return flushed_calls([long_call], lambda: None, lambda: torch.cuda.Event(enable_timing=True),
+                             lambda: synchronize(device))[0]
+
     timer_s, clock_s = [], []
     for _ in range(ALTERNATIONS):
-        timer_s.append(time_one_call(long_call, device, "warm")[0])
+        timer_s.append(timer())
         synchronize(device)
         started = time.perf_counter()
         long_call()
@@ -135,9 +151,17 @@ def cold_against_warm(implementation: Implementation, case: Case) -> Check:
         return Check("L2 flush", "n/a", "the CPU is timed warm (there is no cache flush on the CPU)")
     call = _call(implementation, case)
     call()
-    settings = {cache: LatencySettings(0.1, 0.5, 10, cache=cache) for cache in ("cold", "warm")}
-    cold = measure_latency(call, torch.device(case.device), settings["cold"], 0.0)[0].median_s
-    warm = measure_latency(call, torch.device(case.device), settings["warm"], 0.0)[0].median_s
+    device = torch.device(case.device)
+    buffer = torch.empty(max(FLUSH_BYTES, 2 * l2_bytes(device)), dtype=torch.int8, device=device)
+
+    def cold_block(calls: int) -> BlockTiming:
+        seconds = flushed_calls([call] * calls, buffer.zero_, lambda: torch.cuda.Event(enable_timing=True),
+                                lambda: synchronize(device))[0]
+        return BlockTiming(calls, seconds, seconds)
+
+    settings = LatencySettings(0.1, 0.5, 10)
+    cold = statistics.median(timed_blocks(cold_block, settings).samples_s)
+    warm = statistics.median(timed_blocks(local_blocks(call, device), settings).samples_s)
     return Check("L2 flush", "INFO", f"{implementation.name} at {case.describe()}: cold {cold * 1e6:.1f} µs, warm "
                                      f"{warm * 1e6:.1f} µs ({cold / warm:.2f}×)")
 

@@ -32,9 +32,10 @@ from types import ModuleType
 
 import torch
 from attnbench_plugins.models import text
-from attnbench_plugins.models.cache import cache_root, entry_path, read_entry, write_entry
+from attnbench_plugins.models.cache import entry_path, read_entry, write_entry
 
 import attnbench
+from attnbench.contract.inputs import input_cache_root
 
 CACHE_FORMAT = 1  # bump when what a cache entry holds changes
 EXTRA = "pip install -e '.[models]'"
@@ -191,7 +192,8 @@ class ModelInputs(attnbench.InputSource):
         return framed(cut) if framed else cut
 
     def _folder(self) -> Path:
-        return cache_root(str(self.parameters["cache"])) / self.model.name
+        # The one folder the harness lets this source's draws write (attnbench.contract.inputs).
+        return input_cache_root(str(self.parameters["cache"])) / self.name
 
     def _module(self) -> ModuleType:
         return _model_module(self.model.module)

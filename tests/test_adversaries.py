@@ -95,12 +95,11 @@ def test_cheats_on_the_output_are_incorrect(sweep, name, words):
 def test_cached_outputs_are_flagged_and_never_a_result(sweep):
     forever = sweep[1][("caches_output", "forward")]
     assert "implausible_speed" in {flag.kind for flag in forever.flags} and forever.latency_voided
-    # Right on every checked call, because it recomputes when the values change; but a call on
-    # fresh values took far longer than the timed ones.
+    # A cache keyed on the tensors' addresses and version counters never hits: every timed call
+    # gives its inputs a new version, so it computes every call (prevented, not just caught).
     by_version = sweep[1][("caches_by_version", "forward")]
-    assert by_version.status == "ok"
-    assert {"implausible_speed", "fresh_inputs_slower"} <= {flag.kind for flag in by_version.flags}
-    assert by_version.latency_voided and by_version.latency.fresh_call_ratio > 100
+    assert by_version.status == "ok" and not by_version.latency_voided, by_version.flags
+    assert not any(note.startswith("caches_by_version: served") for note in by_version.notes)
 
 
 def test_gradients_wrong_off_the_checked_rows_are_caught(sweep):

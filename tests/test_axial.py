@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from attnbench.contract.errors import NotSupported
-from attnbench.measuring.measure import measure_case
+from attnbench.measuring.in_process import measure_case
 from attnbench.testing import CORRECTNESS_ONLY, check_implementation, small_case, small_cases
 
 

@@ -9,13 +9,10 @@ import types
 
 import pytest
 import torch
-from test_timing import ClockEvent, FakeBuffer
 
-from attnbench.measuring import gpu_state, timing
+from attnbench.measuring import gpu_state
 from attnbench.measuring.figures import Latency
 from attnbench.measuring.gpu_state import GpuSample, throttling
-from attnbench.measuring.timing import measure_latency
-from attnbench.settings.suite import LatencySettings
 from attnbench.storage import flags
 from attnbench.storage.environment import gpu_details
 from attnbench.storage.results import Row, read_rows, write_rows
@@ -60,21 +57,24 @@ def fake_nvml(reasons: list[int], violations: list[int], uuid: str = "GPU-1234")
 
 @pytest.fixture
 def one_gpu(monkeypatch):
-    """torch sees one CUDA device, whose UUID NVML lists second; events and flushes run on the CPU."""
+    """torch sees one CUDA device, whose UUID NVML lists second."""
     properties = types.SimpleNamespace(name="Fake H100", uuid="1234", major=9, minor=0, total_memory=80 * 2**30,
                                        multi_processor_count=132, L2_cache_size=50 * 2**20)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: properties)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing: ClockEvent())
-    monkeypatch.setattr(timing.torch, "empty", lambda *shape, dtype, device: FakeBuffer([]))
-    monkeypatch.setattr(timing, "synchronize", lambda device: None)
 
 
 def _timed(monkeypatch, nvml: types.ModuleType) -> Latency:
+    """A round's two samples, as the worker takes them around its timed calls
+    (attnbench.measuring.call_server.CallServer.gpu_sample; tests/test_round.py: that they are kept)."""
+    from attnbench.measuring.call_server import CallServer
+    from attnbench.testing import small_case
+
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    latency, _ = measure_latency(lambda: time.sleep(0.001), torch.device("cuda:0"),
-                                 LatencySettings(0.01, 0.05, 3), 0.0)
-    return latency
+    server = CallServer(None, small_case(device="cuda:0"), {}, lambda: [])  # type: ignore[arg-type]
+    samples = [server.gpu_sample() for _ in range(2)]
+    time.sleep(0.001)
+    return Latency((1e-3,), (1,), 0.0, "t", gpu_samples=tuple(samples) if all(samples) else ())
 
 
 def test_a_point_is_sampled_before_and_after_its_timed_calls(monkeypatch, one_gpu):
@@ -116,8 +116,6 @@ def test_without_nvml_or_a_gpu_nothing_is_sampled(monkeypatch):
     assert gpu_state.sampler(torch.device("cuda:0")) is None
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([0], [0]))
     assert gpu_state.sampler(torch.device("cpu")) is None
-    latency, _ = measure_latency(lambda: 1, torch.device("cpu"), LatencySettings(0.01, 0.05, 3), 0.0)
-    assert latency.gpu_samples == ()
 
 
 def test_a_failing_nvml_init_samples_nothing(monkeypatch, one_gpu):

@@ -16,7 +16,7 @@ from attnbench.contract.implementation import plugin_reasons
 from attnbench.contract.registry import Registry
 from attnbench.execution.runner import run_suite
 from attnbench.measuring.inputs import make_inputs
-from attnbench.measuring.measure import measure_case
+from attnbench.measuring.in_process import measure_case
 from attnbench.measuring.reference import softmax_attention
 from attnbench.presenting.report import write_reports
 from attnbench.settings.grid import expand_all

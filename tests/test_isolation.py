@@ -5,16 +5,13 @@ from __future__ import annotations
 import pytest
 import toys
 
-from attnbench.execution.local.isolation import run_isolated
-from attnbench.execution.local.worker import Job
 from attnbench.measuring.figures import Measurement
 from attnbench.measuring.outcome import Failure
 from attnbench.testing import CORRECTNESS_ONLY, small_case
 
 
-def _run(behaviour, timeout_s: float = 60, memory_cap_bytes: int | None = 2**30):
-    job = Job(toys.Toy("toy", behaviour), small_case(), {}, CORRECTNESS_ONLY, 0, memory_cap_bytes)
-    return run_isolated(job, timeout_s)
+def _run(behaviour, timeout_s: float = 60):
+    return toys.run_alone(toys.Toy("toy", behaviour), small_case(), CORRECTNESS_ONLY, timeout_s)
 
 
 def test_a_good_case_returns_its_measurement():
@@ -46,7 +43,7 @@ def test_an_error_keeps_its_traceback():
 
 def test_a_hang_is_killed_at_the_timeout():
     result = _run(toys.hangs, timeout_s=3)
-    assert result.outcome.status == "timeout"
+    assert result.outcome.status == "timeout", result.outcome
     assert "no result within the case timeout of 3 s" in result.outcome.reasons[0]
     assert result.wall_time_s < 30
 

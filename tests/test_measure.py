@@ -9,7 +9,7 @@ import torch
 import toys
 
 from attnbench import Implementation
-from attnbench.measuring.measure import measure_case
+from attnbench.measuring.in_process import measure_case
 from attnbench.settings.suite import CorrectnessSettings, LatencySettings, Measure
 from attnbench.testing import CORRECTNESS_ONLY, small_case
 

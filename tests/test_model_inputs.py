@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from attnbench_plugins.model_inputs import MINILM, SMOLLM2, ModelInputs
 from attnbench_plugins.models import minilm, smollm2
-from attnbench_plugins.models.cache import CACHE_VARIABLE
+from attnbench.contract.inputs import CACHE_VARIABLE
 
 from attnbench.measuring.inputs import make_inputs
 from attnbench.testing import small_case

@@ -48,7 +48,7 @@ def test_a_converged_pseudo_inverse_in_float32_is_not_called_a_bug(registry, mon
     every time."""
     import random
 
-    from attnbench.measuring.measure import measure_case
+    from attnbench.measuring.in_process import measure_case
     from attnbench.testing import CORRECTNESS_ONLY
 
     monkeypatch.setattr("secrets.randbits", random.Random(0).getrandbits)

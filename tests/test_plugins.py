@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from attnbench.execution.local.isolation import run_isolated
-from attnbench.execution.local.worker import Job
+import toys
+
 from attnbench.settings.suite import Measure
 from attnbench.testing import check_implementation, small_case, small_cases
 
@@ -34,8 +34,8 @@ def test_flash_names_the_devices_it_supports(registry):
 
 
 def _peak_memory(implementation, case):
-    job = Job(implementation, case, {}, Measure(correctness=None, latency=None, memory=True), 0, None)
-    outcome = run_isolated(job, timeout_s=120).outcome
+    outcome = toys.run_alone(implementation, case, Measure(correctness=None, latency=None, memory=True), 120,
+                             None).outcome
     assert outcome.status == "ok", outcome
     return outcome.memory
 

@@ -68,17 +68,34 @@ def test_misbehaving_implementations_get_their_status_and_naive_stays_ok(tmp_pat
     assert (result.run_dir / SUITE_COPY).read_text() == suite.path.read_text()
 
 
+class _Order:
+    """A progress listener that keeps the order in which rounds start (each in a fresh worker)."""
+
+    def __init__(self) -> None:
+        self.started_rounds: list[str] = []
+
+    def started(self, total: int) -> None:
+        pass
+
+    def point(self, implementation: str, case) -> None:
+        self.started_rounds.append(implementation)
+
+    def finished(self, row) -> None:
+        pass
+
+
 def test_implementations_of_a_case_take_turns_in_rounds(tmp_path, write_suite):
-    log = tmp_path / "preparations.log"
     names = ("first", "second", "third")
-    toy_registry = _registry(*(toys.Recorder(name, str(log)) for name in names))
+    toy_registry = _registry(*(toys.Toy(name, toys.exact_attention) for name in names))
     suite = load_suite(write_suite("sweep: {seq_len: 32, heads: 2}\nmeasure: {correctness: {rows: 8}, latency: "
                                    "{min_run_time_s: 0.03, max_run_time_s: 0.06, rounds: 3}}\n"), toy_registry)
-    rows = run_suite(suite, toy_registry, output=tmp_path).rows
+    order = _Order()
+    rows = run_suite(suite, toy_registry, output=tmp_path, progress=order).rows
 
     # Each round is a fresh worker; the order rotates so that nobody always follows the same one.
-    assert log.read_text().split() == ["first", "second", "third", "second", "third", "first",
-                                       "third", "first", "second"]
+    # (The case's start is announced first, with its first series.)
+    assert order.started_rounds[1:] == ["first", "second", "third", "second", "third", "first",
+                                        "third", "first", "second"]
     for row in rows:
         assert row.status == "ok" and len(row.latency.round_sizes) == 3
         assert row.latency.median_s == min(row.latency.round_medians_s)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attnbench.measuring.inputs import make_inputs
-from attnbench.measuring.measure import measure_case
+from attnbench.measuring.in_process import measure_case
 from attnbench.measuring.reference import softmax_attention
 from attnbench.testing import CORRECTNESS_ONLY, check_implementation, small_case, small_cases
 

@@ -8,23 +8,41 @@ import pytest
 import torch
 
 from attnbench.measuring.figures import Latency
-from attnbench.measuring.timing import measure_latency
+from attnbench.measuring.timing import BLOCK_TARGET_S, BlockTiming, flushed_calls, local_blocks, timed_blocks
 from attnbench.settings.suite import LatencySettings
 
 
-def test_raw_samples_are_kept():
+def test_blocks_last_long_enough_for_the_round_trip_to_be_small():
     x = torch.randn(64, 64)
-    latency, last = measure_latency(lambda: x @ x, torch.device("cpu"), LatencySettings(0.05, 0.2, 3), first_call_s=0.0)
-    assert torch.equal(last, x @ x)  # the last timed call's result is kept, for checking
-    assert len(latency.samples_s) >= 3 and latency.calls_per_sample[0] >= 1
-    assert all(sample > 0 for sample in latency.samples_s)
-    assert latency.timer.startswith("torch.utils.benchmark")
+    blocks = timed_blocks(local_blocks(lambda: x @ x, torch.device("cpu")), LatencySettings(0.05, 0.2, 3))
+    assert len(blocks.samples_s) >= 3 and blocks.calls_per_sample > 1
+    assert all(block.calls == blocks.calls_per_sample for block in blocks.blocks)
+    assert min(block.stated_s for block in blocks.blocks) >= BLOCK_TARGET_S / 4
+    assert all(sample > 0 for sample in blocks.samples_s)
 
 
-def test_slow_calls_still_give_the_minimum_number_of_samples():
-    latency, _ = measure_latency(lambda: time.sleep(0.03), torch.device("cpu"), LatencySettings(0.01, 0.02, 4), 0.0)
-    assert len(latency.samples_s) >= 4 and latency.calls_per_sample == (1,)
-    assert all(sample >= 0.03 for sample in latency.samples_s)
+def test_slow_calls_still_give_the_minimum_number_of_samples_and_waste_no_call():
+    asked = []
+
+    def run(calls: int) -> BlockTiming:
+        asked.append(calls)
+        time.sleep(0.03 * calls)
+        return BlockTiming(calls, 0.03 * calls, 0.03 * calls)
+
+    blocks = timed_blocks(run, LatencySettings(0.01, 0.02, 4))
+    assert len(blocks.samples_s) == 4 and blocks.calls_per_sample == 1
+    assert asked == [1, 1, 1, 1]  # the calibration blocks are samples too
+
+
+def test_one_disturbed_calibration_block_does_not_set_the_block_size():
+    times = iter([0.008] + [0.0002] * 10_000)  # the first call is slow (cold), the rest 0.2 ms
+
+    def run(calls: int) -> BlockTiming:
+        seconds = sum(next(times) for _ in range(calls))
+        return BlockTiming(calls, seconds, seconds)
+
+    blocks = timed_blocks(run, LatencySettings(0.01, 0.2, 3))
+    assert blocks.calls_per_sample >= 0.8 * BLOCK_TARGET_S / 0.0002
 
 
 def test_statistics_are_derived_from_the_samples():
@@ -78,9 +96,7 @@ class ClockEvent:
         return (end.at - self.at) * 1e3
 
 
-def test_cold_timing_flushes_before_every_call_and_leaves_the_flush_out():
-    from attnbench.measuring.timing import LastResult, event_timer
-
+def test_cold_timing_flushes_before_every_call_leaves_the_flush_out_and_waits_for_every_stream():
     order = []
 
     def call():
@@ -92,43 +108,18 @@ def test_cold_timing_flushes_before_every_call_and_leaves_the_flush_out():
         order.append("flush")
         time.sleep(0.02)  # ten times the call: counted, it could not hide
 
-    last = LastResult(call)
-    seconds = event_timer(last, ClockEvent, flush=flush)(3)
-    assert order == ["flush", "call"] * 3
+    seconds, last = flushed_calls([call] * 3, flush, ClockEvent, lambda: order.append("wait"))
+    assert order == ["flush", "call"] * 3 + ["wait"]
     assert 3 * 0.002 <= seconds < 3 * 0.002 + 0.02
-    assert last.kept[0] == 6  # the last call's result is kept
-
-    order.clear()
-    warm = event_timer(LastResult(call), ClockEvent)(3)
-    assert order == ["call"] * 3 and warm >= 3 * 0.002
+    assert last == 6  # the last call's result is kept
 
 
-def test_the_row_says_whether_the_cache_was_flushed(monkeypatch):
-    """The CPU is always timed warm, whatever the suite asked; on CUDA the suite's choice is taken
-    and written down (here with events and a flush that run on the CPU)."""
-    from attnbench.measuring import timing
+def test_the_cpu_is_timed_warm_whatever_the_suite_asked(registry):
+    from attnbench.measuring.in_process import measure_case
+    from attnbench.settings.suite import Measure
+    from attnbench.testing import small_case
 
-    cpu, _ = measure_latency(lambda: 1, torch.device("cpu"), LatencySettings(0.01, 0.05, 3, cache="cold"), 0.0)
-    assert cpu.cache == "warm"
-
-    flushes = []
-    monkeypatch.setattr(timing.torch.cuda, "Event", lambda enable_timing: ClockEvent())
-    monkeypatch.setattr(timing, "_l2_bytes", lambda device: 0)
-    monkeypatch.setattr(timing.torch, "empty", lambda *shape, dtype, device: FakeBuffer(flushes))
-    monkeypatch.setattr(timing, "synchronize", lambda device: None)
-    for cache in ("cold", "warm"):
-        flushes.clear()
-        latency, _ = measure_latency(lambda: time.sleep(0.001), torch.device("cuda"),
-                                     LatencySettings(0.01, 0.05, 3, cache=cache), 0.0)
-        assert latency.cache == cache and latency.timer.startswith("torch.cuda.Event")
-        sizes = zip(latency.round_sizes, latency.calls_per_sample, strict=True)
-        calls = sum(size * calls for size, calls in sizes) + 1
-        assert len(flushes) == (calls if cache == "cold" else 0)
-
-
-class FakeBuffer:
-    def __init__(self, flushes: list) -> None:
-        self.flushes = flushes
-
-    def zero_(self) -> None:
-        self.flushes.append(True)
+    measure = Measure(correctness=None, latency=LatencySettings(0.01, 0.05, 3, cache="cold"), memory=False)
+    latency = measure_case(registry.get("flash"), small_case(seq_len=64), {}, measure).latency
+    assert latency.cache == "warm" and "L2" not in latency.timer
+    assert all(observed >= stated for observed, stated in zip(latency.observed_s, latency.samples_s, strict=True))

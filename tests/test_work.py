@@ -18,8 +18,8 @@ from attnbench.analysis.curves import throughputs
 from attnbench.contract.implementation import effective_options
 from attnbench.contract.work import banded_pairs
 from attnbench.measuring.figures import Work
-from attnbench.measuring.measure import measure_case
-from attnbench.measuring.work import counted_work
+from attnbench.measuring.in_process import measure_case
+from attnbench.measuring.work import declared_flops
 from attnbench.presenting.columns import table_columns
 from attnbench.settings.suite import Measure
 from attnbench.storage.run_folder import load_run
@@ -60,7 +60,7 @@ def _raises(case):
     (attnbench.FlopCount(1e9, ""), "flops() returned FlopCount(flops=1000000000.0, formula='')"),
 ])
 def test_a_broken_declaration_costs_the_throughput_and_nothing_else(declaration, note):
-    work, said = counted_work(Declaring(declaration), small_case(), {})
+    work, said = declared_flops(Declaring(declaration), small_case(), {})
     assert work is None and said.startswith(note)
     row = measure_case(Declaring(declaration), small_case(), {}, Measure(latency=None, memory=False))
     assert row.status == "ok" and row.work is None and any(n.startswith(note) for n in row.notes)
@@ -69,7 +69,7 @@ def test_a_broken_declaration_costs_the_throughput_and_nothing_else(declaration,
 def test_an_exact_implementation_cannot_declare_its_own_work():
     toy = Declaring(attnbench.FlopCount(1e18, "a lot"))
     toy.exact = True
-    work, _ = counted_work(toy, small_case(seq_len=64), {})
+    work = measure_case(toy, small_case(seq_len=64), {}, Measure(latency=None, memory=False)).work
     assert work == Work(4.0 * 2 * 4 * 64**2 * 32, "4·B·H·N²·D", declared=False)
 
 
@@ -108,12 +108,12 @@ def test_every_built_in_approximation_declares_what_it_computes(registry, name, 
     if implementation.not_supported_reasons(case):
         pytest.skip(f"{name} does not take this case")
     options = effective_options(implementation, {"backend": "blocked"} if name == "sparse" else {})
-    work, note = counted_work(implementation, case, options)
-    assert note == "" and work.declared and work.formula
+    (flops, formula), note = declared_flops(implementation, case, options)
+    assert note == "" and formula
     q, k, v = (torch.randn(2, heads, 512, 32) for heads in (4, 2, 2))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         implementation.prepare(case, options)(q, k, v)
-    ratio = counter.get_total_flops() / work.flops
+    ratio = counter.get_total_flops() / flops
     if name in ("performer", "nystrom") or (name == "axial" and not causal):
         assert ratio == pytest.approx(1.0, abs=0.03)
     else:
@@ -123,6 +123,6 @@ def test_every_built_in_approximation_declares_what_it_computes(registry, name, 
 def test_a_training_step_counts_three_and_a_half_forwards(registry):
     implementation = registry.get("performer")
     options = effective_options(implementation, {})
-    forward, _ = counted_work(implementation, small_case(), options)
-    step, _ = counted_work(implementation, small_case(mode="forward_backward"), options)
-    assert step.flops == 3.5 * forward.flops and step.formula == f"({forward.formula}) × 3.5"
+    (forward, forward_formula), _ = declared_flops(implementation, small_case(), options)
+    (step, step_formula), _ = declared_flops(implementation, small_case(mode="forward_backward"), options)
+    assert step == 3.5 * forward and step_formula == f"({forward_formula}) × 3.5"

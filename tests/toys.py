@@ -84,21 +84,29 @@ def wrong_backward(q, k, v):
     return _WrongBackward.apply(q, k, v)
 
 
-class Recorder(Toy):
-    """Exact attention that notes each preparation (one per round) in a shared log file."""
-
-    def __init__(self, name: str, log_path: str) -> None:
-        super().__init__(name, exact_attention)
-        self.log_path = log_path
-
-    def prepare(self, case, options):
-        with open(self.log_path, "a") as log:
-            log.write(self.name + "\n")
-        return exact_attention
-
-
 def notes_its_threads(q, k, v):
     import warnings
 
     warnings.warn(f"threads={torch.get_num_threads()}", stacklevel=1)
     return exact_attention(q, k, v)
+
+
+def run_alone(implementation: attnbench.Implementation, case, measure, timeout_s: float = 60,
+              memory_gb: float | None = 1.0):
+    """One round of ``implementation`` on ``case`` in a confined worker, as a sweep runs it:
+    the executor's Finished (its outcome, wall time, log tail, notes)."""
+    from attnbench.contract.registry import Registry
+    from attnbench.execution.executor import ImplementationRef, PointRound
+    from attnbench.execution.local.executor import LocalExecutor
+    from attnbench.settings.suite import Limits
+
+    registry = Registry()
+    registry.add(implementation)
+    executor = LocalExecutor(registry)
+    unit = PointRound(ImplementationRef("<python>", implementation.name), implementation.name, case, {}, measure,
+                      Limits(timeout_s=timeout_s, memory_gb=memory_gb), 0, 1)
+    executor.submit(unit)
+    try:
+        return next(iter(executor.finished()))
+    finally:
+        executor.close()

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ SOURCE_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_\-]{0,31}$")
 
 # Notes of an input source on a row start with this (reports gather them in one place).
 SOURCE_NOTE_PREFIX = "inputs: "
+CACHE_VARIABLE = "ATTNBENCH_CACHE"
 
 LOCAL_LOGIT = 5.0  # a query's logit on its own position
 GLOBAL_LOGIT = 1.0  # the standard deviation, in logits, of the keys' shared global field
@@ -83,6 +86,18 @@ class InputSource:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def input_cache_root(chosen: str = "") -> Path:
+    """Where input sources keep what they capture: ``chosen`` (a suite's ``cache`` parameter) when
+    given, else ``$ATTNBENCH_CACHE``, else ``$XDG_CACHE_HOME/attnbench``, else ``~/.cache/attnbench``.
+    A source draws in a worker that may write only beneath ``input_cache_root(...) / source.name``."""
+    if chosen:
+        return Path(chosen).expanduser()
+    if os.environ.get(CACHE_VARIABLE):
+        return Path(os.environ[CACHE_VARIABLE])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "attnbench"
 
 
 def source_reasons(source: InputSource, case: Case) -> list[str]:

@@ -45,6 +45,8 @@ class PointRound:
     threads: int
     verifier: Verifier | None = None  # round 1's references, for the later rounds
     source_options: Mapping[str, Any] = field(default_factory=dict)  # the case's input source's parameters
+    round_index: int = 0  # which of the point's rounds (0-based): each has its own fresh inputs
+    rounds: int = 1  # the point's rounds in all
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,11 @@ class Executor(Protocol):
         ...
 
     def environment(self, threads: int, plugins: dict[str, dict[str, Any]]) -> Environment:
-        """What the work runs on: versions, CPU, devices, commit."""
+        """What the work runs on: versions, CPU, devices, commit, the protections its workers run under."""
+        ...
+
+    def close(self) -> None:
+        """Let go of whatever the work left on this machine (scratch folders, input sets)."""
         ...
 
 

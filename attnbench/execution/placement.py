@@ -127,6 +127,6 @@ class ThisMachine:
         return CaseDone(self.slot, item) if isinstance(item, CaseEnd) else RowReady(self.slot, item)
 
     def close(self) -> None:
-        self.executor.cancel()
+        self.executor.close()
         self.running = None
 

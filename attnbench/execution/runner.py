@@ -29,6 +29,7 @@ from attnbench.settings.variants import Variant, variants
 from attnbench.storage import run_folder
 from attnbench.storage.environment import Environment
 from attnbench.storage.results import Row
+from attnbench.support.confinement import set_dumpable
 from attnbench.support.containment import Interrupted, PluginFault, contained, deferred_interrupts
 from attnbench.support.text import one_line
 from attnbench.support.units import format_seconds
@@ -83,6 +84,7 @@ def run_suite(
     every finished row kept; the result says which signal it was.
     """
     warn = warn or (lambda text: None)
+    set_dumpable(False)  # the process that keeps the ledger: no worker may read or ptrace it
     placement = placement or ThisMachine(executor or LocalExecutor(registry, started=_progress_of_points(progress)))
     series = variants(suite)
     implementations = {variant.name: registry.get(variant.implementation) for variant in series}

@@ -109,7 +109,7 @@ class _Point:
         suite = plan.suite
         return PointRound(plan.refs[self.implementation], self.implementation, self.case, self.options, measure,
                           suite.limits, suite.seed, plan.threads, self.verifier,
-                          suite.source_options.get(self.case.inputs, {}))
+                          suite.source_options.get(self.case.inputs, {}), len(self.measurements), self.rounds)
 
     def add(self, finished: Finished) -> Row | None:
         """Takes one round's outcome; the point's final row when it failed there."""

@@ -1,16 +1,18 @@
 """Compares an implementation's outputs (and gradients) with float64 references.
 
-Nothing a plugin sees predicts what is checked: the query rows (and, in training, the key rows
-for dk and dv) are drawn after its first call has returned, from a seed the worker draws then;
-the references come from the inputs as they were made, not as the call left them; and more than
-one call is checked: the first, the last timed call of every round and a call on fresh inputs
-written into the same tensors (``Verifier``, built in round 1 and handed to the later rounds).
+The harness judges, a plugin never does: the query rows (and, in training, the key rows for dk
+and dv) are drawn by the harness and never shown to a worker; exact attention at those rows is
+computed by the harness once per case (``CaseReferences``) from the inputs as they were made,
+not as a call left them; an implementation's own reference, plugin code, is computed in a
+process of its own that never times anything. More than one call is checked: the first, the
+last timed call of every round (the timed calls alternate between two input sets) and a call
+on fresh values written into the same tensors in every round, each round's values new.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +20,8 @@ import torch
 
 from attnbench.contract.case import Case
 from attnbench.contract.implementation import DEFAULT_TOLERANCES, Implementation, Tolerance, capped_tolerance
-from attnbench.contract.inputs import Inputs, InputSource
+from attnbench.contract.inputs import Inputs
 from attnbench.measuring.figures import Correctness, ErrorFigures
-from attnbench.measuring.inputs import make_inputs, with_cache_of
 from attnbench.measuring.reference import (
     sample_rows,
     softmax_attention,
@@ -34,8 +35,9 @@ Grads = Mapping[str, torch.Tensor]  # "dq", "dk", "dv" -> (B, heads, N, D)
 Tensors = dict[str, torch.Tensor]
 
 
-def output_problems(out: Any, grads: Grads | None, case: Case) -> list[str]:
-    """Why the result cannot even be compared: wrong type, shape, dtype, device, or not finite."""
+def output_problems(out: Any, grads: Grads | None, case: Case, device: str | None = None) -> list[str]:
+    """Why the result cannot even be compared: wrong type, shape, dtype, device, or not finite
+    (``device``: the kind of device the call returned it on, when the tensors were moved since)."""
     expected_shape = (case.batch, case.heads, case.query_len, case.head_dim)
     if not isinstance(out, torch.Tensor):
         return [f"output is a {type(out).__name__}, not a torch.Tensor"]
@@ -44,8 +46,9 @@ def output_problems(out: Any, grads: Grads | None, case: Case) -> list[str]:
         problems.append(f"output shape {tuple(out.shape)} (expected {expected_shape})")
     if out.dtype != case.dtype:
         problems.append(f"output dtype {out.dtype} (expected {case.dtype})")
-    if out.device.type != torch.device(case.device).type:
-        problems.append(f"output on {out.device} (expected {case.device})")
+    device = device or out.device.type
+    if torch.device(device).type != torch.device(case.device).type:
+        problems.append(f"output on {device} (expected {case.device})")
     tensors = {"output": out, **(grads or {})}
     for name, tensor in tensors.items():
         if tensor is None:
@@ -82,116 +85,161 @@ def write_into(inputs: Inputs, source: Inputs) -> None:
             inputs.grad_out.copy_(source.grad_out)
 
 
+# The input sets of a case: the suite's seeded inputs, a second set the timed calls alternate
+# with (a call cannot return the previous call's output), and one set of fresh values per round.
+PRIMARY, ROTATION = "primary", "rotation"
+
+
+def fresh_set(round_index: int) -> str:
+    """The name of the fresh inputs of round ``round_index`` (0-based)."""
+    return f"fresh{round_index + 1}"
+
+
+def set_names(rounds: int) -> tuple[str, ...]:
+    return (PRIMARY, ROTATION, *(fresh_set(index) for index in range(rounds)))
+
+
 @dataclass(frozen=True)
-class Expected:
-    """Float64 references of one set of inputs at the verifier's rows."""
-
-    exact: Tensors  # "out", "dq" at the query rows; "dk", "dv" at the key rows (or every row)
-    own: Tensors | None  # the implementation's own reference, when it has one
-
-
-@dataclass(frozen=True)
-class Verifier:
-    """Everything needed to check any later call cheaply: the rows and the references."""
+class CaseReferences:
+    """What every implementation of a case is checked against, computed once per case by the
+    harness (never by a process that runs plugin code): the query rows (and key rows) checked,
+    drawn at random and never shown to a plugin, the seed of each input set, and float64 exact
+    attention of each set at those rows ("out", "dq"; "dk", "dv" of the primary set)."""
 
     rows: torch.Tensor
     rows_seed: int
     key_rows: torch.Tensor | None  # None: dk, dv compared at every row (all rows checked) or not at all
     key_pairs: tuple[tuple[int, int], ...]  # (batch, kv head) pairs at which dk, dv are compared
-    fresh_seed: int
+    seeds: Mapping[str, int]  # input set name -> its seed
+    exact: Mapping[str, Tensors]  # input set name -> references
+    notes: tuple[str, ...] = ()  # what could not be checked within the budget
+
+
+def case_references(
+    case: Case, settings: CorrectnessSettings, seeds: Mapping[str, int], draw: Callable[[int], Inputs]
+) -> CaseReferences:
+    """Draws the rows and computes exact attention of each input set (``draw(seed)``: the set's
+    inputs on the CPU in the case's dtype) at them; dk, dv at key rows only for the primary set."""
+    rows_seed = secrets.randbits(63)
+    rows = sample_rows(case.query_len, settings.rows, rows_seed)
+    key_rows, key_pairs, notes = None, (), []
+    if case.backward and len(rows) < case.query_len:
+        key_rows, key_pairs, note = _key_sample(case, settings, rows_seed)
+        key_rows = key_rows if key_pairs else None
+        if note:
+            notes.append(note)
+    exact = {name: _exact_references(draw(seed), case, rows, key_rows, key_pairs, with_key_grads=name == PRIMARY)
+             for name, seed in seeds.items()}
+    return CaseReferences(rows, rows_seed, key_rows, key_pairs, dict(seeds), exact, tuple(notes))
+
+
+def _exact_references(inputs: Inputs, case: Case, rows: torch.Tensor, key_rows: torch.Tensor | None,
+                      key_pairs: tuple[tuple[int, int], ...], with_key_grads: bool) -> Tensors:
+    q, k, v = (tensor.detach().to("cpu", torch.float64) for tensor in (inputs.q, inputs.k, inputs.v))
+    grad_out = inputs.grad_out.to("cpu", torch.float64) if inputs.grad_out is not None else None
+    forward = softmax_attention(q, k, v, rows, case.causal)
+    exact: Tensors = {"out": forward.out}
+    if grad_out is not None:
+        grads = softmax_attention_grads(q, k, v, grad_out, rows, case.causal, forward)
+        exact["dq"] = grads.dq
+        if grads.dk is not None:
+            exact.update(dk=grads.dk, dv=grads.dv)
+        elif with_key_grads and key_rows is not None:
+            exact.update(_key_grads(q, k, v, grad_out, key_rows, key_pairs, case.causal))
+    return exact
+
+
+def own_references(
+    implementation: Implementation, case: Case, options: Mapping[str, Any], sets: Mapping[str, Inputs],
+    rows: torch.Tensor,
+) -> dict[str, Tensors | None]:
+    """The implementation's own float64 reference of each input set at ``rows`` (plugin code: run
+    where plugin code runs, never in the harness)."""
+    found: dict[str, Tensors | None] = {}
+    for name, inputs in sets.items():
+        q, k, v = (tensor.detach().to("cpu", torch.float64) for tensor in (inputs.q, inputs.k, inputs.v))
+        grad_out = inputs.grad_out.to("cpu", torch.float64) if inputs.grad_out is not None else None
+        found[name] = _own_reference(implementation, case, options, q, k, v, grad_out, rows)
+    return found
+
+
+def has_own_reference(implementation: Implementation) -> bool:
+    return type(implementation).reference is not Implementation.reference
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """Checks any call of one point cheaply: the case's references, the implementation's own
+    (None when it has none), and how it is judged."""
+
+    references: CaseReferences
+    own: Mapping[str, Tensors | None] | None
     judged_against: str | None  # "own", "exact" or None (an approximation: error reported only)
     tolerance: Tolerance
     default_tolerance: Tolerance
-    primary: Expected  # the suite's seeded inputs
-    fresh: Expected  # fresh inputs from fresh_seed
 
-    def check(self, out: torch.Tensor, grads: Grads | None, fresh: bool, label: str) -> Correctness:
-        """The figures of one call (on the primary or the fresh inputs), judged as the first was."""
-        expected = self.fresh if fresh else self.primary
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.references.rows
+
+    def check(self, out: torch.Tensor, grads: Grads | None, input_set: str, label: str) -> Correctness:
+        """The figures of one call on ``input_set``, judged as every call of the point is."""
+        references = self.references
         actual = self._at_rows(out, grads)
         judged_tolerance = self.tolerance if self.judged_against == "exact" else None
-        exact = _figures(actual, expected.exact, judged_tolerance)
-        own = _figures(actual, expected.own, self.tolerance) if expected.own is not None else None
+        exact = _figures(actual, references.exact[input_set], judged_tolerance)
+        own_expected = self.own.get(input_set) if self.own is not None else None
+        own = _figures(actual, own_expected, self.tolerance) if own_expected is not None else None
         judged = own if self.judged_against == "own" else exact if self.judged_against == "exact" else {}
         what = "its own float64 reference" if self.judged_against == "own" else "float64 softmax attention"
         tolerance = self.tolerance
         failures = tuple(
             f"{name} vs {what} ({label}): max abs error {figures.max_abs:.3g} > {figures.bound:.3g} "
             f"(tolerance atol={tolerance.atol:g}, rtol={tolerance.rtol:g} of max |ref|)"
-            for name, figures in judged.items()
+            for name, figures in (judged or {}).items()
             if not figures.passed
         )
+        if self.judged_against == "own" and own is None:
+            failures += (f"its own float64 reference gave nothing for this call ({label}): it cannot be judged",)
         within_default = None
         if self.judged_against == "exact":
-            defaults = _figures(actual, expected.exact, self.default_tolerance)
+            defaults = _figures(actual, references.exact[input_set], self.default_tolerance)
             within_default = all(figures.passed for figures in defaults.values())
+        key_rows = references.key_rows
         return Correctness(
-            rows_checked=len(self.rows), exact=exact, own=own, judged_against=self.judged_against,
-            failures=failures, rows_seed=self.rows_seed,
-            key_rows_checked=0 if "dk" not in exact else len(self.key_rows if self.key_rows is not None else self.rows),
-            fresh_seed=self.fresh_seed, calls_checked=1, tolerance=(tolerance.atol, tolerance.rtol),
+            rows_checked=len(references.rows), exact=exact, own=own, judged_against=self.judged_against,
+            failures=failures, rows_seed=references.rows_seed,
+            key_rows_checked=0 if "dk" not in exact else len(key_rows if key_rows is not None else references.rows),
+            fresh_seed=references.seeds.get(fresh_set(0)), calls_checked=1, tolerance=(tolerance.atol, tolerance.rtol),
             within_default_tolerance=within_default,
         )
 
     def _at_rows(self, out: torch.Tensor, grads: Grads | None) -> Tensors:
         """The call's tensors at the checked rows, in float64 on the CPU."""
-        rows = self.rows.to(out.device)
+        references = self.references
+        rows = references.rows.to(out.device)
         actual = {"out": out.detach()[:, :, rows]}
         if grads is not None:
             actual["dq"] = grads["dq"][:, :, rows]
-            if self.key_rows is None and len(self.rows) == out.shape[2]:
+            if references.key_rows is None and len(references.rows) == out.shape[2]:
                 actual.update(dk=grads["dk"], dv=grads["dv"])
-            elif self.key_rows is not None:
-                key_rows = self.key_rows.to(out.device)
+            elif references.key_rows is not None:
+                key_rows = references.key_rows.to(out.device)
                 for name in ("dk", "dv"):
-                    actual[name] = torch.stack([grads[name][b, g, key_rows] for b, g in self.key_pairs])
+                    actual[name] = torch.stack([grads[name][b, g, key_rows] for b, g in references.key_pairs])
         return {name: tensor.detach().to("cpu", torch.float64) for name, tensor in actual.items()}
 
 
-def build_verifier(
-    implementation: Implementation, case: Case, options: Mapping[str, Any], settings: CorrectnessSettings, seed: int,
-    source: InputSource | None = None,
+def verifier_for(
+    references: CaseReferences, own: Mapping[str, Tensors | None] | None, exact: bool, declared: Tolerance,
+    dtype: torch.dtype,
 ) -> tuple[Verifier, list[str]]:
-    """Draws the rows (now, after the first call) and computes the references of the inputs as
-    ``make_inputs(case, seed)`` makes them; returns notes too (what could not be checked within
-    the budget, a declared tolerance over the cap)."""
-    rows_seed, fresh_seed = secrets.randbits(63), secrets.randbits(63)
-    rows = sample_rows(case.query_len, settings.rows, rows_seed)
-    notes: list[str] = []
-    tolerance, capped = capped_tolerance(implementation.tolerance(case.dtype), case.dtype)
-    if capped:
-        notes.append(capped)
-    own_reference = type(implementation).reference is not Implementation.reference
-    judged_against = "own" if own_reference else "exact" if implementation.exact else None
-    key_rows, key_pairs = None, ()
-    if case.backward and len(rows) < case.query_len:
-        key_rows, key_pairs, note = _key_sample(case, settings, rows_seed)
-        key_rows = key_rows if key_pairs else None
-        if note:
-            notes.append(note)
-
-    def expected(inputs: Inputs, with_key_grads: bool) -> Expected:
-        q, k, v = (tensor.detach().to("cpu", torch.float64) for tensor in (inputs.q, inputs.k, inputs.v))
-        grad_out = inputs.grad_out.to("cpu", torch.float64) if inputs.grad_out is not None else None
-        forward = softmax_attention(q, k, v, rows, case.causal)
-        exact: Tensors = {"out": forward.out}
-        if grad_out is not None:
-            grads = softmax_attention_grads(q, k, v, grad_out, rows, case.causal, forward)
-            exact["dq"] = grads.dq
-            if grads.dk is not None:
-                exact.update(dk=grads.dk, dv=grads.dv)
-            elif with_key_grads and key_rows is not None:
-                exact.update(_key_grads(q, k, v, grad_out, key_rows, key_pairs, case.causal))
-        own = _own_reference(implementation, case, options, q, k, v, grad_out, rows) if own_reference else None
-        return Expected(exact, own)
-
-    primary_inputs = make_inputs(case, seed, source)
-    primary = expected(primary_inputs, with_key_grads=True)
-    # The fresh call is checked at the same rows, without the (quadratic) key-row gradients.
-    fresh = expected(with_cache_of(make_inputs(case, fresh_seed, source), primary_inputs, case), with_key_grads=False)
-    verifier = Verifier(rows, rows_seed, key_rows, key_pairs, fresh_seed, judged_against,
-                        tolerance, DEFAULT_TOLERANCES[case.dtype], primary, fresh)
-    return verifier, notes
+    """How one point is judged: against its own reference where it gave one, else exact attention
+    when it claims to be exact, else not at all (an approximation's error is only reported); at
+    its declared tolerance, capped (a note says when it was over the cap)."""
+    tolerance, capped = capped_tolerance(declared, dtype)
+    judged_against = "own" if own is not None else "exact" if exact else None
+    return Verifier(references, own, judged_against, tolerance, DEFAULT_TOLERANCES[dtype]), [capped] if capped else []
 
 
 def _key_sample(

@@ -28,7 +28,7 @@ def read_clock() -> CpuClock:
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     own_s = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    return CpuClock(time.perf_counter(), _machine_busy_s(), own_s)
+    return CpuClock(time.perf_counter(), machine_busy_s(), own_s)
 
 
 def other_load(start: CpuClock, end: CpuClock) -> float | None:
@@ -40,7 +40,7 @@ def other_load(start: CpuClock, end: CpuClock) -> float | None:
     return round(max(0.0, others / wall), 3)
 
 
-def _machine_busy_s() -> float | None:
+def machine_busy_s() -> float | None:
     try:
         fields = PROC_STAT.read_text().split("\n", 1)[0].split()
     except OSError:

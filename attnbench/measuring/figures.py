@@ -42,12 +42,25 @@ class Latency:
     prepare_s: float | None = None  # the untimed prepare() of the first round: set-up, compilation
     # The GPU's state (NVML) just before and just after each round's timed calls; empty: not sampled.
     gpu_samples: tuple[GpuSample, ...] = ()
+    # What the harness saw from outside the worker: for each sample, its own clock from asking for
+    # the block to the answer, per call (beside samples_s, which the worker stated); per round,
+    # the CPU time of the worker and everything it started while its blocks ran (from /proc; None
+    # where not known) and the time that took by the harness's clock; per round, its clock around
+    # the call on fresh inputs. A worker that states less time than passed, or uses more CPUs than
+    # it was given, is caught (attnbench.storage.flags). Empty in rows written before the harness
+    # drove the timing.
+    observed_s: tuple[float, ...] = ()
+    round_cpu_s: tuple[float | None, ...] = ()
+    round_wall_s: tuple[float, ...] = ()
+    fresh_observed_s: tuple[float, ...] = ()
+    threads: int | None = None  # the torch threads the worker was given (CPU time above them is flagged)
 
     def __post_init__(self) -> None:
         if not self.samples_s:
             raise ValueError("a latency with no samples")
         # Six significant digits (0.1 µs at 30 ms, far below any noise) keep committed runs small.
         object.__setattr__(self, "samples_s", tuple(float(f"{sample:.6g}") for sample in self.samples_s))
+        object.__setattr__(self, "observed_s", tuple(float(f"{sample:.6g}") for sample in self.observed_s))
         if not self.round_sizes:
             object.__setattr__(self, "round_sizes", (len(self.samples_s),))
         if sum(self.round_sizes) != len(self.samples_s) or len(self.calls_per_sample) != len(self.round_sizes):
@@ -79,6 +92,11 @@ class Latency:
             cache=rounds[0].cache,
             prepare_s=rounds[0].prepare_s,
             gpu_samples=tuple(sample for latency in rounds for sample in latency.gpu_samples),
+            observed_s=tuple(seconds for latency in rounds for seconds in latency.observed_s),
+            round_cpu_s=tuple(seconds for latency in rounds for seconds in latency.round_cpu_s),
+            round_wall_s=tuple(seconds for latency in rounds for seconds in latency.round_wall_s),
+            fresh_observed_s=tuple(seconds for latency in rounds for seconds in latency.fresh_observed_s),
+            threads=rounds[0].threads,
         )
 
     @property
@@ -142,6 +160,14 @@ class Latency:
         """Figures derived from the samples, written to rows.jsonl for its readers; never read back."""
         return {"median_s": self.median_s, "iqr_s": self.iqr_s, "noisy": self.noisy,
                 "round_medians_s": [float(f"{m:.6g}") for m in self.round_medians_s]}
+
+    @property
+    def observed_rounds(self) -> list[tuple[float, ...]]:
+        """The harness's per-call times of each round's samples (empty lists before they were kept)."""
+        if len(self.observed_s) != len(self.samples_s):
+            return [() for _ in self.round_sizes]
+        bounds = list(itertools.accumulate(self.round_sizes, initial=0))
+        return [self.observed_s[start:end] for start, end in itertools.pairwise(bounds)]
 
     @property
     def fresh_call_ratio(self) -> float | None:

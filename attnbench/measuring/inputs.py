@@ -15,13 +15,13 @@ from attnbench.contract.errors import NotSupported
 from attnbench.contract.inputs import BUILTIN_SOURCES, Inputs, InputSource, source_reasons
 
 
-def make_inputs(case: Case, seed: int, source: InputSource | None = None) -> Inputs:
+def make_inputs(case: Case, seed: int, source: InputSource | None = None, device: str | None = None) -> Inputs:
     """Drawn in float32 on the CPU (values independent of the device's generator), then cast.
 
     ``source``: the case's input source (default: the built-in one of that name); a case it
-    cannot give raises NotSupported with its reasons (the point is ``unsupported``). The float64
-    reference is computed from the cast values, so rounding the inputs to a low-precision dtype
-    is not counted as the implementation's error.
+    cannot give raises NotSupported with its reasons (the point is ``unsupported``); ``device``:
+    where they go (default: the case's). The float64 reference is computed from the cast values,
+    so rounding the inputs to a low-precision dtype is not counted as the implementation's error.
     """
     source = source if source is not None else BUILTIN_SOURCES[case.inputs]
     drawn = every_position(case)
@@ -33,13 +33,29 @@ def make_inputs(case: Case, seed: int, source: InputSource | None = None) -> Inp
     q = q[:, :, case.key_len - case.query_len:]  # the last positions are the queries
     grad_out = torch.randn((case.batch, case.heads, case.query_len, case.head_dim), generator=generator) \
         if case.backward else None
-    # Contiguous, as activations are: fused kernels refuse a strided last dimension.
-    q, k, v = (t.to(device=case.device, dtype=case.dtype).contiguous() for t in (q, k, v))
-    if grad_out is not None:
-        grad_out = grad_out.to(device=case.device, dtype=case.dtype)
+    cast = Inputs(*(t.to(dtype=case.dtype).contiguous() for t in (q, k, v)),
+                  grad_out.to(dtype=case.dtype) if grad_out is not None else None)
+    return on_device(cast, case, device or case.device)
+
+
+def on_device(inputs: Inputs, case: Case, device: str | None = None) -> Inputs:
+    """The inputs as a call receives them: on ``device`` (default: the case's), contiguous (as
+    activations are: fused kernels refuse a strided last dimension), q, k and v requiring
+    gradients in training mode."""
+    device = device or case.device
+    q, k, v = (t.detach().to(device=device).contiguous() for t in (inputs.q, inputs.k, inputs.v))
+    grad_out = inputs.grad_out.detach().to(device=device) if inputs.grad_out is not None else None
+    if case.backward:
         for tensor in (q, k, v):
             tensor.requires_grad_(True)
     return Inputs(q, k, v, grad_out)
+
+
+def draw_set(case: Case, seed: int, source: InputSource | None, primary: Inputs | None) -> Inputs:
+    """One input set of the case on the CPU: the primary set (``primary`` None), or another that
+    shares the primary's decode cache (only the new tokens differ: the cache is built once)."""
+    drawn = make_inputs(case, seed, source, device="cpu")
+    return drawn if primary is None else with_cache_of(drawn, primary, case)
 
 
 def every_position(case: Case) -> Case:

@@ -1,4 +1,5 @@
-"""Peak memory of one call, above what was held before it."""
+"""Peak memory of one call, above what was held before it: torch's allocator (stated by the
+worker), the process's resident peak (read from /proc by the harness), a decode step's state."""
 
 from __future__ import annotations
 
@@ -15,26 +16,9 @@ from typing import Any, TypeVar
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from attnbench.measuring.figures import Memory
 from attnbench.measuring.timing import synchronize
 
 T = TypeVar("T")
-
-PROC_STATUS = Path("/proc/self/status")
-PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def measure_peak_memory(call: Callable[[], Any], device: torch.device) -> Memory:
-    if device.type == "cuda":
-        return _cuda_peak(call, device)
-    if device.type == "cpu":
-        return Memory(
-            allocator_peak_bytes=_cpu_allocator_peak(call),
-            rss_peak_bytes=_rss_peak(call),
-            source="torch profiler memory events; VmHWM after /proc/self/clear_refs",
-        )
-    return Memory(None, None, source=f"not measured: no peak statistics on {device.type}")
-
 
 def held_after(build: Callable[[], T], device: torch.device) -> tuple[T, int | None]:
     """Runs ``build`` and counts the bytes torch allocated during it that are still allocated once
@@ -81,7 +65,8 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def _cuda_peak(call: Callable[[], Any], device: torch.device) -> Memory:
+def cuda_peak(call: Callable[[], Any], device: torch.device) -> int:
+    """The allocator's peak during one call, above what was allocated before it."""
     synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device)
@@ -89,10 +74,10 @@ def _cuda_peak(call: Callable[[], Any], device: torch.device) -> Memory:
     synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - baseline
     del result
-    return Memory(allocator_peak_bytes=peak, rss_peak_bytes=None, source="torch.cuda.max_memory_allocated")
+    return peak
 
 
-def _cpu_allocator_peak(call: Callable[[], Any]) -> int | None:
+def cpu_allocator_peak(call: Callable[[], Any]) -> int | None:
     """Highest running total of torch's CPU allocations and frees during the call."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         result = call()
@@ -109,24 +94,39 @@ def _cpu_allocator_peak(call: Callable[[], Any]) -> int | None:
     return peak
 
 
-def _rss_peak(call: Callable[[], Any]) -> int | None:
-    """Process peak RSS during the call minus RSS before it (Linux only)."""
-    if not PROC_CLEAR_REFS.exists():
-        return None
-    gc.collect()
-    _release_free_heap()
-    baseline = _status_bytes("VmRSS")
-    try:
-        PROC_CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return None
-    result = call()
-    peak = _status_bytes("VmHWM")
-    del result
-    return max(0, peak - baseline)
+class ProcessPeak:
+    """A process's peak resident memory over a stretch of time, read from /proc by whichever
+    process watches it (the harness watches its workers: the figure is not the worker's to state).
+    Linux only: elsewhere ``available`` is False."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = Path(f"/proc/{pid}")
+        self.baseline: int | None = None
+
+    @property
+    def available(self) -> bool:
+        return (self.proc / "clear_refs").exists()
+
+    def start(self) -> bool:
+        """Resets the high-water mark to the current RSS and keeps the current RSS as the baseline."""
+        try:
+            self.baseline = _status_bytes(self.proc / "status", "VmRSS")
+            (self.proc / "clear_refs").write_text("5")
+        except (OSError, RuntimeError):
+            self.baseline = None
+        return self.baseline is not None
+
+    def peak_above_start(self) -> int | None:
+        """Peak RSS since ``start`` minus the RSS then."""
+        if self.baseline is None:
+            return None
+        try:
+            return max(0, _status_bytes(self.proc / "status", "VmHWM") - self.baseline)
+        except (OSError, RuntimeError):
+            return None
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     # Freed memory that malloc keeps would be reused without raising RSS, hiding the call's
     # true footprint; malloc_trim hands it back so the call's pages are counted afresh.
     libc_name = ctypes.util.find_library("c")
@@ -136,8 +136,8 @@ def _release_free_heap() -> None:
             libc.malloc_trim(0)
 
 
-def _status_bytes(key: str) -> int:
-    for line in PROC_STATUS.read_text().splitlines():
+def _status_bytes(status: Path, key: str) -> int:
+    for line in status.read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024  # the kernel reports kB
-    raise RuntimeError(f"{key} missing from {PROC_STATUS}")
+    raise RuntimeError(f"{key} missing from {status}")

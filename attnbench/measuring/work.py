@@ -1,6 +1,6 @@
-"""The FLOPs of a point's timed call, and a decode step's bytes: exact attention counted by the
-harness, an approximation's own declarations (``Implementation.flops``, ``step_bytes``) checked,
-since plugin code may return anything."""
+"""An approximation's own declarations of its work (``Implementation.flops``, ``step_bytes``),
+checked where they are made, since plugin code may return anything, and again where the harness
+receives them. Exact attention's work is counted by the harness (attnbench.measuring.round)."""
 
 from __future__ import annotations
 
@@ -10,41 +10,42 @@ from typing import Any
 
 from attnbench.contract.case import Case
 from attnbench.contract.implementation import Implementation
-from attnbench.contract.work import ByteCount, FlopCount, exact_attention, exact_decode_bytes
-from attnbench.measuring.figures import Traffic, Work
+from attnbench.contract.work import ByteCount, FlopCount
 from attnbench.support.text import one_line
 
 FORMULA_CHARS = 200
 
 
-def counted_work(implementation: Implementation, case: Case, options: Mapping[str, Any]) -> tuple[Work | None, str]:
-    """The work of one timed call, and a note when a declaration could not be used (no throughput
-    then; the point's other figures stand)."""
-    if implementation.exact:  # the work is the problem's, not the plugin's to declare
-        count = exact_attention(case)
-        return Work(count.flops, count.formula, declared=False), ""
+def declared_flops(
+    implementation: Implementation, case: Case, options: Mapping[str, Any]
+) -> tuple[tuple[float, str] | None, str]:
+    """The FLOPs an implementation declares for one timed call, with the formula; and a note when
+    its declaration could not be used (no throughput then; the point's other figures stand)."""
     declared, note = _declaration(lambda: implementation.flops(case, options), "flops", FlopCount, "flops",
                                  "throughput")
-    if declared is None:
-        return None, note
-    return Work(float(declared.flops), one_line(declared.formula, FORMULA_CHARS), declared=True), ""
+    return (float(declared.flops), one_line(declared.formula, FORMULA_CHARS)) if declared else None, note
 
 
-def counted_traffic(
+def declared_bytes(
     implementation: Implementation, case: Case, options: Mapping[str, Any]
-) -> tuple[Traffic | None, str]:
-    """The bytes of one decode step (None outside decode), and a note when a declaration could not
-    be used (no achieved bandwidth then)."""
+) -> tuple[tuple[float, str] | None, str]:
+    """The bytes an implementation declares for one decode step (nothing outside decode), as
+    ``declared_flops`` does."""
     if not case.decode:
         return None, ""
-    if implementation.exact:
-        count = exact_decode_bytes(case)
-        return Traffic(count.bytes, count.formula, declared=False), ""
     declared, note = _declaration(lambda: implementation.step_bytes(case, options), "step_bytes", ByteCount,
                                  "bytes", "bandwidth")
-    if declared is None:
-        return None, note
-    return Traffic(float(declared.bytes), one_line(declared.formula, FORMULA_CHARS), declared=True), ""
+    return (float(declared.bytes), one_line(declared.formula, FORMULA_CHARS)) if declared else None, note
+
+
+def usable_count(value: object) -> tuple[float, str] | None:
+    """A declaration as it came back from a worker, if it is a positive, finite count and a formula."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        return None
+    count, formula = value
+    if not _positive_number(count) or not isinstance(formula, str) or not formula.strip():
+        return None
+    return float(count), one_line(formula, FORMULA_CHARS)
 
 
 def _declaration(

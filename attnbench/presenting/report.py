@@ -145,8 +145,9 @@ def _flag_table(rows: Sequence[Row]) -> Table:
         (flag.kind, row.implementation, describe_group(group_key(row.case)), str(curve_x(row.case)), flag.message)
         for row in rows for flag in row.flags
     )
-    note = ("What the harness found beside the figures. implausible_speed and fresh_inputs_slower: the latency is "
-            "not a result and is left out of every comparison; implausible_work: the FLOPs an approximation declared "
+    note = ("What the harness found beside the figures. implausible_speed, fresh_inputs_slower, timing_disagrees "
+            "(the worker stated less time than the harness's own clock saw pass) and cpu_over_threads (more CPU time "
+            "than its threads allow): the latency is not a result and is left out of every comparison; implausible_work: the FLOPs an approximation declared "
             "would put it beyond the device's matmul rate, so no throughput is shown; loose_tolerance: correct only "
             "at a tolerance looser than the dtype's default, never a baseline; under_load: other processes kept CPUs "
             "busy while it was timed; throttled: the GPU slowed itself down (power cap, heat) while it was timed; "

@@ -12,6 +12,7 @@ from attnbench.contract.inputs import SOURCE_NOTE_PREFIX
 from attnbench.measuring.figures import NOISY_RELATIVE_IQR
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import RunFolder
+from attnbench.support.confinement import Protections
 
 
 def identity_line(run: RunFolder) -> str:
@@ -49,15 +50,36 @@ def run_facts(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
          or "none"),
         ("load while timed", _timed_load_text(run.rows)),
         ("matmul and copy yardsticks", _yardstick_text(env)),
-        ("correctness checks", "query rows (and key rows for dk, dv) drawn per point after its first call; the "
-                               "first call, the last timed call of every round and a call on fresh inputs compared "
-                               "with float64 references of the inputs as made; inputs compared after every call"),
+        ("correctness checks", "query rows (and key rows for dk, dv) drawn per case by the harness, never shown to a "
+                               "plugin; the first call, the last timed call of every round (the timed calls "
+                               "alternate between two input sets) and a call on fresh inputs new in every round "
+                               "judged by the harness against float64 references it computed itself; inputs "
+                               "compared after every call"),
+        ("workers confined by", protections_text(env)),
         ("plugins", ", ".join(f"{name}: {info.get('distribution')} {info.get('version')}"
                               for name, info in env.get("plugins", {}).items()) or "not recorded"),
         ("input sources", _sources_text(env)),
         ("input captures", input_capture_text(run.rows)),
     ]
     return f"attnbench report — {run.suite_name} — {run.run_id}", facts
+
+
+def protections_text(env: Mapping[str, Any]) -> str:
+    """What kept the workers (plugin code) from the harness, the run folder and each other, as
+    recorded with the run (attnbench.support.confinement)."""
+    found = env.get("protections")
+    if not found:
+        return "not recorded (a run made before workers were confined)"
+    protections = Protections(**{key: value for key, value in found.items() if key in Protections.__dataclass_fields__})
+    in_force = [text for text, on in (
+        (f"Landlock ABI {protections.landlock_abi}: writes only beneath the worker's scratch", protections.writes_confined),
+        ("the ledger's keys and the harness's inputs unreadable", protections.reads_hidden),
+        ("no ptrace or /proc memory of other processes", protections.ptrace_confined),
+        ("no TCP", protections.tcp_denied), ("no signals beyond the worker", protections.signals_confined),
+        ("no_new_privs", protections.no_new_privs), ("root's capabilities dropped", bool(protections.capabilities_dropped)),
+        ("no new sockets (seccomp)", protections.sockets_denied)) if on]
+    missing = protections.missing()
+    return "; ".join(in_force) + (f". NOT in force here: {'; '.join(missing)}" if missing else "")
 
 
 def _placement_text(env: Mapping[str, Any], rows: Sequence[Row]) -> str:

@@ -60,6 +60,9 @@ class Environment:
     # itself there: an Environment's fields. Empty when the run used only this machine.
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     niceness: int | None = None  # the scheduling priority the workers inherit (Ray's workers default to 15)
+    # What confines the workers that run plugin code here (attnbench.support.confinement.Protections),
+    # as this machine's kernel offers it; empty in runs made before workers were confined.
+    protections: dict[str, Any] = field(default_factory=dict)
 
     def busy_warning(self) -> str | None:
         """A sentence when other work was running on the CPUs as the run started."""
@@ -82,8 +85,10 @@ class Environment:
         return cls(**known)
 
 
-def capture_environment(threads: int | None = None, plugins: dict[str, dict[str, Any]] | None = None) -> Environment:
-    """``threads``: the count the workers use; ``plugins``: where the run's implementations come from."""
+def capture_environment(threads: int | None = None, plugins: dict[str, dict[str, Any]] | None = None,
+                        protections: dict[str, Any] | None = None) -> Environment:
+    """``threads``: the count the workers use; ``plugins``: where the run's implementations come
+    from; ``protections``: what confines the workers here."""
     commit, dirty = code_version()
     return Environment(
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -108,6 +113,7 @@ def capture_environment(threads: int | None = None, plugins: dict[str, dict[str,
         worker_allocator=worker_allocator_policy(),
         plugins=plugins or {},
         niceness=os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None,
+        protections=protections or {},
     )
 
 

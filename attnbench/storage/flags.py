@@ -9,6 +9,7 @@ judged against the final, highest yardstick.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Mapping, Sequence
 
 from attnbench.contract.implementation import DEFAULT_TOLERANCES
@@ -19,12 +20,28 @@ from attnbench.support.units import format_bytes
 # Exact attention does the work of two matmuls and more; on the CPU it has reached 82% of the
 # matmul yardstick here. A quarter above it is beyond what the hardware allows.
 IMPLAUSIBLE_HEADROOM = 1.25
-# A call on fresh inputs this much slower than the timed calls (and by more than the floor, which
-# keeps microsecond calls out of it) means the timed calls did not compute what they returned.
-FRESH_CALL_FACTOR = 5.0
-FRESH_CALL_FLOOR_S = 50e-6
+# The fastest call on fresh inputs (one per round, each on values no earlier call saw) this much
+# slower than the timed calls' median means the timed calls did not compute what they returned:
+# more than FRESH_CALL_FACTOR times and FRESH_CALL_FLOOR_S longer, or (a single call of under a
+# millisecond carries the noise of its cold start) SHORT_CALL_FACTOR times and SHORT_CALL_FLOOR_S.
+# Honest built-ins on the quick suite (2-core VM, one thread, quiet): at most 1.2× for calls over
+# 5 ms, 2.4× (0.5 ms longer) for calls under 1 ms.
+FRESH_CALL_FACTOR = 1.5
+FRESH_CALL_FLOOR_S = 1e-3
+SHORT_CALL_FACTOR = 4.0
+SHORT_CALL_FLOOR_S = 50e-6
 # CPUs other processes kept busy, on average, while a point was timed.
 LOAD_CPUS = 0.5
+# The worker's own time for a block against the harness's clock around it: the harness's round
+# trip (asking, waking the worker, the answer) took at most 4% of a block (median per point) on
+# the quick suite here, 8% on a loaded machine. A round whose typical block the worker states
+# this much shorter than the harness saw did not report the time that passed; so for the call on
+# fresh inputs, beyond the floor (one call's round trip).
+STATED_SHORTFALL = 0.1
+FRESH_SHORTFALL_FLOOR_S = 2e-3
+# CPU time of the worker and what it started, against its threads × the time its blocks took.
+CPU_OVER_THREADS = 1.25
+CPU_OVER_FLOOR_S = 0.02
 # Process memory beyond torch's count: more than this many times it, and by more than this many
 # bytes. Training steps of the built-ins reach twice the count (autograd's temporaries and the
 # heap's fragmentation); a plugin computing in numpy is tens of times above it.
@@ -35,7 +52,7 @@ MEMORY_GAP_BYTES = 16 * 2**20
 def flags_of(row: Row, exact: bool, yardstick: Mapping[str, float]) -> tuple[Flag, ...]:
     """Every flag the row's figures call for; ``yardstick``: matmul FLOP/s per "device/dtype"."""
     found = [*_speed(row, exact, yardstick), *_declared_work(row, yardstick), *_fresh_calls(row), *_load(row),
-             *_throttled(row), *_tolerance(row), *_memory(row)]
+             *_throttled(row), *_tolerance(row), *_memory(row), *_stated_time(row), *_cpu_time(row)]
     return tuple(found)
 
 
@@ -92,13 +109,57 @@ def best_yardstick(row: Row, yardstick: Mapping[str, float]) -> tuple[str, float
 def _fresh_calls(row: Row) -> list[Flag]:
     latency = row.latency
     ratio = latency.fresh_call_ratio if latency is not None else None
-    if ratio is None or ratio <= FRESH_CALL_FACTOR:
+    if ratio is None:
         return []
-    fresh = min(latency.fresh_call_s)
-    if fresh - latency.median_s <= FRESH_CALL_FLOOR_S:
+    excess = min(latency.fresh_call_s) - latency.median_s
+    if not ((ratio > FRESH_CALL_FACTOR and excess > FRESH_CALL_FLOOR_S)
+            or (ratio > SHORT_CALL_FACTOR and excess > SHORT_CALL_FLOOR_S)):
         return []
     return [Flag("fresh_inputs_slower", f"a call on fresh inputs took {ratio:.3g}× the timed calls' median "
                                         "(outputs cached between calls?); not a result")]
+
+
+def _stated_time(row: Row) -> list[Flag]:
+    """The worker stated less time than the harness's clock saw pass, in most rounds: its blocks
+    (typical block, per round) or its call on fresh inputs."""
+    latency = row.latency
+    if latency is None or not latency.observed_s:
+        return []
+    short_rounds = []
+    for samples, observed in zip(latency.rounds, latency.observed_rounds, strict=True):
+        shortfalls = [1 - stated / seen for stated, seen in zip(samples, observed, strict=True) if seen > 0]
+        short_rounds.append(bool(shortfalls) and statistics.median(shortfalls) > STATED_SHORTFALL)
+    fresh = [seen - stated > max(FRESH_SHORTFALL_FLOOR_S, STATED_SHORTFALL * seen)
+             for stated, seen in zip(latency.fresh_call_s, latency.fresh_observed_s, strict=True)]
+    found = []
+    if sum(short_rounds) * 2 > len(short_rounds):
+        stated = sum(latency.samples_s) / len(latency.samples_s)
+        seen = sum(latency.observed_s) / len(latency.observed_s)
+        found.append(f"its timed calls took {seen * 1e3:.4g} ms each by the harness's clock, {stated * 1e3:.4g} ms "
+                     "as the worker stated them")
+    if fresh and sum(fresh) * 2 > len(fresh):
+        found.append(f"its call on fresh inputs took {max(latency.fresh_observed_s) * 1e3:.4g} ms by the harness's "
+                     f"clock, {max(latency.fresh_call_s) * 1e3:.4g} ms as stated")
+    if not found:
+        return []
+    return [Flag("timing_disagrees", f"stated times disagree with the harness's clock: {'; '.join(found)}; "
+                                     "not a result")]
+
+
+def _cpu_time(row: Row) -> list[Flag]:
+    """More CPU time than its threads could give in the time its timed blocks took (threads it
+    started itself, processes it farmed work out to): not comparable with points that kept to them."""
+    latency = row.latency
+    if latency is None or latency.threads is None or not latency.round_wall_s:
+        return []
+    known = [(cpu, wall) for cpu, wall in zip(latency.round_cpu_s, latency.round_wall_s, strict=True) if cpu is not None]
+    cpu, wall = sum(pair[0] for pair in known), sum(pair[1] for pair in known)
+    if not wall:
+        return []
+    if cpu <= CPU_OVER_THREADS * latency.threads * wall + CPU_OVER_FLOOR_S:
+        return []
+    return [Flag("cpu_over_threads", f"used {cpu / wall:.2g} CPUs while timed, with {latency.threads} thread(s) "
+                                     "given; not comparable, not a result")]
 
 
 def _load(row: Row) -> list[Flag]:

@@ -28,7 +28,8 @@ from attnbench.support.text import bounded_block, one_line
 # 6: error figures carry the rows' cosine similarity with the reference (mean, worst).
 # 7: the case's q_len and the decode mode; memory's state_bytes; "traffic", a decode step's bytes.
 # 8: "where": the host, cluster node and device the point ran on; started_at and ended_at.
-SCHEMA_VERSION = 8
+# 9: latency's harness observations (observed_s, round_cpu_s, round_wall_s, fresh_observed_s, threads).
+SCHEMA_VERSION = 9
 
 
 DEVICE_NAME_SEPARATOR = " ("
@@ -80,9 +81,11 @@ class Flag:
 # throttled: the GPU slowed itself down (power cap, heat) while it was timed (NVML).
 # loose_tolerance: judged at a tolerance looser than the dtype's default.
 # memory_outside_torch: the process grew far beyond what torch's allocator counted.
+# timing_disagrees: the worker stated less time than the harness's own clock saw pass.
+# cpu_over_threads: it used more CPU time than the threads it was given allow.
 FLAG_KINDS = ("implausible_speed", "implausible_work", "fresh_inputs_slower", "under_load", "throttled",
-              "loose_tolerance", "memory_outside_torch")
-LATENCY_VOIDING_FLAGS = ("implausible_speed", "fresh_inputs_slower")
+              "loose_tolerance", "memory_outside_torch", "timing_disagrees", "cpu_over_threads")
+LATENCY_VOIDING_FLAGS = ("implausible_speed", "fresh_inputs_slower", "timing_disagrees", "cpu_over_threads")
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,11 @@ def _latency_from_json(data: Mapping[str, Any]) -> Latency:
         prepare_s=data.get("prepare_s"),
         gpu_samples=tuple(GpuSample(**{**sample, "slowdown_reasons": tuple(sample.get("slowdown_reasons", ()))})
                           for sample in data.get("gpu_samples", ())),
+        observed_s=tuple(data.get("observed_s", ())),
+        round_cpu_s=tuple(data.get("round_cpu_s", ())),
+        round_wall_s=tuple(data.get("round_wall_s", ())),
+        fresh_observed_s=tuple(data.get("fresh_observed_s", ())),
+        threads=data.get("threads"),
     )
 
 

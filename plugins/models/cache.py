@@ -18,18 +18,6 @@ from pathlib import Path
 
 import torch
 
-CACHE_VARIABLE = "ATTNBENCH_CACHE"
-
-
-def cache_root(chosen: str = "") -> Path:
-    """``chosen`` when given, else ``$ATTNBENCH_CACHE``, else ``$XDG_CACHE_HOME/attnbench``, else
-    ``~/.cache/attnbench``."""
-    if chosen:
-        return Path(chosen).expanduser()
-    if os.environ.get(CACHE_VARIABLE):
-        return Path(os.environ[CACHE_VARIABLE])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "attnbench"
 
 
 def entry_path(folder: Path, key: Mapping[str, object]) -> Path:

@@ -24,7 +24,6 @@ from attnbench.execution.local.executor import LocalExecutor
 from attnbench.execution.local.isolation import start_fork_server
 from attnbench.execution.placement import device_kind
 from attnbench.execution.scheduler import SweepPlan
-from attnbench.storage.environment import capture_environment
 from attnbench.storage.results import Row
 
 
@@ -46,9 +45,9 @@ class NodeRunner:
         if plan.suite.measure.threads is None:  # the node's own cores, not the driver's
             plan = dataclasses.replace(plan, threads=_usable_cpus())
         self.node = ray.get_runtime_context().get_node_id()
-        self.environment = capture_environment(threads=plan.threads)
+        executor = self.executor = LocalExecutor(registry)
+        self.environment = executor.environment(plan.threads, {})
         self.plan = plan
-        executor = LocalExecutor(registry)
         self.memory_caps = {kind: executor.memory_cap_bytes(plan.suite.limits, kind) for kind in ("cpu", "cuda")}
         self.runner = CaseRunner(plan, executor, self.environment, self.node, stored_flops, stored_copy)
         start_fork_server()
@@ -60,7 +59,10 @@ class NodeRunner:
                 "memory_cap": self.memory_caps.get(device_kind(kind)), "environment": self.environment.to_json()}
 
     def run(self, work: CaseWork) -> Iterator[Row | CaseEnd]:
-        yield from self.runner.run(work)
+        try:
+            yield from self.runner.run(work)
+        finally:
+            self.executor.close()  # the case's input sets and the workers' folders
 
 
 def _leave_main_alone() -> None:

@@ -26,6 +26,7 @@ from attnbench.execution.cases import CaseEnd, CaseWork
 from attnbench.execution.placement import CaseDone, RowReady, Slot, SlotEvent, SlotLost
 from attnbench.execution.scheduler import SweepPlan
 from attnbench.storage.environment import Environment, capture_environment
+from attnbench.support.confinement import expected_protections
 from attnbench.support.containment import PluginFault, contained
 from attnbench.support.text import one_line
 
@@ -58,7 +59,7 @@ class RayPlacement:
         self.ready: deque[SlotEvent] = deque()
 
     def environment(self, threads: int, plugins: dict[str, dict[str, Any]]) -> Environment:
-        return capture_environment(threads=threads, plugins=plugins)
+        return capture_environment(threads=threads, plugins=plugins, protections=expected_protections().to_json())
 
     def open(self, plan: SweepPlan, kinds: set[str], stored_flops: Mapping[str, list[float]],
              stored_copy: Mapping[str, list[float]]) -> list[Slot]:

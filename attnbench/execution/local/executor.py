@@ -1,25 +1,45 @@
-"""The local executor: each unit in its own forked worker on this machine, one at a time.
+"""The local executor: each unit of work in its own confined, forked worker on this machine, one at
+a time, in the order submitted (points measured side by side must not share the machine).
 
-One at a time, in the order submitted: points measured side by side must not share the machine.
-The implementation a unit names is looked up in this process's registry and sent to the worker
-(attnbench.execution.local.isolation pickles it, so a plugin that cannot travel is an error row).
+For a point's round it keeps, per case, the case's input sets and references (``CaseBank``), a
+scratch folder per worker (removed after it) and per series a compile cache that lasts the run;
+it starts the worker and drives the round from here (attnbench.measuring.round). Plugin code runs
+only in workers: the implementation a unit names is looked up in this process's registry and
+sent to the worker pickled; an input source a plugin registered draws in a worker of its own;
+an implementation's own reference is computed in a worker of its own that never times anything.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import shutil
+import tempfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
-from attnbench.contract.inputs import BUILTIN_SOURCES
+from attnbench.contract.case import Case
+from attnbench.contract.inputs import BUILTIN_SOURCES, CACHE_VARIABLE, InputSource, input_cache_root
 from attnbench.contract.registry import Registry
-from attnbench.execution.executor import Finished, StartedCallback, WorkUnit, YardstickRound
-from attnbench.execution.local.isolation import run_isolated
-from attnbench.execution.local.worker import Job, YardstickJob
+from attnbench.execution.executor import Finished, ImplementationRef, PointRound, StartedCallback, WorkUnit, YardstickRound
+from attnbench.execution.local.bank import CaseBank, drawn_here
+from attnbench.execution.local.isolation import RoundFailed, WorkerProcess
+from attnbench.execution.local.point_worker import IsolatedWorker
+from attnbench.execution.local.worker import WorkerSpec
 from attnbench.measuring import outcome
+from attnbench.measuring.correctness import Verifier, verifier_for
+from attnbench.measuring.inputs import draw_set
+from attnbench.measuring.outcome import Outcome, Yardstick
+from attnbench.measuring.round import Declarations, RoundPlan, measure_round
+from attnbench.measuring.tensor_files import TensorFile, TensorFileError, read_tensor
 from attnbench.settings.suite import Limits
 from attnbench.storage.environment import Environment, capture_environment
+from attnbench.storage.ledger import ledger_key_store
+from attnbench.support.confinement import expected_protections, set_dumpable
+from attnbench.support.containment import PLUGIN_CALL_TIMEOUT_S, PluginFault, contained
 
 
 class LocalExecutor:
@@ -27,6 +47,10 @@ class LocalExecutor:
         self.registry = registry
         self.started = started or (lambda unit: None)
         self.pending: deque[WorkUnit] = deque()
+        self._root: tempfile.TemporaryDirectory[str] | None = None
+        self._bank: tuple[tuple[Any, ...], CaseBank | RoundFailed] | None = None
+        self._workers = 0
+        set_dumpable(False)  # a worker (where Landlock is missing) cannot read or ptrace this process
 
     def submit(self, unit: WorkUnit) -> None:
         self.pending.append(unit)
@@ -40,29 +64,231 @@ class LocalExecutor:
     def cancel(self) -> None:
         self.pending.clear()
 
+    def close(self) -> None:
+        """Removes every file the run's workers and input sets left here."""
+        self.cancel()
+        self._drop_bank()
+        if self._root is not None:
+            self._root.cleanup()
+            self._root = None
+
     def memory_cap_bytes(self, limits: Limits, device: str) -> int | None:
         return memory_cap_bytes(limits, device)
 
     def environment(self, threads: int, plugins: dict[str, dict[str, Any]]) -> Environment:
-        return capture_environment(threads=threads, plugins=plugins)
+        return capture_environment(threads=threads, plugins=plugins, protections=expected_protections(
+            self.hidden_folders()).to_json())
+
+    # --- running a unit -------------------------------------------------------------------
 
     def _run(self, unit: WorkUnit) -> Finished:
         if isinstance(unit, YardstickRound):
-            result = run_isolated(YardstickJob(unit.device, unit.dtype_name, unit.run_time_s), unit.timeout_s,
-                                  unit.threads)
-            return Finished(unit, result.outcome, result.wall_time_s, result.log_tail, result.notes)
+            return self._yardstick(unit)
         ref = unit.implementation
         if ref.name not in self.registry or self.registry.plugin_of(ref.name) != ref.plugin:
             return Finished(unit, outcome.not_here(ref.name, ref.plugin), 0.0)
+        payload = contained(lambda: pickle.dumps(self.registry.get(ref.name)),
+                            "pickling the implementation for a worker", PLUGIN_CALL_TIMEOUT_S)
+        if isinstance(payload, PluginFault):
+            return Finished(unit, outcome.unsendable(payload.message, payload.detail), 0.0)
+        try:
+            bank = self._case_bank(unit)
+        except RoundFailed as failed:
+            return Finished(unit, failed.failure, 0.0)
+        spec = self._spec("point", payload, unit.threads, writable=(self._series_cache(unit.series),))
+        process = None
+        try:
+            process = WorkerProcess(spec, unit.limits.timeout_s)
+            cache = unit.measure.latency.cache if unit.measure.latency else "warm"
+            worker = IsolatedWorker(process, unit.case, unit.options, bank.worker_sets(),
+                                    memory_cap_bytes(unit.limits, unit.case.device), cache)
+            plan = RoundPlan(unit.case, unit.measure, self._exact(ref), unit.round_index, unit.threads,
+                             unit.verifier, self._verifier_maker(unit, payload, bank), bank.fresh,
+                             notes=list(bank.notes))
+            result: Outcome = measure_round(worker, plan)
+        except RoundFailed as failed:
+            result = failed.failure
+        finally:
+            ended = process.end() if process is not None else None
+            shutil.rmtree(spec.scratch, ignore_errors=True)
+        return Finished(unit, result, ended.wall_time_s if ended else 0.0, ended.log_tail if ended else "",
+                        ended.notes if ended else ())
+
+    def _yardstick(self, unit: YardstickRound) -> Finished:
+        spec = self._spec("yardstick", None, unit.threads)
+        process = None
+        try:
+            process = WorkerProcess(spec, unit.timeout_s)
+            reply = process.request({"device": unit.device, "dtype": unit.dtype_name, "seconds": unit.run_time_s})
+            rates = [reply.get(key) for key in ("flops", "copy_bytes_per_s")]
+            if not all(isinstance(rate, (int, float)) and rate > 0 for rate in rates):
+                raise RoundFailed(outcome.unreadable_result(ValueError(f"yardstick rates {rates!r}")))
+            result: Outcome = Yardstick(float(rates[0]), float(rates[1]))
+        except RoundFailed as failed:
+            result = failed.failure
+        finally:
+            ended = process.end() if process is not None else None
+            shutil.rmtree(spec.scratch, ignore_errors=True)
+        return Finished(unit, result, ended.wall_time_s if ended else 0.0, ended.log_tail if ended else "",
+                        ended.notes if ended else ())
+
+    def _exact(self, ref: ImplementationRef) -> bool:
+        return bool(self.registry.get(ref.name).exact)
+
+    # --- the case's inputs and references -------------------------------------------------
+
+    def _case_bank(self, unit: PointRound) -> CaseBank:
+        """The bank of the unit's case (made when its first point arrives; one case at a time)."""
+        key = (unit.case, unit.seed, tuple(sorted(unit.source_options.items())), unit.rounds)
+        if self._bank is not None and self._bank[0] == key:
+            bank = self._bank[1]
+            if isinstance(bank, RoundFailed):
+                raise bank
+            return bank
+        self._drop_bank()
+        root = self._scratch_root()
+        self._workers += 1
+        try:
+            bank: CaseBank | RoundFailed = CaseBank(unit.case, unit.seed, unit.rounds, root / f"inputs-{self._workers}",
+                                                    root / "private" / f"inputs-{self._workers}", self._drawer(unit))
+        except RoundFailed as failed:
+            bank = failed
+        except (ValueError, TensorFileError) as error:
+            bank = RoundFailed(outcome.unreadable_result(error))
+        except Exception as error:  # noqa: BLE001 (the harness's own draw of the case: NotSupported, a bad shape)
+            bank = RoundFailed(outcome.from_exception(error))
+        self._bank = (key, bank)
+        if isinstance(bank, RoundFailed):
+            raise bank
+        return bank
+
+    def _drop_bank(self) -> None:
+        if self._bank is not None and isinstance(self._bank[1], CaseBank):
+            self._bank[1].close()
+        self._bank = None
+
+    def _drawer(self, unit: PointRound):
         registered = self.registry.input_sources.get(unit.case.inputs)
         if registered is None:
-            return Finished(unit, outcome.no_such_source(unit.case.inputs), 0.0)
+            raise RoundFailed(outcome.no_such_source(unit.case.inputs))
         source = registered.configured(unit.source_options)
-        job = Job(self.registry.get(ref.name), unit.case, unit.options, unit.measure, unit.seed,
-                  memory_cap_bytes(unit.limits, unit.case.device), unit.verifier,
-                  None if source is BUILTIN_SOURCES.get(source.name) else source)
-        result = run_isolated(job, unit.limits.timeout_s, unit.threads)
-        return Finished(unit, result.outcome, result.wall_time_s, result.log_tail, result.notes)
+        if source is BUILTIN_SOURCES.get(source.name):  # the harness's own code: drawn here
+            return drawn_here(lambda case, seed, primary: draw_set(case, seed, source, primary))
+        cache = input_cache_root(str(unit.source_options.get("cache", ""))) / source.name  # the user's choice only
+        return lambda case, seeds, folder: self._draw_in_worker(source, cache, case, seeds, folder, unit)
+
+    def _draw_in_worker(self, source: InputSource, cache: Path, case: Case, seeds: Mapping[str, int], folder: Path,
+                        unit: PointRound) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """A plugin's input source draws in a confined worker of its own, which may write only its
+        scratch folder and the source's own folder of the input cache; the files then move to ``folder``."""
+        payload = contained(lambda: pickle.dumps(source), "pickling the input source for a worker")
+        if isinstance(payload, PluginFault):
+            raise RoundFailed(outcome.unsendable(payload.message, payload.detail))
+        cache.mkdir(parents=True, exist_ok=True)
+        spec = self._spec("draw", payload, unit.threads, writable=(cache,))
+        process = None
+        try:
+            process = WorkerProcess(spec, unit.limits.timeout_s)
+            reply = process.request({"case": case.to_json(), "seeds": dict(seeds)})
+            sets = reply.get("sets")
+            if not isinstance(sets, dict):
+                raise RoundFailed(outcome.unreadable_result(ValueError("the input source's draw gave no sets")))
+            moved = {}
+            for name, described in sets.items():
+                tensors = described.get("tensors") if isinstance(described, dict) else None
+                if not isinstance(tensors, dict):
+                    continue
+                for file in tensors.values():
+                    name_of = TensorFile.from_json(file).name
+                    os.replace(spec.scratch / name_of, folder / name_of)
+                moved[name] = {"folder": str(folder), "tensors": tensors}
+            notes = [note for note in reply.get("notes", []) if isinstance(note, str)]
+            return moved, notes
+        finally:
+            if process is not None:
+                process.end()
+            shutil.rmtree(spec.scratch, ignore_errors=True)
+
+    def _verifier_maker(self, unit: PointRound, payload: bytes, bank: CaseBank):
+        correctness = unit.measure.correctness
+        if correctness is None:
+            return None
+
+        def make(declared: Declarations) -> tuple[Verifier, list[str]]:
+            references = bank.references_for(correctness)
+            own = self._own_references(unit, payload, bank) if declared.own_reference else None
+            verifier, notes = verifier_for(references, own, self._exact(unit.implementation), declared.tolerance,
+                                           unit.case.dtype)
+            return verifier, [*references.notes, *notes]
+
+        return make
+
+    def _own_references(self, unit: PointRound, payload: bytes, bank: CaseBank) -> dict[str, Any]:
+        """The implementation's own reference of every set, from a worker that times nothing and
+        keeps nothing: the rows it learns go no further."""
+        references = bank.references
+        assert references is not None
+        spec = self._spec("reference", payload, unit.threads, hide_private=False)
+        process = None
+        try:
+            process = WorkerProcess(spec, unit.limits.timeout_s)
+            reply = process.request({"case": unit.case.to_json(), "options": dict(unit.options),
+                                     "sets": dict(bank.described), "rows": references.rows.tolist()})
+            found = reply.get("references")
+            if not isinstance(found, dict):
+                raise RoundFailed(outcome.unreadable_result(ValueError("no references")))
+            case = unit.case
+            limit = 8 * case.batch * max(case.heads, case.kv_heads) * case.key_len * case.head_dim
+            return {name: None if found.get(name) is None else
+                    {tensor: read_tensor(spec.scratch, TensorFile.from_json(described), limit)
+                     for tensor, described in found[name].items() if tensor in ("out", "dq", "dk", "dv")}
+                    for name in bank.seeds}
+        except TensorFileError as error:
+            raise RoundFailed(outcome.unreadable_result(error)) from None
+        finally:
+            if process is not None:
+                process.end()
+            shutil.rmtree(spec.scratch, ignore_errors=True)
+
+    # --- folders --------------------------------------------------------------------------
+
+    def _spec(self, kind: str, payload: bytes | None, threads: int, writable: tuple[Path, ...] = (),
+              hide_private: bool = True) -> WorkerSpec:
+        root = self._scratch_root()
+        self._workers += 1
+        scratch = root / f"worker-{self._workers}"
+        scratch.mkdir()
+        hidden = self.hidden_folders() if hide_private else self.hidden_folders()[1:]
+        compiled = (writable or (scratch,))[0]
+        environment = {"TORCHINDUCTOR_CACHE_DIR": str(compiled / "inductor"), "TRITON_CACHE_DIR": str(compiled / "triton"),
+                       CACHE_VARIABLE: str(input_cache_root())}
+        return WorkerSpec(kind, scratch, threads, writable, hidden, payload, environment)
+
+    def hidden_folders(self) -> tuple[Path, ...]:
+        """What no worker may read: the harness's private input sets (first), the ledger's keys."""
+        return (self._scratch_root() / "private", *ledger_key_folders())
+
+    def _series_cache(self, series: str) -> Path:
+        folder = self._scratch_root() / "series" / re.sub(r"[^a-z0-9_.=-]", "_", series.lower())[:80]
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _scratch_root(self) -> Path:
+        if self._root is None:
+            self._root = tempfile.TemporaryDirectory(prefix="attnbench-")
+            (Path(self._root.name) / "private").mkdir(mode=0o700)
+        return Path(self._root.name)
+
+
+def ledger_key_folders() -> tuple[Path, ...]:
+    """The ledger's key store (attnbench.storage.ledger), made now if no run has made it yet: a
+    folder must exist to be hidden."""
+    store = ledger_key_store()
+    try:
+        store.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:  # where it cannot be made, no key can be kept there either
+        return ()
+    return (store,)
 
 
 def memory_cap_bytes(limits: Limits, device: str) -> int | None:
@@ -72,3 +298,4 @@ def memory_cap_bytes(limits: Limits, device: str) -> int | None:
     if device == "cpu" and hasattr(os, "sysconf"):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     return None
+

@@ -20,8 +20,12 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 from attnbench import cli  # noqa: E402, F401
 from attnbench.execution.local import worker  # noqa: E402, F401  (imports torch and the measuring code)
 from attnbench.measuring.memory import initialise_profiler  # noqa: E402
+from attnbench.support.confinement import set_dumpable  # noqa: E402
 
 initialise_profiler()
+# A worker confined by Landlock cannot ptrace the fork server anyway; where Landlock is missing,
+# this keeps a same-user worker from writing into the process every later worker is forked from.
+set_dumpable(False)
 # Everything loaded so far lives as long as the server: keep it out of the children's garbage
 # collections, which would otherwise walk it (0.12 s per collection) and copy its pages.
 gc.freeze()

@@ -1,81 +1,193 @@
-"""The parent side: runs each job in its own worker process, with a timeout.
+"""The harness's side of a worker: starting it, talking to it, watching it from outside, ending it.
 
-A crash, hang or out-of-memory kills the worker, never the sweep: every job ends in an
-Outcome. Workers are forked from a fork server that has already imported torch, so a
-fresh process per case costs milliseconds rather than the seconds of a new interpreter.
-
-The job is pickled here, where a plugin's ``__getstate__`` may fail or hang (contained like any
-harness-side plugin call); the worker's output comes through a pipe of which only a bounded tail
-is kept, and a worker that writes more than OUTPUT_CAP_BYTES is stopped; when the round ends,
-everything the worker started is killed (attnbench.execution.local.sandbox) and counted.
+Workers are forked from a fork server that has already imported torch (a fresh process costs
+milliseconds). A ``WorkerProcess`` sends requests as JSON and waits for each reply within the
+round's deadline, draining the worker's output meanwhile (only a bounded tail is kept; past
+OUTPUT_CAP_BYTES the worker is stopped); a reply that is not JSON, a failure, a death or the
+deadline ends the round (``RoundFailed``). What the harness learns of the worker it reads itself:
+its clock around each request, the CPU time of its session and its peak memory from /proc.
+When the worker is done, everything it started is killed (attnbench.execution.local.sandbox) and counted.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import pickle
 import time
 from collections import deque
 from dataclasses import dataclass
-from multiprocessing.connection import wait
-
-import torch
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
 
 from attnbench.execution.local import sandbox, worker
+from attnbench.execution.local.wire import WireError, receive, send, texts
 from attnbench.measuring import outcome as outcome_of
-from attnbench.measuring.outcome import Outcome
-from attnbench.support.containment import PLUGIN_CALL_TIMEOUT_S, PluginFault, contained, deferred_interrupts
+from attnbench.measuring.outcome import Failure
+from attnbench.support.confinement import Protections
+from attnbench.support.containment import deferred_interrupts
+from attnbench.support.text import bounded_block
 
 LOG_TAIL_CHARS = 2000
 OUTPUT_CAP_BYTES = 64 * 2**20  # a worker printing more is broken, and its timings measure printing
 READ_BYTES = 2**16
+# A worker's own failure can only be one of these; every other status is the harness's to decide.
+WORKER_STATUSES = ("unsupported", "oom", "error")
+ENDING_S = 5.0  # how long an ended worker may take to say so
+
+
+class RoundFailed(Exception):
+    """The worker's round ended without a measurement: ``failure`` says how."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.reasons)
+        self.failure = failure
 
 
 @dataclass(frozen=True)
-class IsolatedResult:
-    outcome: Outcome
-    wall_time_s: float
-    log_tail: str  # the worker's last output, kept for failures
-    notes: tuple[str, ...] = ()  # what the harness did about the worker (processes it left, its output)
+class Ended:
+    """What the harness saw of a worker once it was gone."""
+
+    wall_time_s: float  # start to end
+    log_tail: str  # its last output, kept for failures
+    notes: tuple[str, ...]  # what the harness did about it (processes it left, its output)
 
 
-def run_isolated(job: object, timeout_s: float, threads: int | None = None) -> IsolatedResult:
-    """Run ``job.run`` in a fresh worker with ``threads`` torch threads (default: this process's)."""
-    payload = contained(lambda: pickle.dumps(job), "pickling the implementation for a worker", PLUGIN_CALL_TIMEOUT_S)
-    if isinstance(payload, PluginFault):
-        return IsolatedResult(outcome_of.unsendable(payload.message, payload.detail), 0.0, "")
-    context = _context()
-    sandbox.become_subreaper()
-    known_children = sandbox.own_children()
-    receiver, sender = context.Pipe(duplex=False)
-    output, output_sender = context.Pipe(duplex=False)
-    threads = threads or torch.get_num_threads()
-    process = context.Process(target=worker.child_main, args=(sender, output_sender, payload, threads), daemon=True)
-    started = time.perf_counter()
-    tail = _Tail()
-    left_running = 0
-    try:
-        process.start()
-        sender.close()  # the worker holds the other ends: its exit closes the pipes
-        output_sender.close()
-        outcome = _wait(process, receiver, output, tail, timeout_s)
-    finally:
+class WorkerProcess:
+    """One confined worker (attnbench.execution.local.worker) and the harness's view of it."""
+
+    def __init__(self, spec: worker.WorkerSpec, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.scratch = spec.scratch
+        self.deadline = time.monotonic() + timeout_s
+        self.started = time.perf_counter()
+        self.tail = _Tail()
+        self.threads_left = 0
+        self.ended = False
+        context = _context()
+        sandbox.become_subreaper()
+        self.known_children = sandbox.own_children()
+        self.control, control_child = context.Pipe(duplex=True)
+        self.output, output_sender = context.Pipe(duplex=False)
+        self.process = context.Process(target=worker.child_main, args=(control_child, output_sender, spec),
+                                       daemon=True)
+        try:
+            self.process.start()
+        finally:
+            control_child.close()  # the worker holds the other ends: its exit closes the pipes
+            output_sender.close()
+        self.protections = _protections(self.reply())
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        send(self.control, message)
+        return self.reply()
+
+    def timed_request(self, message: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """The reply, and the harness's clock from sending the request to the reply's arrival."""
+        began = time.perf_counter()
+        send(self.control, message)
+        reply = self.reply()
+        return reply, time.perf_counter() - began
+
+    def reply(self) -> dict[str, Any]:
+        """The worker's next message; RoundFailed when it failed, died, flooded or ran out of time."""
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise RoundFailed(outcome_of.timed_out(self.timeout_s))
+            watched = [self.control, self.process.sentinel, *([self.output] if self.tail.open else [])]
+            ready = wait(watched, timeout=remaining)
+            if self.output in ready:
+                self.tail.read(self.output)
+                if self.tail.total > OUTPUT_CAP_BYTES:
+                    raise RoundFailed(outcome_of.output_flood(OUTPUT_CAP_BYTES))
+            if self.control in ready or (self.process.sentinel in ready and self.control.poll(0)):
+                return self._message()
+            if self.process.sentinel in ready:
+                raise RoundFailed(outcome_of.died(self.process.exitcode))
+
+    def _message(self) -> dict[str, Any]:
+        try:
+            message = receive(self.control)
+        except (EOFError, OSError):  # the pipe closed: the worker is gone
+            self.process.join(1.0)
+            raise RoundFailed(outcome_of.died(self.process.exitcode)) from None
+        except WireError as error:
+            raise RoundFailed(outcome_of.unreadable_result(error)) from None
+        if "failure" in message:
+            raise RoundFailed(_failure(message["failure"]))
+        if "ended" in message:
+            self.ended = True
+            ended = message["ended"]
+            left = ended.get("threads_left") if isinstance(ended, dict) else None
+            self.threads_left = left if isinstance(left, int) and not isinstance(left, bool) and left > 0 else 0
+            raise RoundFailed(outcome_of.died(None))  # an end the harness did not ask for
+        return message
+
+    def end(self) -> Ended:
+        """Asks the worker to end (if it is still serving), then kills what it started."""
+        notes = []
         with deferred_interrupts():  # a Ctrl-C or SIGTERM now must not leave the worker's processes behind
-            if process.pid is not None:
-                left_running = sandbox.end_point_processes(process.pid, known_children, lambda: _stop(process))
-            tail.drain(output)
-            receiver.close()
-            output.close()
-    wall_time_s = time.perf_counter() - started
-    if outcome is None:
-        outcome = outcome_of.died(process.exitcode)
-    notes = []
-    if left_running:
-        notes.append(f"{left_running} process(es) it started were still running when the point ended; killed")
-    if tail.total > LOG_TAIL_CHARS:
-        notes.append(f"it wrote {tail.total} bytes to stdout/stderr (the last {LOG_TAIL_CHARS} characters kept)")
-    return IsolatedResult(outcome, wall_time_s, tail.text(), tuple(notes))
+            if not self.ended and self.process.is_alive():
+                self._ask_to_end()
+            left_running = sandbox.end_point_processes(self.pid, self.known_children, self._stop) \
+                if self.process.pid is not None else 0
+            self.tail.drain(self.output)
+            self.control.close()
+            self.output.close()
+        if left_running:
+            notes.append(f"{left_running} process(es) it started were still running when the point ended; killed")
+        if self.threads_left:
+            notes.append(f"{self.threads_left} thread(s) it started were still running at the end (stopped with "
+                         "the worker)")
+        if self.tail.total > LOG_TAIL_CHARS:
+            notes.append(f"it wrote {self.tail.total} bytes to stdout/stderr (the last {LOG_TAIL_CHARS} characters "
+                         "kept)")
+        return Ended(time.perf_counter() - self.started, self.tail.text(), tuple(notes))
+
+    def _ask_to_end(self) -> None:
+        self.deadline = min(self.deadline, time.monotonic() + ENDING_S)
+        try:
+            send(self.control, {"command": "end"})
+            while True:
+                self.reply()
+        except RoundFailed:  # its "ended" message, or anything else: it is ending either way
+            pass
+        except OSError:  # it closed the pipe already
+            pass
+
+    def _stop(self) -> None:
+        if self.process.is_alive():  # (killed with its group already, unless it never got to lead one)
+            self.process.kill()
+        self.process.join()
+
+
+def _protections(message: dict[str, Any]) -> Protections:
+    """The first message of every worker: what confines it (sent before any plugin code ran)."""
+    found = message.get("confined")
+    if not isinstance(found, dict):
+        raise RoundFailed(outcome_of.unreadable_result(WireError("no word of its confinement")))
+    fields = Protections.__dataclass_fields__
+    return Protections(**{name: value for name, value in found.items()
+                          if name in fields and isinstance(value, (bool, int, type(None)))})
+
+
+def _failure(data: object) -> Failure:
+    """A failure the worker reported for itself; an unknown status is an error."""
+    if not isinstance(data, dict):
+        return outcome_of.unreadable_result(WireError("a failure that is not an object"))
+    status = data.get("status") if data.get("status") in WORKER_STATUSES else "error"
+    try:
+        reasons = tuple(texts(data, "reasons")) or ("the worker failed without a reason",)
+    except WireError:
+        reasons = ("the worker failed with unreadable reasons",)
+    detail = data.get("detail") if isinstance(data.get("detail"), str) else ""
+    return Failure(status, reasons, bounded_block(detail))
 
 
 class _Tail:
@@ -87,7 +199,7 @@ class _Tail:
         self.total = 0
         self.open = True
 
-    def read(self, output) -> None:
+    def read(self, output: Connection) -> None:
         try:
             chunk = os.read(output.fileno(), READ_BYTES)
         except BlockingIOError:
@@ -103,7 +215,7 @@ class _Tail:
         while self.kept - len(self.chunks[0]) >= LOG_TAIL_CHARS * 4:  # UTF-8: up to 4 bytes a character
             self.kept -= len(self.chunks.popleft())
 
-    def drain(self, output) -> None:
+    def drain(self, output: Connection) -> None:
         """What is left in the pipe, without waiting for writers that may never close it."""
         if output.closed:
             return
@@ -118,45 +230,33 @@ class _Tail:
         return b"".join(self.chunks).decode(errors="replace")[-LOG_TAIL_CHARS:]
 
 
-def _wait(
-    process: multiprocessing.process.BaseProcess, receiver, output, tail: _Tail, timeout_s: float
-) -> Outcome | None:
-    """The worker's outcome; a Failure on timeout or too much output; None when it died without one."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return outcome_of.timed_out(timeout_s)
-        watched = [receiver, process.sentinel, *([output] if tail.open else [])]
-        ready = wait(watched, timeout=remaining)
-        if output in ready:
-            tail.read(output)
-            if tail.total > OUTPUT_CAP_BYTES:
-                return outcome_of.output_flood(OUTPUT_CAP_BYTES)
-        if receiver in ready or (process.sentinel in ready and receiver.poll(0)):
-            try:
-                return receiver.recv()
-            except (EOFError, OSError):  # the pipe closed: the worker is gone
-                return None
-            except Exception as error:  # noqa: BLE001 (an outcome that does not unpickle here)
-                return outcome_of.unreadable_result(error)
-        if process.sentinel in ready:
-            return None
-
-
-def _stop(process: multiprocessing.process.BaseProcess) -> None:
-    if process.is_alive():  # (killed with its group already, unless it never got to lead one)
-        process.kill()
-    process.join()
+def session_cpu_seconds(session: int) -> float | None:
+    """CPU time (user and system, with reaped children's) of every process in ``session``: a worker
+    and whatever it started, read from /proc by the harness. None where /proc is missing."""
+    proc = Path("/proc")
+    if not proc.exists():
+        return None
+    ticks = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[3]) == session:
+            ticks += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 _fork_server: multiprocessing.context.BaseContext | None = None
 
 
 def start_fork_server() -> None:
-    """Start the fork server and wait until it serves: its imports (torch, the plugins) take
-    seconds, which would otherwise land in the first point's wall time (a cluster's slot pays
-    them as it starts)."""
+    """Start the fork server and wait until it serves: its imports (torch, the measuring code)
+    take seconds, which would otherwise land in the first point's wall time (a cluster's slot
+    pays them as it starts)."""
     context = _context()
     if context.get_start_method() == "forkserver":
         ready = context.Process(target=int, daemon=True)  # a child that does nothing

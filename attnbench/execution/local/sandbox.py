@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from attnbench.support.confinement import set_dumpable
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
@@ -58,6 +60,7 @@ def _guard(worker: int) -> None:
     """Waits for the worker to die, then kills its process group (itself included). Never returns."""
     try:
         os.closerange(0, 1024)  # holds none of the worker's pipes open
+        set_dumpable(False)  # the worker it watches, confined after this fork, cannot ptrace it
         signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
         _prctl(PR_SET_NAME, GUARD_NAME)
         _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

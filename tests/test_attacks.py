@@ -1,0 +1,159 @@
+"""Issue 31: plugins that attack the harness itself, in one sweep beside naive and flash. Each attack
+is prevented (the worker could not do it) or caught (named in its row and in the report), and
+naive and flash keep their rows, unflagged, with their true figures. A protection that needs a
+kernel feature this machine lacks makes its test skip and say so."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from adversaries import attacks
+
+import attnbench.measuring.correctness as correctness
+from attnbench.contract.registry import Registry
+from attnbench.execution.runner import run_suite
+from attnbench.presenting.report import write_reports
+from attnbench.settings.loader import load_suite
+from attnbench.storage.run_folder import load_run
+from attnbench.support.confinement import expected_protections
+
+SUITE = """
+name: attacks
+sweep: {seq_len: 512, heads: 2, head_dim: 32}
+measure: {correctness: {rows: 16}, latency: {min_run_time_s: 0.1, max_run_time_s: 0.3, rounds: 2}, threads: 1}
+limits: {timeout_s: 60, memory_gb: 2}
+"""
+PROTECTIONS = expected_protections()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory, registry):
+    if not PROTECTIONS.writes_confined:
+        pytest.skip("this kernel has no Landlock: workers' writes cannot be confined here")
+    folder = tmp_path_factory.mktemp("attacks")
+    cache = folder / "input-cache"
+    (cache / "minilm").mkdir(parents=True)
+    capture = cache / "minilm" / "capture.safetensors"
+    capture.write_bytes(b"a capture")
+    decoy = folder / "another-run" / "rows.jsonl"  # another run's ledger, on the same machine
+    decoy.parent.mkdir()
+    decoy.write_text('{"implementation": "naive", "status": "ok"}\n')
+    source = Path(inspect.getsourcefile(correctness))
+    watched = {path: _digest(path) for path in (capture, decoy, source)}
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ATTNBENCH_CACHE", str(cache))
+    everyone = Registry()
+    for implementation in (registry.get("naive"), registry.get("flash"), *(attack() for attack in attacks.ATTACKS)):
+        everyone.add(implementation)
+    (folder / "attacks.yaml").write_text(SUITE)
+    suite = load_suite(folder / "attacks.yaml", everyone)
+    try:
+        result = run_suite(suite, everyone, output=folder / "out")
+        run = load_run(result.run_dir)
+        write_reports(run, (0.01, 0.1))
+    finally:
+        patch.undo()
+    rows = {row.implementation: row for row in run.rows}
+    return result, run, rows, watched, cache
+
+
+def _note(row, name: str) -> str:
+    return next(note for note in row.notes if note.startswith(f"{name}: "))
+
+
+def test_every_point_keeps_its_row_and_naive_and_flash_their_true_figures(attacked):
+    result, run, rows, _, _ = attacked
+    assert len(result.rows) == len(rows) == 2 + len(attacks.ATTACKS)
+    for name in ("naive", "flash"):
+        row = rows[name]
+        # (under_load: other work on this machine meanwhile, a true statement about the figure, not a finding)
+        assert row.status == "ok" and {flag.kind for flag in row.flags} <= {"under_load"}, (name, row.reasons, row.flags)
+        assert row.correctness.within_default_tolerance
+
+
+@pytest.mark.parametrize("name", ["rewrites_ledger", "appends_ledger"])
+def test_no_worker_can_write_a_ledger_its_own_run_s_or_another_s(attacked, name):
+    result, run, rows, watched, _ = attacked
+    note = _note(rows[name], name)
+    assert "denied (PermissionError)" in note, note
+    lines = [json.loads(line) for line in result.rows_path.read_text().splitlines()]
+    assert len(lines) == len(rows) and all(line["status"] != attacks.FORGED_STATUS for line in lines)
+    decoy = next(path for path in watched if path.name == "rows.jsonl")
+    assert _digest(decoy) == watched[decoy]
+
+
+def test_no_worker_can_edit_the_input_cache(attacked):
+    _, _, rows, watched, cache = attacked
+    assert "denied (PermissionError)" in _note(rows["edits_input_cache"], "edits_input_cache")
+    assert not (cache / "planted.safetensors").exists()
+    capture = next(path for path in watched if path.name == "capture.safetensors")
+    assert _digest(capture) == watched[capture]
+
+
+def test_no_worker_can_edit_attnbench_or_plant_code_for_every_python(attacked):
+    _, _, rows, watched, _ = attacked
+    note = _note(rows["edits_installed_source"], "edits_installed_source")
+    assert note.count("denied (PermissionError)") == 2, note
+    source = next(path for path in watched if path.name == "correctness.py")
+    assert _digest(source) == watched[source]
+    assert not (Path(torch.__file__).parent.parent / "zz_attnbench_adversary.pth").exists()
+
+
+def test_a_patched_timer_is_caught_by_the_harness_s_clock(attacked):
+    _, run, rows, _, _ = attacked
+    row = rows["patches_timer"]
+    assert row.status == "ok" and row.latency_voided
+    assert "timing_disagrees" in {flag.kind for flag in row.flags}
+    report = (run.path / "report.md").read_text()
+    assert "timing_disagrees" in report and "patches_timer" in report
+
+
+def test_a_patched_verifier_changes_nothing_the_harness_judges(attacked):
+    row = attacked[2]["patches_verifier"]
+    assert row.status == "incorrect" and any("out vs float64 softmax attention" in r for r in row.reasons)
+
+
+def test_a_patched_memory_figure_is_read_from_outside(attacked):
+    rows = attacked[2]
+    patched, flash = rows["patches_memory"].memory, rows["flash"].memory
+    assert patched.allocator_peak_bytes == 0  # what it stated
+    assert patched.peak_bytes >= attacks.PatchesMemoryFigure.EXTRA_BYTES > 10 * flash.peak_bytes
+
+
+def test_no_reference_is_there_to_find(attacked):
+    row = attacked[2]["searches_gc"]
+    assert row.status == "incorrect"
+    assert not any(note.startswith("searches_gc: found") for note in row.notes)
+
+
+def test_skipping_the_timed_calls_is_never_a_result(attacked):
+    row = attacked[2]["skips_timed_calls"]
+    skipped = any(note == "skips_timed_calls: skipping" for note in row.notes)
+    caught = {"fresh_inputs_slower", "implausible_speed"} & {flag.kind for flag in row.flags}
+    assert row.status == "incorrect" or (skipped and caught and row.latency_voided) or not skipped, (
+        row.status, row.flags, row.notes)
+
+
+def test_no_worker_can_signal_or_read_the_harness(attacked):
+    note = _note(attacked[2]["signals_harness"], "signals_harness")
+    if not PROTECTIONS.signals_confined:
+        pytest.skip("this kernel's Landlock has no signal scoping (ABI < 6)")
+    assert "signal denied (PermissionError)" in note and "memory denied (PermissionError)" in note, note
+    assert "environ denied (PermissionError)" in note
+
+
+def test_the_run_and_its_report_say_which_protections_were_in_force(attacked):
+    _, run, _, _, _ = attacked
+    recorded = run.environment["protections"]
+    assert recorded["writes_confined"] and recorded["landlock_abi"] == PROTECTIONS.landlock_abi
+    report = (run.path / "report.md").read_text()
+    assert "Landlock" in report
