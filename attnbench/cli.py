@@ -14,12 +14,10 @@ from typing import NoReturn
 
 from attnbench.analysis.compare import ALPHA, CHANGE_HEADERS, DEFAULT_THRESHOLD, compare_runs, format_changes
 from attnbench.analysis.curves import scaling_fits
-from attnbench.contract.capabilities import declared_limits
 from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices, describe_group
 from attnbench.contract.errors import UserError, did_you_mean
-from attnbench.contract.implementation import Implementation, plugin_reasons
-from attnbench.contract.inputs import InputSource
-from attnbench.contract.registry import Registry, load_registry
+from attnbench.contract.catalog import Catalog, ImplementationInfo, SourceInfo
+from attnbench.execution.local.catalog import load_catalog
 from attnbench.execution.placement import Placement
 from attnbench.execution.runner import run_suite
 from attnbench.presenting.answer import answer_text
@@ -29,7 +27,7 @@ from attnbench.presenting.summary import format_table, points_by_implementation,
 from attnbench.settings.loader import load_report_settings, load_suite
 from attnbench.settings.suite import MAX_ERROR_BUDGETS, Suite
 from attnbench.storage.run_folder import SUITE_COPY, Declared, declared_of, load_run
-from attnbench.support.containment import Interrupted, PluginFault, contained, install_interrupt_handlers
+from attnbench.support.containment import Interrupted, PluginFault, install_interrupt_handlers
 from attnbench.support.text import one_line
 
 # The shape `attnbench list` asks each implementation about, per device and dtype, and how long
@@ -135,17 +133,17 @@ def _fraction(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    registry = load_registry()
-    for problem in (*registry.problems, *registry.settings_changed):
-        _warn(str(problem))
-    suite = _apply_flags(load_suite(args.suite, registry), args, registry)
-    placement = _placement(args, registry)
-    progress = TerminalProgress()
-    try:
-        result = run_suite(suite, registry, output=args.output, progress=progress, resume=args.resume, warn=_warn,
-                           placement=placement)
-    finally:
-        progress.close()
+    with load_catalog() as catalog:  # the plugins' code stays in a confined worker
+        for problem in (*catalog.problems, *catalog.settings_changed):
+            _warn(str(problem))
+        suite = _apply_flags(load_suite(args.suite, catalog), args, catalog)
+        placement = _placement(args, catalog)
+        progress = TerminalProgress()
+        try:
+            result = run_suite(suite, catalog, output=args.output, progress=progress, resume=args.resume,
+                               warn=_warn, placement=placement)
+        finally:
+            progress.close()
     if result.rows:
         run = load_run(result.run_dir)
         budgets = suite.report.error_budgets
@@ -171,14 +169,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _placement(args: argparse.Namespace, registry: Registry) -> Placement | None:
+def _placement(args: argparse.Namespace, catalog: Catalog) -> Placement | None:
     """Where the cases run: None for this machine (the default)."""
     if args.executor != "ray" and args.ray_address is None:
         return None
     from attnbench.execution.distributed.placement import RayPlacement, require_ray
 
     require_ray()
-    return RayPlacement(registry, args.ray_address, warn=_warn)
+    return RayPlacement(catalog, args.ray_address, warn=_warn)
 
 
 def _warn(text: str) -> None:
@@ -251,10 +249,11 @@ def _history(args: argparse.Namespace) -> int:
 
 def _declared_from_registry() -> dict[str, Declared]:
     """For runs stored before they kept their implementations' declarations."""
-    return declared_of({impl.name: impl for impl in load_registry().implementations()})
+    with load_catalog() as catalog:
+        return declared_of(catalog.implementations)
 
 
-def _apply_flags(suite: Suite, args: argparse.Namespace, registry: Registry) -> Suite:
+def _apply_flags(suite: Suite, args: argparse.Namespace, registry: Catalog) -> Suite:
     if args.implementations is not None:
         names = [name.strip() for name in args.implementations.split(",") if name.strip()]
         if not names:
@@ -275,71 +274,68 @@ def _apply_flags(suite: Suite, args: argparse.Namespace, registry: Registry) -> 
 
 
 def _list(args: argparse.Namespace) -> int:
-    registry = load_registry()
     devices = available_devices()
-    for implementation in registry.implementations():
-        print(_describe(implementation, registry))
-        for device in devices:
-            for line in _support_on(implementation, device):
-                print(f"    {line}")
-    if not len(registry):
-        print("no implementations registered")
-    print("\ninput sources (sweep.inputs; parameters under source_options):")
-    for source in registry.input_sources.values():
-        print(_describe_source(source))
-    if registry.problems:
-        print("\nplugins that failed to load:")
-        for problem in registry.problems:
-            print(f"  {one_line(str(problem))}")
-    if registry.settings_changed:
-        print("\nplugins that changed process-wide settings while loading (put back):")
-        for problem in registry.settings_changed:
-            print(f"  {one_line(str(problem))}")
+    with load_catalog() as catalog:
+        for implementation in catalog.implementations.values():
+            print(_describe(implementation))
+            for device in devices:
+                for line in _support_on(catalog, implementation.name, device):
+                    print(f"    {line}")
+        if not len(catalog):
+            print("no implementations registered")
+        print("\ninput sources (sweep.inputs; parameters under source_options):")
+        for source in catalog.input_sources.values():
+            print(_describe_source(source))
+        if catalog.problems:
+            print("\nplugins that failed to load:")
+            for problem in catalog.problems:
+                print(f"  {one_line(str(problem))}")
+        if catalog.settings_changed:
+            print("\nplugins that changed process-wide settings while loading (put back):")
+            for problem in catalog.settings_changed:
+                print(f"  {one_line(str(problem))}")
     return 0
 
 
-def _describe(implementation: Implementation, registry: Registry) -> str:
+def _describe(implementation: ImplementationInfo) -> str:
     kind = "exact" if implementation.exact else "approximate"
     options = ", ".join(f"{key}={value!r}" for key, value in implementation.default_options.items())
     decode = (f"; decode step {implementation.decode_time_complexity}, state {implementation.decode_memory_complexity}"
               if implementation.supports_decode else "")
     lines = [
         f"{implementation.name}  ({kind}; time {implementation.time_complexity}, "
-        f"memory {implementation.memory_complexity}{decode}; plugin {registry.plugin_of(implementation.name)})",
+        f"memory {implementation.memory_complexity}{decode}; plugin {implementation.plugin})",
         f"    {one_line(implementation.description)}",
     ]
     if options:
         lines.append(f"    options: {options}")
-    declared = declared_limits(implementation)
-    if declared:
-        lines.append(f"    declares: {'; '.join(declared)}")
+    if implementation.declares:
+        lines.append(f"    declares: {'; '.join(implementation.declares)}")
     return "\n".join(lines)
 
 
-def _describe_source(source: InputSource) -> str:
+def _describe_source(source: SourceInfo) -> str:
     lines = [f"  {source.name}: {one_line(source.description)}"]
     if source.parameters:
         lines.append(f"      parameters: {', '.join(f'{key}={value!r}' for key, value in source.parameters.items())}")
     return "\n".join(lines)
 
 
-def _support_on(implementation: Implementation, device: str) -> list[str]:
-    """"cpu: runs (float32, ...)" and, indented below, each dtype it refuses with the reasons."""
+def _support_on(catalog: Catalog, name: str, device: str) -> list[str]:
+    """"cpu: runs (float32, ...)" and, indented below, each dtype it refuses with the reasons (asked
+    in the catalog's worker: a plugin's bug, an exception, a hang, a wrong return type, shows here)."""
     runs, refusals = [], []
-    for name, dtype in DTYPES.items():
-        case = Case(dtype=dtype, device=device, **LIST_PROBE)
-        # A plugin's bug (an exception, a hang, a wrong return type) shows here, not as a broken listing.
-        reasons = contained(lambda case=case: plugin_reasons(implementation, case), "not_supported_reasons",
-                            LIST_TIMEOUT_S)
+    cases = [Case(dtype=dtype, device=device, **LIST_PROBE) for dtype in DTYPES.values()]
+    for dtype_name, reasons in zip(DTYPES, catalog.support(name, cases, LIST_TIMEOUT_S), strict=True):
         if isinstance(reasons, PluginFault):
-            refusals.append(one_line(f"{name}: {reasons.message}"))
+            refusals.append(one_line(f"{dtype_name}: {reasons.message}"))
             if reasons.timed_out:  # one hang is enough to know; the listing goes on
                 break
             continue
         if reasons:
-            refusals.append(one_line(f"{name}: {'; '.join(reasons)}"))
+            refusals.append(one_line(f"{dtype_name}: {'; '.join(reasons)}"))
         else:
-            runs.append(name)
+            runs.append(dtype_name)
     if not refusals:
         return [f"{device}: runs ({', '.join(runs)})"]
     head = f"{device}: runs ({', '.join(runs)}), not:" if runs else f"{device}: does not run:"

@@ -1,7 +1,8 @@
-"""Issue 31: plugins that attack the harness itself, in one sweep beside naive and flash. Each attack
-is prevented (the worker could not do it) or caught (named in its row and in the report), and
-naive and flash keep their rows, unflagged, with their true figures. A protection that needs a
-kernel feature this machine lacks makes its test skip and say so."""
+"""Issue 31: plugins that attack the harness itself, in one sweep beside naive and flash, run as a
+user runs them: `attnbench run` on a suite naming them, the attacks installed as a plugin package
+(an entry point). Each attack is prevented (the worker could not do it) or caught (named in its
+row and in the report), and naive and flash keep their rows, unflagged, with their true figures.
+A protection that needs a kernel feature this machine lacks makes its test skip and say so."""
 
 from __future__ import annotations
 
@@ -13,22 +14,24 @@ from pathlib import Path
 import pytest
 import torch
 from adversaries import attacks
+from test_harness_process import attnbench, finished, installed
 
 import attnbench.measuring.correctness as correctness
-from attnbench.contract.registry import Registry
-from attnbench.execution.runner import run_suite
-from attnbench.presenting.report import write_reports
-from attnbench.settings.loader import load_suite
 from attnbench.storage.run_folder import load_run
 from attnbench.support.confinement import expected_protections
 
-SUITE = """
-name: attacks
-sweep: {seq_len: 512, heads: 2, head_dim: 32}
-measure: {correctness: {rows: 16}, latency: {min_run_time_s: 0.1, max_run_time_s: 0.3, rounds: 2}, threads: 1}
-limits: {timeout_s: 60, memory_gb: 2}
-"""
 PROTECTIONS = expected_protections()
+# Without Landlock's signal scoping, the attack that signals every other process would stop this
+# test session (and anything else of this user's): it is left out, and its test skips.
+ATTACKING = [attack.name for attack in attacks.ATTACKS
+             if attack is not attacks.SignalsHarness or PROTECTIONS.signals_confined]
+SUITE = f"""
+name: attacks
+implementations: [naive, flash, {', '.join(ATTACKING)}]
+sweep: {{seq_len: 512, heads: 2, head_dim: 32}}
+measure: {{correctness: {{rows: 16}}, latency: {{min_run_time_s: 0.1, max_run_time_s: 0.3, rounds: 2}}, threads: 1}}
+limits: {{timeout_s: 60, memory_gb: 2}}
+"""
 
 
 def _digest(path: Path) -> str:
@@ -36,7 +39,7 @@ def _digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def attacked(tmp_path_factory, registry):
+def attacked(tmp_path_factory):
     if not PROTECTIONS.writes_confined:
         pytest.skip("this kernel has no Landlock: workers' writes cannot be confined here")
     folder = tmp_path_factory.mktemp("attacks")
@@ -49,21 +52,15 @@ def attacked(tmp_path_factory, registry):
     decoy.write_text('{"implementation": "naive", "status": "ok"}\n')
     source = Path(inspect.getsourcefile(correctness))
     watched = {path: _digest(path) for path in (capture, decoy, source)}
-    patch = pytest.MonkeyPatch()
-    patch.setenv("ATTNBENCH_CACHE", str(cache))
-    everyone = Registry()
-    for implementation in (registry.get("naive"), registry.get("flash"), *(attack() for attack in attacks.ATTACKS)):
-        everyone.add(implementation)
+    site = installed(folder / "site", attacks="adversaries.attacks")
     (folder / "attacks.yaml").write_text(SUITE)
-    suite = load_suite(folder / "attacks.yaml", everyone)
-    try:
-        result = run_suite(suite, everyone, output=folder / "out")
-        run = load_run(result.run_dir)
-        write_reports(run, (0.01, 0.1))
-    finally:
-        patch.undo()
+    code, out, err = finished(attnbench("run", str(folder / "attacks.yaml"), "--output", str(folder / "out"),
+                                        site=site, env={"ATTNBENCH_CACHE": str(cache)}), timeout=600)
+    assert code == 0, err
+    assert "was edited" not in err and "changed after the run" not in err, err  # the ledger verifies
+    run = load_run(next((folder / "out").glob("attacks/*")))
     rows = {row.implementation: row for row in run.rows}
-    return result, run, rows, watched, cache
+    return run, rows, watched, cache
 
 
 def _note(row, name: str) -> str:
@@ -71,8 +68,8 @@ def _note(row, name: str) -> str:
 
 
 def test_every_point_keeps_its_row_and_naive_and_flash_their_true_figures(attacked):
-    result, run, rows, _, _ = attacked
-    assert len(result.rows) == len(rows) == 2 + len(attacks.ATTACKS)
+    run, rows, _, _ = attacked
+    assert len(run.rows) == len(rows) == 2 + len(ATTACKING) and run.ledger.summary().startswith("sealed")
     for name in ("naive", "flash"):
         row = rows[name]
         # (under_load: other work on this machine meanwhile, a true statement about the figure, not a finding)
@@ -82,17 +79,17 @@ def test_every_point_keeps_its_row_and_naive_and_flash_their_true_figures(attack
 
 @pytest.mark.parametrize("name", ["rewrites_ledger", "appends_ledger"])
 def test_no_worker_can_write_a_ledger_its_own_run_s_or_another_s(attacked, name):
-    result, run, rows, watched, _ = attacked
+    run, rows, watched, _ = attacked
     note = _note(rows[name], name)
     assert "denied (PermissionError)" in note, note
-    lines = [json.loads(line) for line in result.rows_path.read_text().splitlines()]
+    lines = [json.loads(line) for line in (run.path / "rows.jsonl").read_text().splitlines()]
     assert len(lines) == len(rows) and all(line["status"] != attacks.FORGED_STATUS for line in lines)
     decoy = next(path for path in watched if path.name == "rows.jsonl")
     assert _digest(decoy) == watched[decoy]
 
 
 def test_no_worker_can_edit_the_input_cache(attacked):
-    _, _, rows, watched, cache = attacked
+    _, rows, watched, cache = attacked
     assert "denied (PermissionError)" in _note(rows["edits_input_cache"], "edits_input_cache")
     assert not (cache / "planted.safetensors").exists()
     capture = next(path for path in watched if path.name == "capture.safetensors")
@@ -100,7 +97,7 @@ def test_no_worker_can_edit_the_input_cache(attacked):
 
 
 def test_no_worker_can_edit_attnbench_or_plant_code_for_every_python(attacked):
-    _, _, rows, watched, _ = attacked
+    _, rows, watched, _ = attacked
     note = _note(rows["edits_installed_source"], "edits_installed_source")
     assert note.count("denied (PermissionError)") == 2, note
     source = next(path for path in watched if path.name == "correctness.py")
@@ -109,7 +106,7 @@ def test_no_worker_can_edit_attnbench_or_plant_code_for_every_python(attacked):
 
 
 def test_a_patched_timer_is_caught_by_the_harness_s_clock(attacked):
-    _, run, rows, _, _ = attacked
+    run, rows, _, _ = attacked
     row = rows["patches_timer"]
     assert row.status == "ok" and row.latency_voided
     assert "timing_disagrees" in {flag.kind for flag in row.flags}
@@ -118,41 +115,78 @@ def test_a_patched_timer_is_caught_by_the_harness_s_clock(attacked):
 
 
 def test_a_patched_verifier_changes_nothing_the_harness_judges(attacked):
-    row = attacked[2]["patches_verifier"]
+    row = attacked[1]["patches_verifier"]
     assert row.status == "incorrect" and any("out vs float64 softmax attention" in r for r in row.reasons)
 
 
 def test_a_patched_memory_figure_is_read_from_outside(attacked):
-    rows = attacked[2]
+    rows = attacked[1]
     patched, flash = rows["patches_memory"].memory, rows["flash"].memory
     assert patched.allocator_peak_bytes == 0  # what it stated
     assert patched.peak_bytes >= attacks.PatchesMemoryFigure.EXTRA_BYTES > 10 * flash.peak_bytes
 
 
 def test_no_reference_is_there_to_find(attacked):
-    row = attacked[2]["searches_gc"]
+    row = attacked[1]["searches_gc"]
     assert row.status == "incorrect"
     assert not any(note.startswith("searches_gc: found") for note in row.notes)
 
 
 def test_skipping_the_timed_calls_is_never_a_result(attacked):
-    row = attacked[2]["skips_timed_calls"]
+    row = attacked[1]["skips_timed_calls"]
     skipped = any(note == "skips_timed_calls: skipping" for note in row.notes)
     caught = {"fresh_inputs_slower", "implausible_speed"} & {flag.kind for flag in row.flags}
     assert row.status == "incorrect" or (skipped and caught and row.latency_voided) or not skipped, (
         row.status, row.flags, row.notes)
 
 
+def test_a_lazy_output_is_not_a_result(attacked):
+    row = attacked[1]["lazy_output"]
+    assert row.status == "incorrect" and any("output is a _Lazy, not a torch.Tensor" in r for r in row.reasons), \
+        row.reasons
+
+
+def test_a_reply_meant_to_crash_the_harness_costs_only_its_own_row(attacked):
+    row = attacked[1]["json_bomb"]
+    assert row.status == "error" and "could not be read" in row.reasons[0], row.reasons
+
+
+def test_an_exact_implementation_is_judged_against_exact_attention_not_its_own_reference(attacked):
+    row = attacked[1]["exact_own_reference"]
+    assert row.status == "incorrect" and row.correctness.judged_against == "exact", (row.status, row.reasons)
+
+
+def test_a_chain_of_processes_is_killed_whole_and_slows_no_one(attacked):
+    from test_adversaries import marked_processes
+
+    row = attacked[1]["chain_of_processes"]
+    killed = next(note for note in row.notes if "process(es) it started were still running" in note)
+    assert int(killed.split()[0]) >= attacks.ChainOfProcesses.DEPTH, killed
+    assert marked_processes() == []
+
+
+def test_cpu_used_by_a_helper_in_another_session_counts(attacked):
+    row = attacked[1]["spins_in_new_session"]
+    assert "cpu_over_threads" in {flag.kind for flag in row.flags} and row.latency_voided, row.flags
+
+
+def test_memory_held_by_a_helper_process_counts(attacked):
+    rows = attacked[1]
+    held = rows["memory_in_helper"].memory
+    assert held.kept_bytes >= attacks.MemoryInHelper.EXTRA_BYTES  # the helper keeps it between calls
+    assert held.footprint_bytes >= attacks.MemoryInHelper.EXTRA_BYTES > 10 * rows["flash"].memory.footprint_bytes
+
+
 def test_no_worker_can_signal_or_read_the_harness(attacked):
-    note = _note(attacked[2]["signals_harness"], "signals_harness")
     if not PROTECTIONS.signals_confined:
         pytest.skip("this kernel's Landlock has no signal scoping (ABI < 6)")
+    note = _note(attacked[1]["signals_harness"], "signals_harness")
     assert "signal denied (PermissionError)" in note and "memory denied (PermissionError)" in note, note
     assert "environ denied (PermissionError)" in note
 
 
 def test_the_run_and_its_report_say_which_protections_were_in_force(attacked):
-    _, run, _, _, _ = attacked
+    run, _, _, _ = attacked
     recorded = run.environment["protections"]
     assert recorded["writes_confined"] and recorded["landlock_abi"] == PROTECTIONS.landlock_abi
     report = (run.path / "report.md").read_text()

@@ -67,11 +67,12 @@ def one_gpu(monkeypatch):
 def _timed(monkeypatch, nvml: types.ModuleType) -> Latency:
     """A round's two samples, as the worker takes them around its timed calls
     (attnbench.measuring.call_server.CallServer.gpu_sample; tests/test_round.py: that they are kept)."""
-    from attnbench.measuring.call_server import CallServer
+    from attnbench.measuring.call_server import CallServer, shared_in_memory
     from attnbench.testing import small_case
 
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    server = CallServer(None, small_case(device="cuda:0"), {}, lambda: [])  # type: ignore[arg-type]
+    case = small_case(device="cuda:0")
+    server = CallServer(None, case, {}, lambda: [], shared_in_memory(case))  # type: ignore[arg-type]
     samples = [server.gpu_sample() for _ in range(2)]
     time.sleep(0.001)
     return Latency((1e-3,), (1,), 0.0, "t", gpu_samples=tuple(samples) if all(samples) else ())

@@ -38,8 +38,9 @@ def installed(site: Path, **modules: str) -> Path:
     return site
 
 
-def attnbench(*args: str, site: Path | None = None, cwd: Path = REPO, **popen) -> subprocess.Popen:
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (site, TESTS, REPO) if p)}
+def attnbench(*args: str, site: Path | None = None, cwd: Path = REPO, env: dict[str, str] | None = None,
+              **popen) -> subprocess.Popen:
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (site, TESTS, REPO) if p), **(env or {})}
     environment["ATTNBENCH_ADVERSARY_MARKER"] = "harness"  # every process it starts can be found
     if site is None:
         environment[DISABLE_AUTOLOAD_VARIABLE] = "1"
@@ -93,6 +94,22 @@ def test_list_shows_what_each_plugin_did_wrong_and_lists_the_rest(tmp_path):
                   "float32: not_supported_reasons raised BrokenPromise: not_supported_reasons returned [42, None]",
                   "naive  (exact", "getstate_raises  (exact", "cpu: runs (float32, float16, bfloat16)"):
         assert words in out, words
+
+
+def test_a_plugin_merely_installed_cannot_patch_the_harness(tmp_path):
+    """Its import-time code patches the row writer (naive rows written as crashes) and tries to
+    leave a trace: it runs only in the confined worker that registers the plugins, never in the
+    process that writes the ledger, where its patch would have forged every naive row."""
+    site = installed(tmp_path / "site", patcher="adversaries.patches_at_import")
+    (tmp_path / "trace").mkdir()
+    (tmp_path / "suite.yaml").write_text(QUICK.replace("[64, 128, 256, 512]", "[64, 128]"))
+    code, out, err = finished(attnbench("run", str(tmp_path / "suite.yaml"), "--output", str(tmp_path / "out"),
+                                        site=site, env={"ATTNBENCH_ADVERSARY_TRACE": str(tmp_path / "trace")}))
+    assert code == 0, err
+    rows = read_rows(next((tmp_path / "out").glob("small/*/rows.jsonl")))
+    assert [row.status for row in rows if row.implementation == "naive"] == ["ok", "ok"]
+    assert "forged" not in (next((tmp_path / "out").glob("small/*")) / "report.md").read_text()
+    assert list((tmp_path / "trace").iterdir()) == []  # it never ran where it could write
 
 
 def test_settings_a_plugin_changes_at_import_are_put_back_and_recorded(tmp_path):

@@ -65,11 +65,19 @@ def answers(rows: Sequence[Row], declared: Mapping[str, Declared], budgets: Sequ
                             if loosest is not None else [])
             result.append(Answer(
                 group, seq_len, _fastest(exact), within, over,
-                min((row for row in lean if metric_value(row, "memory")),
-                    key=lambda row: metric_value(row, "memory"), default=None),
+                min((row for row in lean if _footprint(row)), key=_footprint, default=None),
                 tuple(sorted((row for row in here if row.status in FELL_OVER), key=lambda row: row.implementation)),
             ))
     return result
+
+
+def _footprint(row: Row) -> float | None:
+    """What the point takes in all (a decode step: the state it keeps; else what it keeps between
+    calls and its call's peak), for the least-memory answer."""
+    if row.case.decode or row.memory is None or row.memory.kept_bytes is None:
+        return metric_value(row, "memory")
+    return float(row.memory.footprint_bytes) if row.status in ("ok", "incorrect") and row.memory.footprint_bytes \
+        else None
 
 
 def _fastest(rows: Sequence[Row]) -> Row | None:

@@ -123,7 +123,7 @@ def curves(rows: Sequence[Row]) -> dict[tuple[str, Case], list[Row]]:
 def metric_value(row: Row, metric: Metric) -> float | None:
     """Median latency (s) or memory (bytes: the peak of the call; a decode step's state) of a row
     that ran; None otherwise, and None for a latency the harness flagged as no result
-    (implausible speed, cached outputs)."""
+    (implausible speed, cached outputs, stated times the harness's clock disagrees with)."""
     if row.status not in ("ok", "incorrect"):
         return None
     if metric == "latency":

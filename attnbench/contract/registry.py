@@ -67,6 +67,10 @@ class Registry:
         # Process-wide settings a plugin changed while loading (put back): reported, not fatal.
         self.settings_changed: list[LoadProblem] = []
         self.sources: dict[str, PluginSource] = {}
+        # plugin -> how a worker loads it again: a module's name, or an entry point's value
+        self.modules: dict[str, str] = {}
+        self.entry_points: dict[str, str] = {}
+        self._source_plugin_of: dict[str, str] = {name: "attnbench" for name in BUILTIN_SOURCES}
         self._current_plugin = "<python>"
 
     def add(self, implementation: Implementation | InputSource) -> None:
@@ -105,6 +109,7 @@ class Registry:
             self._problem(f"input source name {source.name!r} is already registered; this one was not added")
         else:
             self.input_sources[source.name] = source
+            self._source_plugin_of[source.name] = self._current_plugin
 
     def get(self, name: str) -> Implementation:
         return self._implementations[name]
@@ -117,6 +122,10 @@ class Registry:
 
     def plugin_of(self, name: str) -> str:
         return self._plugin_of[name]
+
+    def source_plugin_of(self, name: str) -> str:
+        """The plugin that registered input source ``name`` ("attnbench" for the harness's own)."""
+        return self._source_plugin_of[name]
 
     def source_of(self, name: str) -> PluginSource | None:
         """The distribution and version of the plugin that registered implementation ``name``."""
@@ -142,9 +151,11 @@ class Registry:
 
 
 def load_registry(
-    builtins: tuple[str, ...] = BUILTIN_PLUGINS, *, entry_points: bool | None = None
+    builtins: tuple[str, ...] = BUILTIN_PLUGINS, *, entry_points: bool | None = None, modules: tuple[str, ...] = ()
 ) -> Registry:
-    """Register built-ins, then third-party entry points; a broken plugin never stops the rest.
+    """Register built-ins, then third-party entry points, then ``modules`` (plugin modules named by
+    Python code); a broken plugin never stops the rest. Plugin code runs in this process: the
+    harness calls this only in a confined worker (attnbench.execution.local.catalog).
 
     Entry points are loaded unless ``entry_points`` is False or, when it is None, the
     environment variable ATTNBENCH_DISABLE_PLUGIN_AUTOLOAD is set. Importing a plugin and its
@@ -159,18 +170,42 @@ def load_registry(
     settings = process_state.snapshot()
     builtin_source = PluginSource("attnbench", _version("attnbench"))
 
-    for module_name in builtins:
-        plugin_name = module_name.rpartition(".")[2]
+    for module_name in (*builtins, *modules):
+        plugin_name = module_name.rpartition(".")[2] if module_name in builtins else module_name
         loaded = _register(manager, registry, plugin_name, functools.partial(importlib.import_module, module_name))
         if loaded:
-            registry.sources[plugin_name] = builtin_source
+            registry.sources[plugin_name] = builtin_source if module_name in builtins else PluginSource(
+                "python module", "")
+            registry.modules[plugin_name] = module_name
         _put_back(registry, plugin_name, settings, "importing it")
     if entry_points:
         for entry_point in _attnbench_entry_points():
             if _register(manager, registry, entry_point.name, entry_point.load):
                 registry.sources[entry_point.name] = _source(entry_point)
+                registry.entry_points[entry_point.name] = entry_point.value
             _put_back(registry, entry_point.name, settings, "importing it")
 
+    _call_hooks(manager, registry, settings)
+    return registry
+
+
+def load_plugin(plugin: str, module: str = "", entry_point: str = "") -> Registry:
+    """One plugin, loaded again where its code runs (a worker): its module (or the entry point's
+    value, "module" or "module:attribute") imported and its hook called into a registry of its own."""
+    registry = Registry()
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    if entry_point:
+        point = importlib.metadata.EntryPoint(plugin, entry_point, hookspecs.ENTRY_POINT_GROUP)
+        load = point.load
+    else:
+        load = functools.partial(importlib.import_module, module)
+    _register(manager, registry, plugin, load)
+    _call_hooks(manager, registry, process_state.snapshot())
+    return registry
+
+
+def _call_hooks(manager: pluggy.PluginManager, registry: Registry, settings: process_state.Snapshot) -> None:
     hook = manager.hook.attnbench_register_implementations
     for hook_impl in hook.get_hookimpls():
         plugin_name = manager.get_name(hook_impl.plugin) or repr(hook_impl.plugin)
@@ -181,7 +216,6 @@ def load_registry(
         if isinstance(outcome, PluginFault):  # a plugin's bug must not stop the others
             registry.problems.append(LoadProblem(plugin_name, outcome.message))
         _put_back(registry, plugin_name, settings, "its registration hook")
-    return registry
 
 
 def _put_back(registry: Registry, plugin_name: str, settings: process_state.Snapshot, what: str) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -12,8 +11,7 @@ from typing import Protocol
 import torch
 
 from attnbench.contract.case import Case
-from attnbench.contract.errors import UserError
-from attnbench.contract.implementation import Implementation, effective_options
+from attnbench.contract.catalog import Catalog, as_catalog, resolved_options
 from attnbench.contract.registry import Registry
 from attnbench.execution.cases import CaseWork
 from attnbench.execution.dispatch import Dispatcher
@@ -30,7 +28,7 @@ from attnbench.storage import run_folder
 from attnbench.storage.environment import Environment
 from attnbench.storage.results import Row
 from attnbench.support.confinement import set_dumpable
-from attnbench.support.containment import Interrupted, PluginFault, contained, deferred_interrupts
+from attnbench.support.containment import Interrupted, PluginFault, deferred_interrupts
 from attnbench.support.text import one_line
 from attnbench.support.units import format_seconds
 
@@ -61,7 +59,7 @@ class RunResult:
 
 def run_suite(
     suite: Suite,
-    registry: Registry,
+    registry: Catalog | Registry,
     *,
     output: Path | None = None,
     progress: ProgressListener | None = None,
@@ -79,17 +77,20 @@ def run_suite(
     the user should know before the sweep starts (a busy machine, a very large grid);
     ``executor``: what runs the rounds on this machine (default: forked workers, one at a time);
     ``placement``: where cases run (default: this machine; attnbench.execution.distributed for a
-    Ray cluster), each row written here as it comes back.
+    Ray cluster), each row written here as it comes back. ``registry``: the catalog of installed
+    plugins (attnbench.execution.local.catalog: no plugin code in this process), or a Registry of
+    objects built by the calling Python code.
     A SIGTERM, SIGHUP or Ctrl-C (attnbench.support.containment.Interrupted) ends the sweep with
     every finished row kept; the result says which signal it was.
     """
     warn = warn or (lambda text: None)
     set_dumpable(False)  # the process that keeps the ledger: no worker may read or ptrace it
-    placement = placement or ThisMachine(executor or LocalExecutor(registry, started=_progress_of_points(progress)))
+    catalog = as_catalog(registry)
+    placement = placement or ThisMachine(executor or LocalExecutor(catalog, started=_progress_of_points(progress)))
     series = variants(suite)
-    implementations = {variant.name: registry.get(variant.implementation) for variant in series}
+    implementations = {variant.name: catalog.get(variant.implementation) for variant in series}
     threads = suite.measure.threads or torch.get_num_threads()
-    options, broken = _resolve_options(series, implementations)
+    options, broken = _resolve_options(series, catalog)
     cases = expand_all(suite.sweeps)
     _announce_size(suite, len(cases) * len(implementations), warn)
 
@@ -98,8 +99,8 @@ def run_suite(
         environment, done, lock = run_folder.resume_run(run_dir, suite, warn)
     else:
         run_dir, lock = run_folder.new_run_folder(output, suite)
-        environment = placement.environment(threads, _plugin_sources(registry, series))
-        environment = dataclasses.replace(environment, input_sources=_input_sources(registry, suite, cases))
+        environment = placement.environment(threads, _plugin_sources(catalog, series))
+        environment = dataclasses.replace(environment, input_sources=_input_sources(catalog, suite, cases))
         busy = environment.busy_warning()
         if busy:
             warn(busy)
@@ -111,7 +112,7 @@ def run_suite(
     for row in done:  # earlier points still inform predictions and budgets
         skips.record(row)
     recorded = {(row.implementation, row.case) for row in done}
-    refs = {variant.name: ImplementationRef(registry.plugin_of(variant.implementation), variant.implementation)
+    refs = {variant.name: ImplementationRef(catalog.plugin_of(variant.implementation), variant.implementation)
             for variant in series}
     plan = SweepPlan(suite, refs, options, broken, {name: impl.exact for name, impl in implementations.items()},
                      run_dir.name, threads)
@@ -168,16 +169,12 @@ def _progress_of_cases(progress: ProgressListener | None) -> Callable[[str, Case
     return started
 
 
-def _resolve_options(
-    series: Sequence[Variant], implementations: Mapping[str, Implementation]
-) -> tuple[dict[str, dict], dict[str, str]]:
+def _resolve_options(series: Sequence[Variant], catalog: Catalog) -> tuple[dict[str, dict], dict[str, str]]:
     """Each series' options; and, for a plugin whose invalid_options fails, why (its points
     become error rows)."""
     options, broken = {}, {}
     for variant in series:
-        implementation = implementations[variant.name]
-        resolved = contained(functools.partial(effective_options, implementation, variant.options),
-                             "invalid_options", passthrough=(UserError,))
+        resolved = resolved_options(catalog, variant.implementation, variant.options)
         if isinstance(resolved, PluginFault):
             broken[variant.name] = resolved.message
         else:
@@ -194,21 +191,21 @@ def _announce_size(suite: Suite, points: int, warn: Callable[[str], None]) -> No
          f"{format_seconds(per_point)} each, so at least {points * per_point / 3600:.1f} h in all")
 
 
-def _input_sources(registry: Registry, suite: Suite, cases: Sequence[Case]) -> dict[str, dict]:
+def _input_sources(catalog: Catalog, suite: Suite, cases: Sequence[Case]) -> dict[str, dict]:
     """What each input source of the sweep is, and the parameters it runs with."""
     facts = {}
     for name in dict.fromkeys(case.inputs for case in cases):
-        source = registry.input_sources[name]
+        source = catalog.input_sources[name]
         facts[name] = {"description": one_line(source.description),
                        "parameters": {**source.parameters, **suite.source_options.get(name, {})}}
     return facts
 
 
-def _plugin_sources(registry: Registry, series: Sequence[Variant]) -> dict[str, dict]:
+def _plugin_sources(catalog: Catalog, series: Sequence[Variant]) -> dict[str, dict]:
     sources: dict[str, dict] = {}
     for name in dict.fromkeys(variant.implementation for variant in series):
-        plugin = registry.plugin_of(name)
-        source = registry.source_of(name)
+        plugin = catalog.plugin_of(name)
+        source = catalog.source_of(name)
         entry = sources.setdefault(plugin, {"distribution": source.distribution if source else "unknown",
                                             "version": source.version if source else "unknown",
                                             "implementations": []})

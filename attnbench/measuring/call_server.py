@@ -19,6 +19,7 @@ import inspect
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from attnbench.measuring.inputs import decode_cache, decode_step_inputs, on_devi
 from attnbench.measuring.memory import cpu_allocator_peak, cuda_peak, held_after, release_free_heap
 from attnbench.measuring.outcome import SettingsChangedInCall
 from attnbench.measuring.gpu_state import GpuSample, sampler
+from attnbench.measuring.tensor_files import NAMES, TensorFile
 from attnbench.measuring.timing import FLUSH_BYTES, flushed_calls, l2_bytes, synchronize
 from attnbench.support.process_state import Snapshot, changes, restore
 
@@ -44,12 +46,13 @@ class CallServer:
     CPU tensors (``pristine()`` gives them again for the checks)."""
 
     def __init__(self, implementation: Implementation, case: Case, options: Mapping[str, Any],
-                 pristine: Callable[[], Sequence[Inputs]], settings: Snapshot | None = None,
+                 pristine: Callable[[], Sequence[Inputs]], shared: Shared, settings: Snapshot | None = None,
                  cache: str = "warm") -> None:
         self.implementation = implementation
         self.case = case
         self.options = options
         self.pristine = pristine
+        self.shared = shared
         self.settings = settings
         self.device = torch.device(case.device)
         self.cache = cache if self.device.type == "cuda" else "warm"
@@ -57,6 +60,7 @@ class CallServer:
         self.calls: list[Callable[[], Any]] = []  # per input set; timed_calls: the same, versions moved on
         self.timed_calls: list[Callable[[], Any]] = []
         self.sets: list[Inputs] = []
+        self.drawn: list[Inputs] = []
         self.timed = 0  # timed calls made so far: call i used set i % len(sets)
         self.last: Result | None = None
         self.last_set = 0
@@ -65,10 +69,20 @@ class CallServer:
 
     # --- set-up ---------------------------------------------------------------------------
 
+    def load(self) -> None:
+        """The input sets onto the device, and the first set's call inputs into the shared tensors
+        (before prepare: what the implementation keeps is measured above this)."""
+        self.drawn = [on_device(inputs, self.case) for inputs in self.pristine()]
+        first = decode_step_inputs(self.drawn[0], self.case) if self.case.decode else self.drawn[0]
+        with torch.no_grad():
+            for name in ("q", "k", "v", "grad_out"):
+                if getattr(first, name) is not None:
+                    getattr(self.shared.inputs, name).copy_(getattr(first, name))
+
     def prepare(self) -> int | None:
         """prepare() (or prepare_decode), untimed here; the bytes a decode step keeps (or None)."""
         case = self.case
-        drawn = [on_device(inputs, case) for inputs in self.pristine()]
+        drawn = self.drawn
         state_bytes = None
         with self._recording():
             if case.decode:
@@ -84,6 +98,9 @@ class CallServer:
                 self.sets = drawn
             synchronize(self.device)
         self._put_back("prepare")
+        self.sets[0] = self._first_set_shared(self.sets[0])
+        del self.drawn
+        release_free_heap()  # what prepare left resident is what it keeps, not what it freed
         self.calls = [attention_call(attention, inputs, case.backward) for inputs in self.sets]
         self.timed_calls = [_new_version_each_call(call, inputs) for call, inputs in zip(self.calls, self.sets,
                                                                                           strict=True)]
@@ -141,22 +158,39 @@ class CallServer:
         assert self.last is not None
         return split(self.last, self.case), self.last_set
 
-    def load_fresh(self, fresh: Inputs) -> None:
-        """Write fresh values (CPU, the case's dtype; a decode step's cache as the primary's) into
-        the first set's tensors."""
-        write_into(self.sets[0], self._as_called(fresh))
+    def _first_set_shared(self, inputs: Inputs) -> Inputs:
+        """On the CPU the first set's call inputs are the shared tensors (which hold its values since
+        ``load``); on another device they are copied from them before the fresh call."""
+        return inputs if self.device.type != "cpu" else on_device(self.shared.inputs, self.case)
 
-    def fresh_call(self) -> float:
-        """One call on the first set, timed as the timed calls are; the settings are compared
-        right after it (lazy set-up may change them once; every call must leave them alone)."""
+    def fresh_call(self) -> tuple[float, list[str], list[str]]:
+        """One call on the first set, whose tensors the harness has just filled with fresh values
+        (the worker could not see them before), timed as the timed calls are, its result written
+        into the shared output tensors before it answers. The seconds, what is wrong with the
+        result, and the gradients it gave none of. The settings are compared right after the
+        call (lazy set-up may change them once; every call must leave them alone)."""
+        if self.device.type != "cpu":
+            write_into(self.sets[0], self.shared.inputs)
+        _touch(self.sets[0])  # warm, as the timed calls find their inputs (the harness just wrote them)
         seconds = self._time([0])
         self._refuse_changes("its calls")
-        return seconds
-
-    def fresh_result(self) -> Result:
-        """The fresh call's result (given apart, so the harness's clock around the call is the call's)."""
-        result, self.last = split(self.last, self.case), None
-        return result
+        (out, grads), self.last = split(self.last, self.case), None
+        problems = plain_tensor_problems(out, grads)
+        if not problems and out.device.type != self.device.type:
+            problems = [f"output on {out.device} (expected {self.case.device})"]
+        if problems:
+            return seconds, problems, []
+        results = {"out": out, **(grads or {})}
+        for name, tensor in results.items():
+            target = self.shared.outputs.get(name)
+            if target is None or tensor is None:
+                continue
+            if tensor.shape != target.shape or tensor.dtype != target.dtype:
+                return seconds, [f"{'output' if name == 'out' else name} {tensor.dtype} {tuple(tensor.shape)} "
+                                 f"(expected {target.dtype} {tuple(target.shape)})"], []
+            target.copy_(tensor.detach())
+        synchronize(self.device)
+        return seconds, [], [name for name, tensor in results.items() if tensor is None]
 
     # --- memory ---------------------------------------------------------------------------
 
@@ -190,10 +224,6 @@ class CallServer:
                 write_into(inputs, pristine)
                 problems += found
         return list(dict.fromkeys(problems))
-
-    def fresh_problems(self, fresh: Inputs) -> list[str]:
-        """What the fresh call changed in its inputs."""
-        return changed_inputs(self.sets[0], self._as_called(fresh))
 
     def _as_called(self, inputs: Inputs) -> Inputs:
         """A set of pristine inputs as the call receives them (a decode step: its new tokens)."""
@@ -250,6 +280,14 @@ class _Recording(warnings.catch_warnings):
         self.caught.extend(self.recorded or [])
 
 
+def _touch(inputs: Inputs) -> None:
+    """Read every input once (into the caches a call would find them in)."""
+    with torch.no_grad():
+        for tensor in (inputs.q, inputs.k, inputs.v, inputs.grad_out):
+            if tensor is not None:
+                tensor.sum()
+
+
 def _new_version_each_call(call: Callable[[], Any], inputs: Inputs) -> Callable[[], Any]:
     """Before each timed call, its inputs' version counters move on (a fraction of a microsecond,
     the values untouched): an output cached by the tensors' address and version is stale at the
@@ -261,6 +299,47 @@ def _new_version_each_call(call: Callable[[], Any], inputs: Inputs) -> Callable[
         return call()
 
     return timed
+
+
+@dataclass(frozen=True)
+class Shared:
+    """Tensors on the CPU both sides see: the first set's call inputs, which the harness fills
+    with fresh values for the fresh call, and where that call's output (and gradients) go."""
+
+    inputs: Inputs
+    outputs: Mapping[str, torch.Tensor]  # "out", and "dq", "dk", "dv" in training mode
+
+
+def shared_layout(case: Case) -> tuple[list[TensorFile], list[TensorFile]]:
+    """The shared tensors' names, dtypes and shapes: the first set's call inputs (a decode step's:
+    its new tokens) and the call's output and gradients."""
+    dtype = NAMES[case.dtype]
+    query = (case.batch, case.heads, case.query_len, case.head_dim)
+    keys = (case.batch, case.kv_heads, case.query_len if case.decode else case.key_len, case.head_dim)
+    inputs = [TensorFile("q", dtype, query), TensorFile("k", dtype, keys), TensorFile("v", dtype, keys)]
+    outputs = [TensorFile("out", dtype, query)]
+    if case.backward:
+        inputs.append(TensorFile("grad_out", dtype, query))
+        outputs += [TensorFile("dq", dtype, query), TensorFile("dk", dtype, keys), TensorFile("dv", dtype, keys)]
+    return inputs, outputs
+
+
+def shared_in_memory(case: Case) -> Shared:
+    """Shared tensors for a server in the harness's own process (the kit, probes)."""
+    inputs, outputs = shared_layout(case)
+    made = {file.name: torch.empty(file.shape, dtype=case.dtype) for file in (*inputs, *outputs)}
+    return Shared(Inputs(made["q"], made["k"], made["v"], made.get("grad_out")),
+                  {file.name: made[file.name] for file in outputs})
+
+
+def plain_tensor_problems(out: Any, grads: Any) -> list[str]:
+    """Why a call's result is not plain tensors: a subclass could compute its values only when they
+    are read (after the timed call), so only torch.Tensor itself is taken."""
+    if type(out) is not torch.Tensor:
+        return [f"output is a {type(out).__name__}, not a torch.Tensor"]
+    if grads is not None and not all(grad is None or type(grad) is torch.Tensor for grad in grads.values()):
+        return ["a gradient is not a torch.Tensor"]
+    return []
 
 
 def split(result: Any, case: Case) -> Result:

@@ -234,11 +234,13 @@ def verifier_for(
     references: CaseReferences, own: Mapping[str, Tensors | None] | None, exact: bool, declared: Tolerance,
     dtype: torch.dtype,
 ) -> tuple[Verifier, list[str]]:
-    """How one point is judged: against its own reference where it gave one, else exact attention
-    when it claims to be exact, else not at all (an approximation's error is only reported); at
-    its declared tolerance, capped (a note says when it was over the cap)."""
+    """How one point is judged: against exact attention when it claims to be exact (whatever
+    reference of its own it gives: exact attention is the reference); an approximation against its
+    own reference where it gives one, else not at all (its error is only reported); at its
+    declared tolerance, capped (a note says when it was over the cap)."""
     tolerance, capped = capped_tolerance(declared, dtype)
-    judged_against = "own" if own is not None else "exact" if exact else None
+    own = None if exact else own
+    judged_against = "exact" if exact else "own" if own is not None else None
     return Verifier(references, own, judged_against, tolerance, DEFAULT_TOLERANCES[dtype]), [capped] if capped else []
 
 

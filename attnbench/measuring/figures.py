@@ -178,7 +178,8 @@ class Latency:
 
 @dataclass(frozen=True)
 class Memory:
-    """Peak bytes above the baseline, for the measured call alone."""
+    """What the implementation takes: what it keeps resident between calls, and the peak of one
+    call above that."""
 
     allocator_peak_bytes: int | None  # torch's allocator: profiler events on CPU, peak stats on CUDA
     rss_peak_bytes: int | None  # CPU only: process peak RSS (VmHWM) reset before the call
@@ -186,13 +187,26 @@ class Memory:
     # Decode: what the step keeps between calls (its cache or state), as torch's allocator counts
     # the tensors prepare_decode left alive; None outside decode.
     state_bytes: int | None = None
+    # What the point's processes keep resident between calls (their proportional set size once
+    # free memory is handed back, above what they held with the inputs loaded, before prepare;
+    # read from /proc by the harness): buffers made in prepare, caches, helper processes. None in
+    # rows measured before it was, and where /proc cannot tell.
+    kept_bytes: int | None = None
 
     @property
     def peak_bytes(self) -> int | None:
-        """The figure verdicts use: the larger of the two, so that memory a plugin takes outside
-        torch's allocator (numpy, a native library) is counted too."""
+        """The call's peak, the figure curves and verdicts use: the larger of the two, so that
+        memory a plugin takes outside torch's allocator (numpy, a native library, another
+        process) is counted too."""
         known = [value for value in (self.allocator_peak_bytes, self.rss_peak_bytes) if value is not None]
         return max(known) if known else None
+
+    @property
+    def footprint_bytes(self) -> int | None:
+        """What it takes in all: what it keeps between calls and the call's peak above it (a buffer
+        made in prepare and reused by every call counts here, not in the call's peak)."""
+        peak = self.peak_bytes
+        return peak + (self.kept_bytes or 0) if peak is not None else None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,22 +19,24 @@ import torch
 from attnbench.contract.case import Case
 from attnbench.contract.implementation import Implementation
 from attnbench.contract.inputs import SOURCE_NOTE_PREFIX, Inputs, InputSource
-from attnbench.measuring.call_server import CallServer, Result
+from attnbench.measuring.call_server import CallServer, Result, plain_tensor_problems, shared_in_memory
 from attnbench.measuring.correctness import (
     PRIMARY,
     ROTATION,
     Verifier,
     case_references,
+    changed_inputs,
     fresh_set,
     has_own_reference,
     own_references,
     set_names,
     verifier_for,
+    write_into,
 )
 from attnbench.measuring.cpu_load import CpuClock, read_clock
 from attnbench.measuring.figures import Measurement, Memory
 from attnbench.measuring.gpu_state import GpuSample, sampler
-from attnbench.measuring.inputs import draw_set
+from attnbench.measuring.inputs import decode_step_inputs, draw_set
 from attnbench.measuring.memory import ProcessPeak
 from attnbench.measuring.round import Called, Declarations, Prepared, RoundPlan, measure_round
 from attnbench.measuring.timing import BlockTiming
@@ -65,7 +67,8 @@ def measure_case(
     many rounds the references cover. Exceptions propagate."""
     seeds = verifier.references.seeds if verifier is not None else _seeds(seed, rounds)
     sets = _Draws(case, source, seeds)
-    server = CallServer(implementation, case, options, lambda: [sets.get(PRIMARY), sets.get(ROTATION)], settings,
+    server = CallServer(implementation, case, options, lambda: [sets.get(PRIMARY), sets.get(ROTATION)],
+                        shared_in_memory(case), settings,
                         measure.latency.cache if measure.latency else "warm")
 
     def make_verifier(declared: Declarations) -> tuple[Verifier, list[str]]:
@@ -129,6 +132,7 @@ class InProcessWorker:
         return declarations_of(self.implementation, self.case, self.options)
 
     def prepare(self) -> Prepared:
+        self.server.load()
         started = time.perf_counter()
         state_bytes = self.server.prepare()
         prepare_s = time.perf_counter() - started
@@ -161,14 +165,17 @@ class InProcessWorker:
         return Memory(server.memory_call(True), rss, source=MEMORY_SOURCE_CPU)
 
     def fresh_call(self, fresh: Inputs) -> tuple[BlockTiming, Called]:
-        self.server.load_fresh(fresh)
+        shared = self.server.shared
+        write_into(shared.inputs, call_inputs(fresh, self.case))
         began = time.perf_counter()
-        stated = self.server.fresh_call()
-        observed = time.perf_counter() - began
-        return BlockTiming(1, stated, observed), called(self.server.fresh_result(), self.case)
+        stated, problems, missing = self.server.fresh_call()
+        timing = BlockTiming(1, stated, time.perf_counter() - began)
+        return timing, shared_result(lambda name: shared.outputs[name].clone(), problems, missing, self.case)
 
     def input_problems(self, fresh: Inputs | None) -> list[str]:
-        return self.server.input_problems() if fresh is None else self.server.fresh_problems(fresh)
+        if fresh is None:
+            return self.server.input_problems()
+        return changed_inputs(self.server.shared.inputs, call_inputs(fresh, self.case))
 
     def clock(self) -> CpuClock:
         return read_clock()
@@ -192,9 +199,24 @@ def declarations_of(implementation: Implementation, case: Case, options: Mapping
 def called(result: Result, case: Case) -> Called:
     """A call's result as the harness judges it."""
     out, grads = result
-    if not isinstance(out, torch.Tensor):
-        return Called(None, None, case.device_type, (f"output is a {type(out).__name__}, not a torch.Tensor",))
-    if grads is not None and not all(grad is None or isinstance(grad, torch.Tensor) for grad in grads.values()):
-        return Called(None, None, out.device.type, ("a gradient is not a torch.Tensor",))
+    problems = plain_tensor_problems(out, grads)
+    if problems:
+        return Called(None, None, case.device_type, tuple(problems))
     return Called(out, grads, out.device.type)
+
+
+def call_inputs(inputs: Inputs, case: Case) -> Inputs:
+    """What a call receives of an input set: a decode step its new tokens, any other call all of it."""
+    return decode_step_inputs(inputs, case) if case.decode else inputs
+
+
+def shared_result(read: Callable[[str], torch.Tensor], problems: list[str], missing: list[str],
+                  case: Case) -> Called:
+    """The fresh call's result from the shared tensors (``read``: one of them, copied now; the
+    worker checked the device it came on)."""
+    if problems:
+        return Called(None, None, case.device_type, tuple(problems))
+    grads = {name: None if name in missing else read(name) for name in ("dq", "dk", "dv")} if case.backward \
+        else None
+    return Called(read("out"), grads, case.device_type)
 

@@ -100,6 +100,7 @@ class ProcessPeak:
     Linux only: elsewhere ``available`` is False."""
 
     def __init__(self, pid: int) -> None:
+        self.pid = pid
         self.proc = Path(f"/proc/{pid}")
         self.baseline: int | None = None
 
@@ -108,22 +109,37 @@ class ProcessPeak:
         return (self.proc / "clear_refs").exists()
 
     def start(self) -> bool:
-        """Resets the high-water mark to the current RSS and keeps the current RSS as the baseline."""
+        """Resets the high-water mark to the current RSS and keeps the current RSS as the baseline.
+        False when the process refused the reset (it made itself undumpable, to a harness that is
+        not root): its peak is then the one since it started, above the RSS now."""
         try:
             self.baseline = _status_bytes(self.proc / "status", "VmRSS")
-            (self.proc / "clear_refs").write_text("5")
         except (OSError, RuntimeError):
-            self.baseline = None
-        return self.baseline is not None
+            return False
+        try:
+            (self.proc / "clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
 
     def peak_above_start(self) -> int | None:
-        """Peak RSS since ``start`` minus the RSS then."""
+        """Peak RSS since ``start`` minus the RSS then (the whole peak for a process that began
+        after ``start``)."""
         if self.baseline is None:
-            return None
+            self.baseline = 0
         try:
             return max(0, _status_bytes(self.proc / "status", "VmHWM") - self.baseline)
         except (OSError, RuntimeError):
             return None
+
+
+def proportional_bytes(pid: int) -> int | None:
+    """A process's proportional set size now (its private pages, and its share of pages it shares
+    with others: a forked helper is not counted twice), from /proc; None where it cannot be read."""
+    try:
+        return _status_bytes(Path(f"/proc/{pid}/smaps_rollup"), "Pss")
+    except (OSError, RuntimeError):
+        return None
 
 
 def release_free_heap() -> None:

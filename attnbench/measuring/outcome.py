@@ -128,6 +128,13 @@ def unsendable(message: str, detail: str) -> Failure:
                              "define its class and what prepare() needs at module level",), detail)
 
 
+def harness_failed(error: Exception) -> Failure:
+    """What the worker sent broke the harness's own handling of it (a shape no check foresaw): the
+    point ends here, with the traceback, and every other point goes on."""
+    return Failure("error", (f"the harness could not use what the worker sent ({type(error).__name__}: "
+                             f"{_first_line(error)})",), "".join(traceback.format_exception(error)))
+
+
 def unexpected_result(outcome: object) -> Failure:
     return Failure("error", (f"the worker sent {type(outcome).__name__}, not a measurement",))
 

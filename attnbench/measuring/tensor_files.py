@@ -99,3 +99,64 @@ def read_tensor(folder: Path, described: TensorFile, limit_bytes: int) -> torch.
     if not expected:
         return torch.empty(described.shape, dtype=DTYPES[described.dtype])
     return torch.frombuffer(data, dtype=DTYPES[described.dtype]).reshape(described.shape)
+
+
+# --- a few tensors in one file both sides hold, for the call on fresh inputs ---------------------
+#
+# The harness writes the fresh values into the file just before it asks for the call, and reads
+# the output from it as soon as the answer comes: the worker cannot see the values before the
+# call it is timed on, nor put off computing the output until after. The worker maps the file (its
+# tensors are the file's pages); the harness only reads and writes it (pread, pwrite), never maps
+# it, so a worker that shrinks the file costs the harness a short read, not a crash.
+
+ALIGNMENT = 64
+
+
+def shared_layout(files: list[TensorFile]) -> tuple[dict[str, int], int]:
+    """Each tensor's offset in the file, and the file's size."""
+    offsets, size = {}, 0
+    for file in files:
+        offsets[file.name] = size
+        size += -(-file.nbytes // ALIGNMENT) * ALIGNMENT
+    return offsets, size
+
+
+def map_shared(path: Path, files: list[TensorFile]) -> dict[str, torch.Tensor]:
+    """The worker's side: the file's tensors, sharing its pages."""
+    offsets, size = shared_layout(files)
+    base = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
+    return {file.name: base[offsets[file.name]: offsets[file.name] + file.nbytes].view(DTYPES[file.dtype])
+            .view(file.shape) for file in files}
+
+
+class SharedFile:
+    """The harness's side: a file of tensors it creates, writes and reads by offset."""
+
+    def __init__(self, path: Path, files: list[TensorFile]) -> None:
+        self.path, self.files = path, {file.name: file for file in files}
+        self.offsets, size = shared_layout(files)
+        self.descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.pwrite(self.descriptor, bytes(size), 0)  # its pages exist before either side touches them
+
+    def described(self) -> dict[str, object]:
+        return {"path": str(self.path), "tensors": [file.to_json() for file in self.files.values()]}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        file = self.files[name]
+        values = tensor.detach().to("cpu", DTYPES[file.dtype]).contiguous()
+        if tuple(values.shape) != file.shape:
+            raise ValueError(f"{name}: {tuple(values.shape)} written where {file.shape} was laid out")
+        os.pwrite(self.descriptor, memoryview(values.reshape(-1).view(torch.uint8).numpy()), self.offsets[name])
+
+    def read(self, name: str) -> torch.Tensor:
+        """A copy of the tensor as the file holds it now; a TensorFileError when it is cut short."""
+        file = self.files[name]
+        data = os.pread(self.descriptor, file.nbytes, self.offsets[name])
+        if len(data) != file.nbytes:
+            raise TensorFileError(f"{self.path.name}: {name} cut short ({len(data)} of {file.nbytes} bytes)")
+        if not file.nbytes:
+            return torch.empty(file.shape, dtype=DTYPES[file.dtype])
+        return torch.frombuffer(bytearray(data), dtype=DTYPES[file.dtype]).reshape(file.shape)
+
+    def close(self) -> None:
+        os.close(self.descriptor)

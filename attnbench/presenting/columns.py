@@ -67,7 +67,8 @@ def _memory_table(row: Row) -> dict[str, Any]:
     memory = row.memory
     return {"allocator_peak_bytes": memory.allocator_peak_bytes if memory else None,
             "rss_peak_bytes": memory.rss_peak_bytes if memory else None,
-            "state_bytes": memory.state_bytes if memory else None}
+            "state_bytes": memory.state_bytes if memory else None,
+            "kept_bytes": memory.kept_bytes if memory else None}
 
 
 def _memory_summary(row: Row) -> dict[str, str]:
@@ -79,7 +80,8 @@ def _memory_summary(row: Row) -> dict[str, str]:
 
 def _memory_report(row: Row) -> dict[str, str]:
     memory = row.memory
-    cells = {"peak memory": _bytes(memory.peak_bytes) if memory else ""}
+    cells = {"peak memory": _bytes(memory.peak_bytes) if memory else "",
+             "kept between calls": _bytes(memory.kept_bytes) if memory else ""}
     return {**cells, "state kept": _bytes(memory.state_bytes) if memory else ""} if row.case.decode else cells
 
 

@@ -5,7 +5,6 @@ Every mistake becomes one UserError line: ``<file>: <field path>: <problem> (all
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,12 +12,8 @@ from typing import Any, TypeVar
 
 from attnbench.contract.case import AXES, DTYPES, MODES, AxisKind
 from attnbench.contract.errors import did_you_mean
-from attnbench.contract.implementation import (
-    Implementation,
-    invalid_option_values,
-    option_problem,
-    setting_problem,
-)
+from attnbench.contract.catalog import Catalog, ImplementationInfo, as_catalog
+from attnbench.contract.implementation import option_problem, setting_problem
 from attnbench.contract.registry import Registry
 from attnbench.settings.checking import MAX_SEED, Checker, read_yaml, show
 from attnbench.settings.grid import expand
@@ -35,7 +30,7 @@ from attnbench.settings.suite import (
     Sweep,
 )
 from attnbench.settings.variants import expand_options
-from attnbench.support.containment import contained
+from attnbench.support.containment import PluginFault
 
 T = TypeVar("T")
 
@@ -53,8 +48,10 @@ LIMIT_FIELDS = tuple(Limits.__dataclass_fields__)
 MAX_VARIANTS = 64  # per implementation: each is a full series of the sweep
 
 
-def load_suite(path: str | Path, registry: Registry) -> Suite:
-    """Read and validate a suite file; raise UserError with one clear line on any mistake."""
+def load_suite(path: str | Path, registry: Catalog | Registry) -> Suite:
+    """Read and validate a suite file against the implementations and input sources a catalog (or
+    a Registry of objects) offers; raise UserError with one clear line on any mistake."""
+    registry = as_catalog(registry)
     path = Path(path)
     document = read_yaml(path)
     check = Checker(str(path))
@@ -85,7 +82,7 @@ def load_suite(path: str | Path, registry: Registry) -> Suite:
 # --- the pieces of a suite ------------------------------------------------------------------
 
 
-def _implementations(check: Checker, node: Any, registry: Registry) -> tuple[str, ...]:
+def _implementations(check: Checker, node: Any, registry: Catalog) -> tuple[str, ...]:
     if node == "all":
         return tuple(registry.names())
     if not isinstance(node, list) or not node:
@@ -102,7 +99,7 @@ def _implementations(check: Checker, node: Any, registry: Registry) -> tuple[str
     return tuple(names)
 
 
-def _options(check: Checker, node: Any, registry: Registry) -> dict[str, dict[str, Any]]:
+def _options(check: Checker, node: Any, registry: Catalog) -> dict[str, dict[str, Any]]:
     """Each implementation's options; a list of values (or ``{sweep: [...]}``) sweeps one."""
     unknown = lambda key: _unknown_implementation(key, registry)  # noqa: E731
     options = check.mapping(node, "options", registry.names(), unknown=unknown)
@@ -120,16 +117,15 @@ def _options(check: Checker, node: Any, registry: Registry) -> dict[str, dict[st
             # The plugin's own check runs contained: if it fails, the run reports it against that
             # plugin (error rows for its points) rather than refusing the suite.
             merged = {**implementation.default_options, **variant.options}
-            problems = contained(functools.partial(invalid_option_values, implementation, merged),
-                                 f"invalid_options of {name}")
-            for key, problem in problems.items() if isinstance(problems, dict) else ():
+            problems = registry.invalid_options(name, merged)
+            for key, problem in problems.items() if not isinstance(problems, PluginFault) else ():
                 where = f" (in {variant.name})" if variant.name != name else ""
                 check.fail(f"options.{name}.{key}", problem + where)
         result[name] = parsed
     return result
 
 
-def _option(check: Checker, path: str, implementation: Implementation, key: str, value: Any) -> Any:
+def _option(check: Checker, path: str, implementation: ImplementationInfo, key: str, value: Any) -> Any:
     """One option's value, or an OptionSweep of values: a list sweeps an option whose default is
     a single value; ``{sweep: [...]}`` sweeps any option (one whose values are lists, too)."""
     default = implementation.default_options.get(key)
@@ -154,7 +150,7 @@ def _option(check: Checker, path: str, implementation: Implementation, key: str,
     return OptionSweep(tuple(values))
 
 
-def _source_options(check: Checker, node: Any, registry: Registry) -> dict[str, dict[str, Any]]:
+def _source_options(check: Checker, node: Any, registry: Catalog) -> dict[str, dict[str, Any]]:
     sources = registry.input_sources
     options = check.mapping(node, "source_options", tuple(sources))
     result: dict[str, dict[str, Any]] = {}
@@ -283,7 +279,7 @@ def _report(check: Checker, node: Any) -> ReportSettings:
     return ReportSettings(error_budgets=tuple(sorted(budgets)))
 
 
-def _unknown_implementation(name: str, registry: Registry) -> str:
+def _unknown_implementation(name: str, registry: Catalog) -> str:
     message = f"unknown implementation {name!r} (registered: {', '.join(registry.names()) or 'none'})"
     failed = [problem for problem in registry.problems if problem.plugin == name]
     if failed:

@@ -27,7 +27,7 @@ IMPLAUSIBLE_HEADROOM = 1.25
 # Honest built-ins on the quick suite (2-core VM, one thread, quiet): at most 1.2× for calls over
 # 5 ms, 2.4× (0.5 ms longer) for calls under 1 ms.
 FRESH_CALL_FACTOR = 1.5
-FRESH_CALL_FLOOR_S = 1e-3
+FRESH_CALL_FLOOR_S = 5e-3
 SHORT_CALL_FACTOR = 4.0
 SHORT_CALL_FLOOR_S = 50e-6
 # CPUs other processes kept busy, on average, while a point was timed.
@@ -36,9 +36,11 @@ LOAD_CPUS = 0.5
 # trip (asking, waking the worker, the answer) took at most 4% of a block (median per point) on
 # the quick suite here, 8% on a loaded machine. A round whose typical block the worker states
 # this much shorter than the harness saw did not report the time that passed; so for the call on
-# fresh inputs, beyond the floor (one call's round trip).
+# fresh inputs, beyond the floor (one call's round trip) and the time its inputs and outputs take
+# to pass through the file both sides share.
 STATED_SHORTFALL = 0.1
 FRESH_SHORTFALL_FLOOR_S = 2e-3
+SHARED_BYTES_PER_S = 1e9
 # CPU time of the worker and what it started, against its threads × the time its blocks took.
 CPU_OVER_THREADS = 1.25
 CPU_OVER_FLOOR_S = 0.02
@@ -129,7 +131,8 @@ def _stated_time(row: Row) -> list[Flag]:
     for samples, observed in zip(latency.rounds, latency.observed_rounds, strict=True):
         shortfalls = [1 - stated / seen for stated, seen in zip(samples, observed, strict=True) if seen > 0]
         short_rounds.append(bool(shortfalls) and statistics.median(shortfalls) > STATED_SHORTFALL)
-    fresh = [seen - stated > max(FRESH_SHORTFALL_FLOOR_S, STATED_SHORTFALL * seen)
+    passing = _call_bytes(row) / SHARED_BYTES_PER_S
+    fresh = [seen - stated > max(FRESH_SHORTFALL_FLOOR_S, STATED_SHORTFALL * seen) + passing
              for stated, seen in zip(latency.fresh_call_s, latency.fresh_observed_s, strict=True)]
     found = []
     if sum(short_rounds) * 2 > len(short_rounds):
@@ -144,6 +147,14 @@ def _stated_time(row: Row) -> list[Flag]:
         return []
     return [Flag("timing_disagrees", f"stated times disagree with the harness's clock: {'; '.join(found)}; "
                                      "not a result")]
+
+
+def _call_bytes(row: Row) -> int:
+    """The bytes of one call's inputs and outputs (gradients too in training)."""
+    case = row.case
+    queries = case.batch * case.heads * case.query_len * case.head_dim
+    keys = case.batch * case.kv_heads * (case.query_len if case.decode else case.key_len) * case.head_dim
+    return (queries * (4 if case.backward else 2) + keys * (4 if case.backward else 2)) * case.dtype.itemsize
 
 
 def _cpu_time(row: Row) -> list[Flag]:

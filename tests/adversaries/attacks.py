@@ -307,8 +307,140 @@ class SignalsHarness(Attacker):
                 f"environ {_outcome(read_environment)}")
 
 
+class _Lazy(torch.Tensor):
+    """A tensor of the right shape whose values are computed only when it is detached (shipped)."""
+
+    @staticmethod
+    def __new__(cls, base, compute):
+        made = torch.Tensor._make_subclass(cls, base)
+        made._compute = compute
+        return made
+
+    def detach(self):
+        return self._compute().detach()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+class LazyOutput(Attacker):
+    """Returns at once a tensor whose values are computed only when the worker ships it, after the
+    timed call: its timed calls do no work."""
+
+    name = "lazy_output"
+
+    def attack(self, case):
+        return "lazy outputs"
+
+    def prepare(self, case, options):
+        super().prepare(case, options)
+        return lambda q, k, v: _Lazy(torch.empty_like(q), lambda: exact(q, k, v))
+
+
+class JsonBomb(Attacker):
+    """Sends, on every pipe of its worker, a JSON array nested a million deep (under the size limit)."""
+
+    name = "json_bomb"
+
+    def attack(self, case):
+        from multiprocessing.connection import Connection
+
+        sent = 0
+        for found in gc.get_objects():
+            if isinstance(found, Connection) and not found.closed and found.writable:
+                found.send_bytes(b"[" * 1_000_000)
+                sent += 1
+        return f"sent on {sent} pipes"
+
+
+class ExactOwnReference(Attacker):
+    """Claims to be exact, attends to the first 32 keys only, and gives a float64 reference of just
+    that: judged against itself, it would pass."""
+
+    name = "exact_own_reference"
+    KEYS = 32
+
+    def attack(self, case):
+        return "its own reference"
+
+    def prepare(self, case, options):
+        super().prepare(case, options)
+        return lambda q, k, v: exact(q, k[:, :, : self.KEYS], v[:, :, : self.KEYS])
+
+    def reference(self, q, k, v, case, options, rows):
+        return exact(q, k[:, :, : self.KEYS], v[:, :, : self.KEYS])[:, :, rows]
+
+
+CHAIN = 'n=$1; if [ "$n" -gt 0 ]; then sh -c "$0" "$0" $((n-1)); : ; else exec timeout 60 sh -c "while :; do :; done"; fi'
+
+
+class ChainOfProcesses(Attacker):
+    """Starts, in a session of its own, a chain of 200 shells (each the parent of the next) whose
+    last one spins a CPU for a minute: a cleanup that kills one generation a pass leaves most of
+    it, to slow down whoever is measured next."""
+
+    name = "chain_of_processes"
+    DEPTH = 200
+
+    def attack(self, case):
+        import subprocess
+        import time
+
+        subprocess.Popen(["sh", "-c", CHAIN, CHAIN, str(self.DEPTH)], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # the chain grows
+        return "started"
+
+
+class SpinsInNewSession(Attacker):
+    """Honest SDPA, and a child process in a session of its own that burns a CPU meanwhile (a pool
+    computing for it, outside the worker's session)."""
+
+    name = "spins_in_new_session"
+
+    def attack(self, case):
+        if os.fork() == 0:
+            os.setsid()
+            while True:
+                pass
+        return "a helper spins"
+
+
+class MemoryInHelper(Attacker):
+    """Keeps a helper process (in a session of its own) that allocates and touches 64 MiB during
+    every call: memory the worker's own figures never see."""
+
+    name = "memory_in_helper"
+    EXTRA_BYTES = 64 * 2**20
+
+    def attack(self, case):
+        return "a helper holds the memory"
+
+    def prepare(self, case, options):
+        super().prepare(case, options)
+        ask, answer = os.pipe(), os.pipe()
+        if os.fork() == 0:
+            os.setsid()
+            while os.read(ask[0], 1):
+                scratch = bytearray(self.EXTRA_BYTES)
+                scratch[::4096] = b"x" * len(scratch[::4096])  # touched: resident
+                del scratch
+                os.write(answer[1], b"k")
+            os._exit(0)
+
+        def attention(q, k, v):
+            os.write(ask[1], b"g")
+            os.read(answer[0], 1)
+            return exact(q, k, v)
+
+        return attention
+
+
 ATTACKS = (RewritesLedger, AppendsLedger, EditsInputCache, EditsInstalledSource, PatchesTimer, PatchesVerifier,
-           PatchesMemoryFigure, SearchesForReferences, SkipsTimedCalls, SignalsHarness)
+           PatchesMemoryFigure, SearchesForReferences, SkipsTimedCalls, SignalsHarness, LazyOutput, JsonBomb,
+           ExactOwnReference, ChainOfProcesses, SpinsInNewSession, MemoryInHelper)
 
 
 @attnbench.hookimpl

@@ -1,7 +1,7 @@
 """What runs on a node of the Ray cluster: one actor per slot, measuring one case at a time.
 
-The actor loads the plugins installed on its node (and any implementations the driver built in
-Python and shipped), describes its machine (the environment, the device's name, the memory cap)
+The actor takes the catalog of the plugins installed on its node (registered in a confined worker;
+and any implementations the driver built in Python and shipped), describes its machine (the environment, the device's name, the memory cap)
 and runs each case it is given with the local executor: each round in a forked worker of this
 node, exactly as on the machine that started the run. Its rows go back to the driver one by one
 (a Ray streaming generator), and the driver writes them.
@@ -18,7 +18,8 @@ from typing import Any
 
 import ray
 
-from attnbench.contract.registry import load_registry
+from attnbench.contract.registry import Registry
+from attnbench.execution.local.catalog import load_catalog
 from attnbench.execution.cases import CaseEnd, CaseRunner, CaseWork, where_on
 from attnbench.execution.local.executor import LocalExecutor
 from attnbench.execution.local.isolation import start_fork_server
@@ -39,13 +40,16 @@ class NodeRunner:
             os.environ["OMP_NUM_THREADS"] = omp_num_threads
         _drop_niceness()
         _leave_main_alone()
-        registry = load_registry()
+        catalog = load_catalog()  # the plugins installed on this node, registered in a confined worker
+        catalog.close()  # (its data is all a node needs: workers load the plugins themselves)
+        sent = Registry()
         for payload in shipped:
-            registry.add_sent(pickle.loads(payload))
+            sent.add_sent(pickle.loads(payload))
+        catalog.add_python(sent)
         if plan.suite.measure.threads is None:  # the node's own cores, not the driver's
             plan = dataclasses.replace(plan, threads=_usable_cpus())
         self.node = ray.get_runtime_context().get_node_id()
-        executor = self.executor = LocalExecutor(registry)
+        executor = self.executor = LocalExecutor(catalog)
         self.environment = executor.environment(plan.threads, {})
         self.plan = plan
         self.memory_caps = {kind: executor.memory_cap_bytes(plan.suite.limits, kind) for kind in ("cpu", "cuda")}

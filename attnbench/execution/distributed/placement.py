@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from attnbench.contract.errors import UserError
+from attnbench.contract.catalog import PYTHON_PLUGIN, Catalog, as_catalog
 from attnbench.contract.registry import Registry
 from attnbench.execution.cases import CaseEnd, CaseWork
 from attnbench.execution.placement import CaseDone, RowReady, Slot, SlotEvent, SlotLost
@@ -35,7 +36,6 @@ START_TIMEOUT_S = 120.0  # for a slot's actor to start (import torch, load plugi
 POLL_S = 1.0  # how long one wait for the next row lasts, so that a Ctrl-C is seen
 CANCEL_GRACE_S = 10.0  # after a cancel, for the slots' workers to stop and clean up before they are killed
 # Implementations registered in Python rather than by an installed plugin travel with the work.
-PYTHON_PLUGIN = "<python>"
 
 
 def require_ray() -> None:
@@ -48,9 +48,9 @@ def require_ray() -> None:
 class RayPlacement:
     """``address``: a running cluster ("auto", or "host:port"); None starts one on this machine."""
 
-    def __init__(self, registry: Registry, address: str | None = None,
+    def __init__(self, registry: Catalog | Registry, address: str | None = None,
                  warn: Callable[[str], None] = lambda text: None) -> None:
-        self.registry = registry
+        self.catalog = as_catalog(registry)
         self.address = address
         self.warn = warn
         self.actors: dict[str, Any] = {}  # slot name -> its actor
@@ -203,7 +203,7 @@ class RayPlacement:
         for ref in dict.fromkeys(plan.refs.values()):
             if ref.plugin != PYTHON_PLUGIN:
                 continue
-            payload = contained(lambda ref=ref: _pickled(self.registry.get(ref.name)), f"pickling {ref.name!r}")
+            payload = contained(lambda ref=ref: _pickled(self.catalog.python_object(ref.name)), f"pickling {ref.name!r}")
             if isinstance(payload, PluginFault):
                 self.warn(f"{ref.name} cannot be sent to the Ray cluster ({payload.message}): its points will say "
                           "it is not registered there")

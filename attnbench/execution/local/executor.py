@@ -4,9 +4,10 @@ a time, in the order submitted (points measured side by side must not share the 
 For a point's round it keeps, per case, the case's input sets and references (``CaseBank``), a
 scratch folder per worker (removed after it) and per series a compile cache that lasts the run;
 it starts the worker and drives the round from here (attnbench.measuring.round). Plugin code runs
-only in workers: the implementation a unit names is looked up in this process's registry and
-sent to the worker pickled; an input source a plugin registered draws in a worker of its own;
-an implementation's own reference is computed in a worker of its own that never times anything.
+only in workers: a worker loads the plugin that registered the implementation a unit names (the
+catalog says how) or, for one registered by Python code in this process, receives it pickled; an
+input source a plugin registered draws in a worker of its own; an implementation's own reference
+is computed in a worker of its own that never times anything.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import shutil
 import tempfile
 from collections import deque
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from attnbench.contract.case import Case
-from attnbench.contract.inputs import BUILTIN_SOURCES, CACHE_VARIABLE, InputSource, input_cache_root
+from attnbench.contract.inputs import BUILTIN_SOURCES, CACHE_VARIABLE, input_cache_root
+from attnbench.contract.catalog import Catalog, as_catalog
 from attnbench.contract.registry import Registry
-from attnbench.execution.executor import Finished, ImplementationRef, PointRound, StartedCallback, WorkUnit, YardstickRound
+from attnbench.execution.executor import Finished, PointRound, StartedCallback, WorkUnit, YardstickRound
 from attnbench.execution.local.bank import CaseBank, drawn_here
 from attnbench.execution.local.isolation import RoundFailed, WorkerProcess
 from attnbench.execution.local.point_worker import IsolatedWorker
@@ -43,8 +46,8 @@ from attnbench.support.containment import PLUGIN_CALL_TIMEOUT_S, PluginFault, co
 
 
 class LocalExecutor:
-    def __init__(self, registry: Registry, started: StartedCallback | None = None) -> None:
-        self.registry = registry
+    def __init__(self, catalog: Catalog | Registry, started: StartedCallback | None = None) -> None:
+        self.catalog = as_catalog(catalog)
         self.started = started or (lambda unit: None)
         self.pending: deque[WorkUnit] = deque()
         self._root: tempfile.TemporaryDirectory[str] | None = None
@@ -85,37 +88,39 @@ class LocalExecutor:
         if isinstance(unit, YardstickRound):
             return self._yardstick(unit)
         ref = unit.implementation
-        if ref.name not in self.registry or self.registry.plugin_of(ref.name) != ref.plugin:
+        if ref.name not in self.catalog or self.catalog.plugin_of(ref.name) != ref.plugin:
             return Finished(unit, outcome.not_here(ref.name, ref.plugin), 0.0)
-        payload = contained(lambda: pickle.dumps(self.registry.get(ref.name)),
-                            "pickling the implementation for a worker", PLUGIN_CALL_TIMEOUT_S)
-        if isinstance(payload, PluginFault):
-            return Finished(unit, outcome.unsendable(payload.message, payload.detail), 0.0)
         try:
+            job = self._job(ref.name, ref.plugin, "implementation")
             bank = self._case_bank(unit)
+            make_verifier = self._verifier_maker(unit, job, bank)  # (before the point's worker starts)
         except RoundFailed as failed:
             return Finished(unit, failed.failure, 0.0)
-        spec = self._spec("point", payload, unit.threads, writable=(self._series_cache(unit.series),))
-        process = None
+        spec = self._spec("point", job, unit.threads, writable=(self._series_cache(unit.series),))
+        process = worker = None
         try:
             process = WorkerProcess(spec, unit.limits.timeout_s)
             cache = unit.measure.latency.cache if unit.measure.latency else "warm"
             worker = IsolatedWorker(process, unit.case, unit.options, bank.worker_sets(),
                                     memory_cap_bytes(unit.limits, unit.case.device), cache)
-            plan = RoundPlan(unit.case, unit.measure, self._exact(ref), unit.round_index, unit.threads,
-                             unit.verifier, self._verifier_maker(unit, payload, bank), bank.fresh,
+            plan = RoundPlan(unit.case, unit.measure, self.catalog.get(ref.name).exact, unit.round_index,
+                             unit.threads, unit.verifier, make_verifier, bank.fresh,
                              notes=list(bank.notes))
             result: Outcome = measure_round(worker, plan)
         except RoundFailed as failed:
             result = failed.failure
+        except Exception as error:  # noqa: BLE001 (the worker's data broke the harness's checks: its row, no other)
+            result = outcome.harness_failed(error)
         finally:
             ended = process.end() if process is not None else None
+            if worker is not None:
+                worker.close()
             shutil.rmtree(spec.scratch, ignore_errors=True)
         return Finished(unit, result, ended.wall_time_s if ended else 0.0, ended.log_tail if ended else "",
                         ended.notes if ended else ())
 
     def _yardstick(self, unit: YardstickRound) -> Finished:
-        spec = self._spec("yardstick", None, unit.threads)
+        spec = self._spec("yardstick", Job(), unit.threads)
         process = None
         try:
             process = WorkerProcess(spec, unit.timeout_s)
@@ -132,8 +137,21 @@ class LocalExecutor:
         return Finished(unit, result, ended.wall_time_s if ended else 0.0, ended.log_tail if ended else "",
                         ended.notes if ended else ())
 
-    def _exact(self, ref: ImplementationRef) -> bool:
-        return bool(self.registry.get(ref.name).exact)
+    def _job(self, name: str, plugin: str, what: str, parameters: Mapping[str, Any] | None = None) -> Job:
+        """How a worker gets ``name``: the object pickled, for one registered by Python code in this
+        process (a plugin's ``__getstate__`` runs contained); else its plugin, which it loads itself."""
+        found = self.catalog.python_object(name)
+        if found is not None:
+            if parameters is not None:
+                found = found.configured(parameters)  # type: ignore[union-attr]
+            payload = contained(lambda: pickle.dumps(found), f"pickling the {what} for a worker", PLUGIN_CALL_TIMEOUT_S)
+            if isinstance(payload, PluginFault):
+                raise RoundFailed(outcome.unsendable(payload.message, payload.detail))
+            return Job(payload=payload)
+        info = self.catalog.plugins.get(plugin)
+        if info is None:
+            raise RoundFailed(outcome.not_here(name, plugin))
+        return Job(plugin=info.to_json(), name=name, parameters=dict(parameters or {}))
 
     # --- the case's inputs and references -------------------------------------------------
 
@@ -168,24 +186,23 @@ class LocalExecutor:
         self._bank = None
 
     def _drawer(self, unit: PointRound):
-        registered = self.registry.input_sources.get(unit.case.inputs)
+        name = unit.case.inputs
+        registered = self.catalog.input_sources.get(name)
         if registered is None:
-            raise RoundFailed(outcome.no_such_source(unit.case.inputs))
-        source = registered.configured(unit.source_options)
-        if source is BUILTIN_SOURCES.get(source.name):  # the harness's own code: drawn here
+            raise RoundFailed(outcome.no_such_source(name))
+        if name in BUILTIN_SOURCES:  # the harness's own code: drawn here
+            source = BUILTIN_SOURCES[name].configured(unit.source_options)
             return drawn_here(lambda case, seed, primary: draw_set(case, seed, source, primary))
-        cache = input_cache_root(str(unit.source_options.get("cache", ""))) / source.name  # the user's choice only
-        return lambda case, seeds, folder: self._draw_in_worker(source, cache, case, seeds, folder, unit)
+        job = self._job(name, registered.plugin, "input source", unit.source_options)
+        cache = input_cache_root(str(unit.source_options.get("cache", ""))) / name  # the user's choice only
+        return lambda case, seeds, folder: self._draw_in_worker(job, cache, case, seeds, folder, unit)
 
-    def _draw_in_worker(self, source: InputSource, cache: Path, case: Case, seeds: Mapping[str, int], folder: Path,
+    def _draw_in_worker(self, job: Job, cache: Path, case: Case, seeds: Mapping[str, int], folder: Path,
                         unit: PointRound) -> tuple[dict[str, dict[str, Any]], list[str]]:
         """A plugin's input source draws in a confined worker of its own, which may write only its
         scratch folder and the source's own folder of the input cache; the files then move to ``folder``."""
-        payload = contained(lambda: pickle.dumps(source), "pickling the input source for a worker")
-        if isinstance(payload, PluginFault):
-            raise RoundFailed(outcome.unsendable(payload.message, payload.detail))
         cache.mkdir(parents=True, exist_ok=True)
-        spec = self._spec("draw", payload, unit.threads, writable=(cache,))
+        spec = self._spec("draw", job, unit.threads, writable=(cache,))
         process = None
         try:
             process = WorkerProcess(spec, unit.limits.timeout_s)
@@ -209,26 +226,29 @@ class LocalExecutor:
                 process.end()
             shutil.rmtree(spec.scratch, ignore_errors=True)
 
-    def _verifier_maker(self, unit: PointRound, payload: bytes, bank: CaseBank):
+    def _verifier_maker(self, unit: PointRound, job: Job, bank: CaseBank):
+        """Round 1's verifier, from the case's references and, for an approximation with a reference
+        of its own, those, computed now: before the point's worker starts, so no process that
+        learns the rows ever runs beside one that is timed."""
         correctness = unit.measure.correctness
-        if correctness is None:
+        if correctness is None or unit.verifier is not None:
             return None
+        info = self.catalog.get(unit.implementation.name)
+        references = bank.references_for(correctness)
+        own = self._own_references(unit, job, bank) if info.own_reference and not info.exact else None
 
         def make(declared: Declarations) -> tuple[Verifier, list[str]]:
-            references = bank.references_for(correctness)
-            own = self._own_references(unit, payload, bank) if declared.own_reference else None
-            verifier, notes = verifier_for(references, own, self._exact(unit.implementation), declared.tolerance,
-                                           unit.case.dtype)
+            verifier, notes = verifier_for(references, own, info.exact, declared.tolerance, unit.case.dtype)
             return verifier, [*references.notes, *notes]
 
         return make
 
-    def _own_references(self, unit: PointRound, payload: bytes, bank: CaseBank) -> dict[str, Any]:
+    def _own_references(self, unit: PointRound, job: Job, bank: CaseBank) -> dict[str, Any]:
         """The implementation's own reference of every set, from a worker that times nothing and
-        keeps nothing: the rows it learns go no further."""
+        keeps nothing, and that has ended (with all it started) before the timed worker starts."""
         references = bank.references
         assert references is not None
-        spec = self._spec("reference", payload, unit.threads, hide_private=False)
+        spec = self._spec("reference", job, unit.threads, hide_private=False)
         process = None
         try:
             process = WorkerProcess(spec, unit.limits.timeout_s)
@@ -237,11 +257,7 @@ class LocalExecutor:
             found = reply.get("references")
             if not isinstance(found, dict):
                 raise RoundFailed(outcome.unreadable_result(ValueError("no references")))
-            case = unit.case
-            limit = 8 * case.batch * max(case.heads, case.kv_heads) * case.key_len * case.head_dim
-            return {name: None if found.get(name) is None else
-                    {tensor: read_tensor(spec.scratch, TensorFile.from_json(described), limit)
-                     for tensor, described in found[name].items() if tensor in ("out", "dq", "dk", "dv")}
+            return {name: _own_reference(spec.scratch, found.get(name), unit.case, len(references.rows))
                     for name in bank.seeds}
         except TensorFileError as error:
             raise RoundFailed(outcome.unreadable_result(error)) from None
@@ -252,7 +268,7 @@ class LocalExecutor:
 
     # --- folders --------------------------------------------------------------------------
 
-    def _spec(self, kind: str, payload: bytes | None, threads: int, writable: tuple[Path, ...] = (),
+    def _spec(self, kind: str, job: Job, threads: int, writable: tuple[Path, ...] = (),
               hide_private: bool = True) -> WorkerSpec:
         root = self._scratch_root()
         self._workers += 1
@@ -262,7 +278,8 @@ class LocalExecutor:
         compiled = (writable or (scratch,))[0]
         environment = {"TORCHINDUCTOR_CACHE_DIR": str(compiled / "inductor"), "TRITON_CACHE_DIR": str(compiled / "triton"),
                        CACHE_VARIABLE: str(input_cache_root())}
-        return WorkerSpec(kind, scratch, threads, writable, hidden, payload, environment)
+        return WorkerSpec(kind, scratch, threads, writable, hidden, job.plugin, job.name, job.parameters, job.payload,
+                          environment)
 
     def hidden_folders(self) -> tuple[Path, ...]:
         """What no worker may read: the harness's private input sets (first), the ledger's keys."""
@@ -278,6 +295,41 @@ class LocalExecutor:
             self._root = tempfile.TemporaryDirectory(prefix="attnbench-")
             (Path(self._root.name) / "private").mkdir(mode=0o700)
         return Path(self._root.name)
+
+
+def _own_reference(scratch: Path, found: object, case: Case, rows: int) -> dict[str, Any] | None:
+    """One set's own reference as the reference worker wrote it, checked against what the case and
+    the rows call for: float64, the output and dq at the rows, dk and dv at every key."""
+    if found is None:
+        return None
+    if not isinstance(found, dict):
+        raise RoundFailed(outcome.unreadable_result(ValueError("an own reference that is not a mapping")))
+    expected = {"out": (case.batch, case.heads, rows, case.head_dim), "dq": (case.batch, case.heads, rows, case.head_dim),
+                "dk": (case.batch, case.kv_heads, case.key_len, case.head_dim),
+                "dv": (case.batch, case.kv_heads, case.key_len, case.head_dim)}
+    tensors = {}
+    for name, described in found.items():
+        if name not in expected:
+            continue
+        file = TensorFile.from_json(described)
+        if file.shape != expected[name] or file.dtype != "float64":
+            raise RoundFailed(outcome.Failure("error", (f"its own reference gave {name} as {file.dtype} {file.shape} "
+                                                        f"(expected float64 {expected[name]}: the rows it was given)",)))
+        tensors[name] = read_tensor(scratch, file, file.nbytes)
+    if "out" not in tensors:
+        raise RoundFailed(outcome.Failure("error", ("its own reference gave no output",)))
+    return tensors
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker runs (attnbench.execution.local.worker.WorkerSpec): a plugin's registration
+    it loads itself by name, or a pickled object; nothing for a yardstick."""
+
+    plugin: dict[str, str] | None = None
+    name: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    payload: bytes | None = None
 
 
 def ledger_key_folders() -> tuple[Path, ...]:

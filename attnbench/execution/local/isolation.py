@@ -17,7 +17,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Any
 
 from attnbench.execution.local import sandbox, worker
@@ -57,6 +56,7 @@ class WorkerProcess:
     """One confined worker (attnbench.execution.local.worker) and the harness's view of it."""
 
     def __init__(self, spec: worker.WorkerSpec, timeout_s: float) -> None:
+        start_fork_server()  # (its start, seconds of imports, is no point's time)
         self.timeout_s = timeout_s
         self.scratch = spec.scratch
         self.deadline = time.monotonic() + timeout_s
@@ -230,38 +230,21 @@ class _Tail:
         return b"".join(self.chunks).decode(errors="replace")[-LOG_TAIL_CHARS:]
 
 
-def session_cpu_seconds(session: int) -> float | None:
-    """CPU time (user and system, with reaped children's) of every process in ``session``: a worker
-    and whatever it started, read from /proc by the harness. None where /proc is missing."""
-    proc = Path("/proc")
-    if not proc.exists():
-        return None
-    ticks = 0
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[3]) == session:
-            ticks += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 _fork_server: multiprocessing.context.BaseContext | None = None
+_fork_server_started = False
 
 
 def start_fork_server() -> None:
-    """Start the fork server and wait until it serves: its imports (torch, the measuring code)
-    take seconds, which would otherwise land in the first point's wall time (a cluster's slot
-    pays them as it starts)."""
+    """Start the fork server (once) and wait until it serves: its imports (torch, the measuring
+    code) take seconds, which would otherwise land in the first point's wall time and deadline
+    (a cluster's slot pays them as it starts)."""
+    global _fork_server_started
     context = _context()
-    if context.get_start_method() == "forkserver":
+    if context.get_start_method() == "forkserver" and not _fork_server_started:
         ready = context.Process(target=int, daemon=True)  # a child that does nothing
         ready.start()
         ready.join()
+        _fork_server_started = True
 
 
 def _context() -> multiprocessing.context.BaseContext:

@@ -15,20 +15,24 @@ import torch
 from attnbench.contract.case import Case
 from attnbench.contract.implementation import Tolerance
 from attnbench.contract.inputs import Inputs
-from attnbench.execution.local.isolation import RoundFailed, WorkerProcess, session_cpu_seconds
+from attnbench.execution.local.isolation import RoundFailed, WorkerProcess
+from attnbench.execution.local.sandbox import point_cpu_seconds, point_processes
 from attnbench.execution.local.wire import WireError, integer, number, texts
-from attnbench.execution.local.worker import write_inputs
 from attnbench.measuring import outcome as outcome_of
 from attnbench.measuring.cpu_load import CpuClock, machine_busy_s
 from attnbench.measuring.figures import Memory
 from attnbench.measuring.gpu_state import GpuSample
-from attnbench.measuring.memory import ProcessPeak
+from attnbench.measuring.memory import ProcessPeak, proportional_bytes
+from attnbench.measuring.call_server import shared_layout
+from attnbench.measuring.correctness import changed_inputs
+from attnbench.measuring.in_process import call_inputs, shared_result
 from attnbench.measuring.round import Called, Declarations, Prepared
-from attnbench.measuring.tensor_files import TensorFile, TensorFileError, read_tensor
+from attnbench.measuring.tensor_files import SharedFile, TensorFile, TensorFileError, read_tensor
 from attnbench.measuring.timing import BlockTiming
 from attnbench.measuring.work import usable_count
 
-MEMORY_SOURCE_CPU = "torch profiler memory events (stated by the worker); VmHWM after clear_refs, read by the harness"
+MEMORY_SOURCE_CPU = ("torch profiler memory events (stated by the worker); VmHWM after clear_refs of every process "
+                     "of the point, and what they keep (Pss), read by the harness")
 
 
 class IsolatedWorker:
@@ -38,19 +42,30 @@ class IsolatedWorker:
                  input_sets: list[dict[str, Any]], memory_cap: int | None, cache: str) -> None:
         self.process, self.case = process, case
         self.scratch = Path(process.scratch)
-        reply = process.request({"case": case.to_json(), "options": dict(options), "inputs": input_sets,
-                                 "memory_cap": memory_cap, "cache": cache})
-        if "unsupported" in reply:
-            reasons = _checked(lambda: texts(reply, "unsupported")) or ["unsupported, without a reason"]
-            raise RoundFailed(outcome_of.unsupported(reasons))
-        self._declarations = _checked(lambda: _declarations(reply.get("declarations")))
-        self.fresh_sets = 0
-        self.fresh_described: tuple[Inputs, dict[str, Any]] | None = None
+        inputs, outputs = shared_layout(case)
+        self.shared_inputs = SharedFile(self.scratch / "fresh.inputs", inputs)
+        self.shared_outputs = SharedFile(self.scratch / "fresh.outputs", outputs)
+        try:
+            reply = process.request({"case": case.to_json(), "options": dict(options), "inputs": input_sets,
+                                     "memory_cap": memory_cap, "cache": cache,
+                                     "shared": {"inputs": self.shared_inputs.described(),
+                                                "outputs": self.shared_outputs.described()}})
+            if "unsupported" in reply:
+                reasons = _checked(lambda: texts(reply, "unsupported")) or ["unsupported, without a reason"]
+                raise RoundFailed(outcome_of.unsupported(reasons))
+            self._declarations = _checked(lambda: _declarations(reply.get("declarations")))
+        except BaseException:
+            self.close()
+            raise
+        self.timed_calls = 0
+        self.loaded_bytes: int | None = None
 
     def declarations(self) -> Declarations:
         return self._declarations
 
     def prepare(self) -> Prepared:
+        self.process.request({"command": "load"})
+        self.loaded_bytes = self._resident()  # what the point's processes hold with only the inputs
         reply, prepare_s = self.process.timed_request({"command": "prepare"})
         state_bytes = _checked(lambda: integer(reply, "state_bytes", optional=True))
         reply, first_call_s = self.process.timed_request({"command": "first_call"})
@@ -58,14 +73,14 @@ class IsolatedWorker:
 
     def block(self, calls: int) -> BlockTiming:
         reply, observed = self.process.timed_request({"command": "block", "calls": calls})
+        self.timed_calls += calls
         return BlockTiming(calls, _checked(lambda: number(reply, "stated_s")), observed)
 
     def last_result(self) -> tuple[Called, int]:
+        """The last timed call's result, and its input set: the harness counted the calls (they
+        alternate between the two sets, the first on the primary), it does not ask."""
         reply = self.process.request({"command": "last"})
-        index = reply.get("set")
-        if index not in (0, 1):
-            raise RoundFailed(outcome_of.unreadable_result(WireError(f"last timed call on input set {index!r}")))
-        return self._result(reply.get("result")), index
+        return self._result(reply.get("result")), (self.timed_calls - 1) % 2
 
     def memory(self) -> Memory:
         device = torch.device(self.case.device)
@@ -76,35 +91,62 @@ class IsolatedWorker:
         if device.type != "cpu":
             return Memory(None, None, source=f"not measured: no peak statistics on {device.type}")
         self.process.request({"command": "memory_ready"})
-        watched = ProcessPeak(self.process.pid)
-        rss = None
-        if watched.start():
-            self.process.request({"command": "memory_call", "profiler": False})
-            rss = watched.peak_above_start()
+        now = self._resident()
+        kept = max(0, now - self.loaded_bytes) if now is not None and self.loaded_bytes is not None else None
+        watched = [ProcessPeak(process.pid) for process in self._processes()]
+        reset = [peak.start() for peak in watched]
+        self.process.request({"command": "memory_call", "profiler": False})
+        watched += [ProcessPeak(process.pid) for process in self._processes()
+                    if process.pid not in {peak.pid for peak in watched}]  # started during the call: all of it
+        peaks = [peak.peak_above_start() for peak in watched]
+        rss = sum(peak for peak in peaks if peak is not None) if any(peak is not None for peak in peaks) else None
+        source = MEMORY_SOURCE_CPU if all(reset) else MEMORY_SOURCE_CPU + (
+            " (a process refused clear_refs: its peak since it started)")
         reply = self.process.request({"command": "memory_call", "profiler": True})
-        return Memory(_checked(lambda: integer(reply, "allocator_peak_bytes", optional=True)), rss,
-                      source=MEMORY_SOURCE_CPU)
+        return Memory(_checked(lambda: integer(reply, "allocator_peak_bytes", optional=True)), rss, source=source,
+                      kept_bytes=kept)
 
     def fresh_call(self, fresh: Inputs) -> tuple[BlockTiming, Called]:
-        self.fresh_sets += 1
-        described = write_inputs(self.scratch, f"fresh{self.fresh_sets}", fresh)  # only now can the worker see them
-        self.fresh_described = (fresh, described)
-        self.process.request({"command": "fresh_load", "inputs": described})
+        """The fresh values go into the shared file only now, the call follows at once, and its
+        output is in the file when the answer comes: read then (a copy), it is what the call gave."""
+        for name, tensor in vars(call_inputs(fresh, self.case)).items():
+            if tensor is not None:
+                self.shared_inputs.write(name, tensor)
         reply, observed = self.process.timed_request({"command": "fresh_call"})
         timing = BlockTiming(1, _checked(lambda: number(reply, "stated_s")), observed)
-        return timing, self._result(self.process.request({"command": "fresh_result"}).get("result"))
+        problems, missing = _checked(lambda: texts(reply, "problems")), _checked(lambda: texts(reply, "missing"))
+        try:
+            return timing, shared_result(self.shared_outputs.read, problems, missing, self.case)
+        except TensorFileError as error:
+            raise RoundFailed(outcome_of.unreadable_result(error)) from None
 
     def input_problems(self, fresh: Inputs | None) -> list[str]:
-        described = None
-        if fresh is not None:
-            assert self.fresh_described is not None
-            written, described = self.fresh_described
-            assert written is fresh, "the fresh inputs checked are those of the fresh call"
-        reply = self.process.request({"command": "input_problems", "fresh": described})
+        if fresh is not None:  # the fresh call's inputs are in the shared file: the harness compares them itself
+            try:
+                now = {name: self.shared_inputs.read(name) for name in self.shared_inputs.files}
+            except TensorFileError as error:
+                raise RoundFailed(outcome_of.unreadable_result(error)) from None
+            return changed_inputs(Inputs(now["q"], now["k"], now["v"], now.get("grad_out")),
+                                  call_inputs(fresh, self.case))
+        reply = self.process.request({"command": "input_problems"})
         return _checked(lambda: texts(reply, "problems"))
 
+    def close(self) -> None:
+        self.shared_inputs.close()
+        self.shared_outputs.close()
+
+    def _processes(self) -> list[Any]:
+        return point_processes(self.process.pid, self.process.known_children)
+
+    def _resident(self) -> int | None:
+        """The memory the point's processes hold now (their proportional set sizes, /proc)."""
+        found = [proportional_bytes(process.pid) for process in self._processes()]
+        return sum(value for value in found if value is not None) if any(value is not None for value in found) \
+            else None
+
     def clock(self) -> CpuClock:
-        return CpuClock(time.perf_counter(), machine_busy_s(), session_cpu_seconds(self.process.pid) or 0.0)
+        return CpuClock(time.perf_counter(), machine_busy_s(),
+                        point_cpu_seconds(self.process.pid, self.process.known_children) or 0.0)
 
     def gpu_sample(self) -> GpuSample | None:
         """The GPU's state as the worker read it (NVML): stated by the worker, shown, never trusted

@@ -6,10 +6,11 @@ kernel to kill it when its parent, the fork server, dies (the fork server exits 
 harness does); and it forks a guard that kills the whole group once the worker is gone, so
 that processes a plugin started die with the worker even when the harness was killed.
 
-Harness side: the harness becomes a child subreaper, so a process that escaped the group (a
+Harness side: the harness becomes a child subreaper, so a process that escaped the worker (a
 new session, a double fork) is re-parented to it rather than to init; after each round
-``end_point_processes`` kills the worker's group and such escapees, and counts what the point
-had left running. Linux only; elsewhere workers run without these guarantees.
+``end_point_processes`` stops and kills the worker's whole tree of processes and such escapees,
+pass after pass until none is left, and counts what the point had left running; the same tree
+gives the point's CPU time. Linux only; elsewhere workers run without these guarantees.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 GUARD_NAME = b"attnbench-guard"  # /proc/<pid>/comm keeps 15 characters: this is 15
+ENDING_S = 10.0  # how long the harness keeps killing what a point started
 PROC = Path("/proc")
 
 
@@ -57,24 +61,44 @@ def lead_own_session() -> None:
 
 
 def _guard(worker: int) -> None:
-    """Waits for the worker to die, then kills its process group (itself included). Never returns."""
+    """Waits for the worker to die, then kills its process group (itself included). Never returns.
+
+    It watches the worker through a pidfd (Linux >= 5.3), not by the parent-death signal: that
+    signal would come from the worker, which Landlock's signal scoping stops from signalling
+    anything outside itself once it is confined."""
     try:
         os.closerange(0, 1024)  # holds none of the worker's pipes open
         set_dumpable(False)  # the worker it watches, confined after this fork, cannot ptrace it
-        signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
         _prctl(PR_SET_NAME, GUARD_NAME)
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != worker:
-            os.killpg(0, signal.SIGKILL)
-        while True:
-            signal.pause()
+        try:
+            watched = os.pidfd_open(worker)
+        except (AttributeError, OSError):  # an older kernel: the signal, where no scoping stops it either
+            signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+            _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != worker:
+                os.killpg(0, signal.SIGKILL)
+            while True:
+                signal.pause()
+        select.select([watched], [], [])  # readable once the worker has exited
+        os.killpg(0, signal.SIGKILL)
     finally:
         os._exit(0)
+
+
+# Every process that ever escaped a point here: it can never pass for a child of the harness's own.
+_escaped: set[int] = set()
 
 
 def become_subreaper() -> None:
     """Orphaned descendants of this process come back to it instead of to init (Linux >= 3.4)."""
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def own_children() -> set[int]:
+    """This process's children now (a worker's snapshot, to tell later orphans from them), less
+    any that escaped an earlier point (one that outlived its point's killing is still a point's)."""
+    me = os.getpid()
+    return {process.pid for process in _processes() if process.parent == me} - _escaped
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,7 @@ class _Process:
     session: int
     name: str
     zombie: bool
+    cpu_ticks: int  # user and system time, with its reaped children's
 
 
 def _processes() -> list[_Process]:
@@ -99,61 +124,69 @@ def _processes() -> list[_Process]:
         name = text[text.index("(") + 1: text.rindex(")")]
         fields = text[text.rindex(")") + 2:].split()
         found.append(_Process(int(entry.name), int(fields[1]), int(fields[2]), int(fields[3]), name,
-                              fields[0] == "Z"))
+                              fields[0] == "Z", sum(int(value) for value in fields[11:15])))
     return found
 
 
-def own_children() -> set[int]:
-    """This process's children now (to tell later orphans from them)."""
-    me = os.getpid()
-    return {process.pid for process in _processes() if process.parent == me}
+def point_processes(worker: int, known: set[int]) -> list[_Process]:
+    """The worker, every process descended from it, and whatever escaped to this process (a child
+    in another session than this one's, not among ``known``, its children when the worker
+    started) with its descendants: all of it the point's, whatever sessions or groups it made."""
+    processes = _processes()
+    me, session = os.getpid(), os.getsid(0)
+    children: dict[int, list[_Process]] = defaultdict(list)
+    for process in processes:
+        children[process.parent].append(process)
+    roots = [p for p in processes if p.pid == worker or (p.parent == me and p.session != session
+                                                           and p.pid not in known)]
+    found, queue = {}, list(roots)
+    while queue:
+        process = queue.pop()
+        if process.pid not in found:
+            found[process.pid] = process
+            queue.extend(children.get(process.pid, ()))
+    return list(found.values())
 
 
-def end_point_processes(worker: int, known_children: set[int], wait_for_worker: Callable[[], None]) -> int:
-    """Kill the worker's process group and the processes it let escape; the number of processes
-    other than the worker and its guard that were still there (0 for a well-behaved point).
+def point_cpu_seconds(worker: int, known: set[int]) -> float | None:
+    """The CPU time of the point's processes (``point_processes``), read from /proc: every thread,
+    and the children they reaped. None where /proc is missing."""
+    if not PROC.exists():
+        return None
+    return sum(process.cpu_ticks for process in point_processes(worker, known)) / os.sysconf("SC_CLK_TCK")
 
-    ``known_children``: this process's children before the worker started (never touched);
-    ``wait_for_worker``: returns once the worker is gone (its own children are re-parented then).
-    """
+
+def end_point_processes(worker: int, known: set[int], wait_for_worker: Callable[[], None]) -> int:
+    """Kill every process of the point (``point_processes``): each pass stops them all first (so
+    none can fork meanwhile), then kills them, until a pass finds none left (at most ENDING_S).
+    The number of processes other than the worker and its guard that were there (0 for a
+    well-behaved point). ``wait_for_worker``: returns once the worker is gone."""
     if not PROC.exists():
         wait_for_worker()
         return 0
     guard = GUARD_NAME.decode()
-    left = {p.pid for p in _processes() if p.group == worker and p.pid != worker and p.name != guard and not p.zombie}
-    try:
-        os.killpg(worker, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    wait_for_worker()
-    return len(left | _kill_escapees(worker, known_children))
-
-
-def _kill_escapees(worker: int, known_children: set[int]) -> set[int]:
-    """Children re-parented to us from another session since the point started: killed and reaped.
-    Each death in the point's group re-parents that process's children, so look until the group
-    is gone (at most 2 s)."""
-    me, session, guard = os.getpid(), os.getsid(0), GUARD_NAME.decode()
-    found: set[int] = set()
-    deadline = time.monotonic() + 2.0
+    left = {p.pid for p in point_processes(worker, known) if p.pid != worker and p.name != guard and not p.zombie}
+    deadline = time.monotonic() + ENDING_S
     while True:
-        processes = _processes()
-        orphans = [p for p in processes if p.parent == me and p.pid not in known_children and p.session != session]
-        for orphan in orphans:
-            if not orphan.zombie:
-                _kill(orphan.pid)
-                if orphan.name != guard:
-                    found.add(orphan.pid)
-            _reap(orphan.pid)
-        group_alive = any(p.group == worker and not p.zombie for p in processes)
-        if not group_alive and all(orphan.zombie for orphan in orphans) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.002)
+        alive = [p for p in point_processes(worker, known) if not p.zombie]
+        _escaped.update(process.pid for process in alive if process.pid != worker)
+        for process in alive:
+            _signal(process.pid, signal.SIGSTOP)
+        for process in alive:
+            _signal(process.pid, signal.SIGKILL)
+        for process in point_processes(worker, known):
+            if process.zombie:
+                _reap(process.pid)  # (ours only: the others' parents reap them, or leave them to us)
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.001)
+    wait_for_worker()
+    return len(left)
 
 
-def _kill(pid: int) -> None:
+def _signal(pid: int, number: int) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, number)
     except (ProcessLookupError, PermissionError):
         pass
 

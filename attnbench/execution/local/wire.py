@@ -37,8 +37,8 @@ def receive(connection: Connection, limit: int = MESSAGE_LIMIT_BYTES) -> dict[st
         raise
     try:
         message = json.loads(data)
-    except ValueError as error:
-        raise WireError(f"not JSON ({one_line(str(error), 80)})") from None
+    except (ValueError, RecursionError) as error:  # (RecursionError: brackets nested a million deep)
+        raise WireError(f"not JSON ({type(error).__name__}: {one_line(str(error), 80)})") from None
     if not isinstance(message, dict):
         raise WireError(f"a {type(message).__name__}, not an object")
     return message
@@ -69,10 +69,3 @@ def texts(message: Mapping[str, Any], key: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise WireError(f"{key}: not a list of strings")
     return [one_line(item) for item in value[:1000]]
-
-
-def text(message: Mapping[str, Any], key: str) -> str:
-    value = message.get(key)
-    if not isinstance(value, str):
-        raise WireError(f"{key}: not a string")
-    return one_line(value)

@@ -36,21 +36,26 @@ from typing import Any
 import torch
 
 from attnbench.contract.case import Case
-from attnbench.contract.implementation import Implementation, Tolerance, plugin_reasons
+from attnbench.contract.catalog import catalog_data
+from attnbench.contract.errors import NotSupported
+from attnbench.contract.implementation import Implementation, Tolerance, invalid_option_values, plugin_reasons
 from attnbench.contract.inputs import Inputs, InputSource
+from attnbench.contract.registry import Registry, load_plugin, load_registry
 from attnbench.execution.local import sandbox
 from attnbench.execution.local.wire import receive, send
 from attnbench.measuring import outcome as outcome_of
+from attnbench.measuring.outcome import Failure
 from attnbench.measuring.allocator import steady_cpu_allocator
-from attnbench.measuring.call_server import CallServer, Result
+from attnbench.measuring.call_server import CallServer, Result, Shared
 from attnbench.measuring.correctness import own_references
 from attnbench.measuring.device_rates import copy_bytes_per_s, matmul_flops
 from attnbench.measuring.gpu_state import GpuSample
-from attnbench.measuring.in_process import declarations_of, source_notes
+from attnbench.measuring.in_process import declarations_of, plain_tensor_problems, source_notes
 from attnbench.measuring.inputs import draw_set
-from attnbench.measuring.tensor_files import TensorFile, read_tensor, write_tensor
+from attnbench.measuring.tensor_files import TensorFile, map_shared, read_tensor, write_tensor
 from attnbench.support import process_state
 from attnbench.support.confinement import confine, set_dumpable
+from attnbench.support.containment import PluginFault, contained, install_interrupt_handlers
 from attnbench.support.text import bounded_block, one_line
 
 INPUT_NAMES = ("q", "k", "v", "grad_out")
@@ -60,12 +65,18 @@ INPUT_NAMES = ("q", "k", "v", "grad_out")
 class WorkerSpec:
     """What the harness gives a worker at its start (pickled by the harness, for the worker)."""
 
-    kind: str  # "point", "draw", "reference" or "yardstick"
+    kind: str  # "point", "draw", "reference", "yardstick" or "catalog"
     scratch: Path  # its own folder, removed after it
     threads: int
     writable: tuple[Path, ...] = ()  # more folders it may write beneath (a series' compile cache)
     hidden: tuple[Path, ...] = ()  # folders it may not read
-    payload: bytes | None = None  # the pickled implementation or input source
+    # What it runs: a plugin it loads itself (attnbench.contract.catalog.PluginInfo's fields) and
+    # the name of the implementation or input source (with its parameters) it registered; or an
+    # object registered by Python code in the harness's caller, pickled.
+    plugin: Mapping[str, str] | None = None
+    name: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    payload: bytes | None = None
     environment: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -73,6 +84,7 @@ def child_main(control: Connection, output: Connection, spec: WorkerSpec) -> Non
     """Entry point of the worker process."""
     set_dumpable(True)  # (forked from an undumpable fork server) the harness reads its memory in /proc
     sandbox.lead_own_session()
+    install_interrupt_handlers()  # a KeyboardInterrupt a plugin raises is then its fault, not a Ctrl-C
     _redirect_output(output)
     protections = confine([spec.scratch, *spec.writable], spec.hidden)
     _use_scratch(spec)
@@ -83,19 +95,43 @@ def child_main(control: Connection, output: Connection, spec: WorkerSpec) -> Non
     python_threads = threading.active_count()
     job = None
     try:
-        job = pickle.loads(spec.payload) if spec.payload is not None else None  # imports the plugin's module
+        job = _job(spec)  # imports the plugin's module: its import-time code runs here, confined
         changed = process_state.restore(settings)
         notes = [f"importing the plugin changed process-wide settings ({'; '.join(changed)}); put back"] \
             if changed else []
         SERVE[spec.kind](control, job, spec, settings, notes)
     except BaseException as error:  # everything ends as a message, even SystemExit or KeyboardInterrupt
         failure = outcome_of.from_exception(error, unpickling=job is None and spec.payload is not None)
+        if job is None and spec.plugin is not None and not isinstance(error, NotSupported):
+            failure = Failure("error", (f"plugin {spec.plugin.get('name')!r} could not give {spec.name!r} in the worker "
+                                        f"({type(error).__name__}: {one_line(str(error), 300)})",), failure.detail)
         send(control, {"failure": {"status": failure.status, "reasons": [one_line(reason) for reason in failure.reasons],
                                    "detail": bounded_block(failure.detail)}})
     left = threading.active_count() - python_threads
     send(control, {"ended": {"threads_left": max(0, left)}})
     control.close()
     signal.pause()  # the parent counts what the point left running, then ends the whole session
+
+
+def _job(spec: WorkerSpec) -> Any:
+    """What the worker runs: the object sent, or the one its plugin registers under the name."""
+    if spec.payload is not None:
+        return pickle.loads(spec.payload)
+    if spec.plugin is None:
+        return None
+    registry = load_plugin(spec.plugin["name"], spec.plugin.get("module", ""), spec.plugin.get("entry_point", ""))
+    if spec.kind == "draw":
+        if spec.name not in registry.input_sources:
+            raise LookupError(_missing(registry, f"input source {spec.name!r}"))
+        return registry.input_sources[spec.name].configured(spec.parameters)
+    if spec.name not in registry:
+        raise LookupError(_missing(registry, f"implementation {spec.name!r}"))
+    return registry.get(spec.name)
+
+
+def _missing(registry: Registry, what: str) -> str:
+    problems = "; ".join(str(problem) for problem in registry.problems)
+    return f"it registered no {what} here" + (f" ({problems})" if problems else "")
 
 
 # --- a point: the implementation's calls --------------------------------------------------------
@@ -113,22 +149,21 @@ def serve_point(control: Connection, implementation: Implementation, spec: Worke
     _apply_memory_cap(case.device, start.get("memory_cap"))
     sets = start["inputs"]
     server = CallServer(implementation, case, options, lambda: [read_inputs(described, case) for described in sets],
-                        settings, start.get("cache", "warm"))
+                        _shared(start["shared"]), settings, start.get("cache", "warm"))
     declared = declarations_of(implementation, case, options)
     send(control, {"declarations": {"tolerance": _tolerance(declared.tolerance),
                                     "own_reference": declared.own_reference, "flops": declared.flops,
                                     "step_bytes": declared.step_bytes, "notes": list(declared.notes)}})
     handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+        "load": lambda request: {"loaded": server.load()},
         "prepare": lambda request: {"state_bytes": server.prepare()},
         "first_call": lambda request: {"result": _shipped(spec.scratch, "first", server.first_call())},
         "block": lambda request: {"stated_s": server.block(int(request["calls"]))},
         "last": lambda request: _last(spec.scratch, server),
         "memory_ready": lambda request: {"ready": server.memory_ready()},
         "memory_call": lambda request: {"allocator_peak_bytes": server.memory_call(bool(request["profiler"]))},
-        "fresh_load": lambda request: {"loaded": server.load_fresh(read_inputs(request["inputs"], case))},
-        "fresh_call": lambda request: {"stated_s": server.fresh_call()},
-        "fresh_result": lambda request: {"result": _shipped(spec.scratch, "fresh", server.fresh_result())},
-        "input_problems": lambda request: {"problems": _input_problems(server, request, case)},
+        "fresh_call": lambda request: dict(zip(("stated_s", "problems", "missing"), server.fresh_call(), strict=True)),
+        "input_problems": lambda request: {"problems": server.input_problems()},
         "notes": lambda request: {"notes": [*notes, *server.own_warnings(), *server.notes]},
         "gpu_sample": lambda request: {"sample": _sample_json(server.gpu_sample())},
     }
@@ -152,23 +187,26 @@ def _tolerance(declared: object) -> object:
 
 
 def _last(scratch: Path, server: CallServer) -> dict[str, Any]:
-    result, index = server.last_result()
-    return {"result": _shipped(scratch, "last", result), "set": index}
+    result, _ = server.last_result()  # (the harness knows which set the last call used)
+    return {"result": _shipped(scratch, "last", result)}
 
 
-def _input_problems(server: CallServer, request: Mapping[str, Any], case: Case) -> list[str]:
-    fresh = request.get("fresh")
-    return server.input_problems() if fresh is None else server.fresh_problems(read_inputs(fresh, case))
+def _shared(described: Mapping[str, Any]) -> Shared:
+    """The harness's files for the fresh call, mapped: its inputs, its output and gradients."""
+    inputs = map_shared(Path(described["inputs"]["path"]),
+                        [TensorFile.from_json(file) for file in described["inputs"]["tensors"]])
+    outputs = map_shared(Path(described["outputs"]["path"]),
+                         [TensorFile.from_json(file) for file in described["outputs"]["tensors"]])
+    return Shared(Inputs(inputs["q"], inputs["k"], inputs["v"], inputs.get("grad_out")), outputs)
 
 
 def _shipped(scratch: Path, label: str, result: Result) -> dict[str, Any]:
     """A call's result written to files for the harness: the output and gradients, and the device
     they are on; or why it is not a tensor."""
     out, grads = result
-    if not isinstance(out, torch.Tensor):
-        return {"problems": [f"output is a {type(out).__name__}, not a torch.Tensor"]}
-    if grads is not None and not all(grad is None or isinstance(grad, torch.Tensor) for grad in grads.values()):
-        return {"problems": ["a gradient is not a torch.Tensor"]}
+    problems = plain_tensor_problems(out, grads)
+    if problems:
+        return {"problems": problems}
     shipped: dict[str, Any] = {"device": out.device.type, "out": write_tensor(scratch, f"{label}.out", out).to_json()}
     if grads is not None:
         shipped["grads"] = {name: write_tensor(scratch, f"{label}.{name}", grad).to_json() if grad is not None
@@ -216,8 +254,37 @@ def serve_yardstick(control: Connection, job: None, spec: WorkerSpec, settings: 
         device, dtype, seconds / 2)})
 
 
+def serve_catalog(control: Connection, job: None, spec: WorkerSpec, settings: process_state.Snapshot,
+                  notes: list[str]) -> None:
+    """Loads every plugin, sends what they registered as data, then answers what only their code
+    can: invalid_options, not_supported_reasons (attnbench.execution.local.catalog)."""
+    request = receive(control)
+    entry_points = request.get("entry_points")
+    registry = load_registry(tuple(request["builtins"]), entry_points=entry_points if isinstance(entry_points, bool)
+                             else None, modules=tuple(request.get("modules", ())))
+    send(control, {"catalog": catalog_data(registry)})
+    while True:
+        request = receive(control)
+        command = request.get("command")
+        if command == "end":
+            return
+        implementation = registry.get(request["name"])
+        if command == "invalid_options":
+            found = contained(lambda: invalid_option_values(implementation, request["options"]), "invalid_options")
+            send(control, {"fault": found.summary} if isinstance(found, PluginFault) else {"problems": found})
+        elif command == "support":
+            answers = []
+            for data in request["cases"]:
+                case = Case.from_json(data)
+                found = contained(lambda case=case: plugin_reasons(implementation, case), "not_supported_reasons",
+                                  float(request["timeout_s"]))
+                answers.append({"fault": found.summary, "timed_out": found.timed_out}
+                               if isinstance(found, PluginFault) else found)
+            send(control, {"answers": answers})
+
+
 SERVE: dict[str, Callable[..., None]] = {"point": serve_point, "draw": serve_draw, "reference": serve_reference,
-                                         "yardstick": serve_yardstick}
+                                         "yardstick": serve_yardstick, "catalog": serve_catalog}
 
 
 # --- inputs as files ---------------------------------------------------------------------------
