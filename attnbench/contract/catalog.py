@@ -15,7 +15,6 @@ their code is already in the caller's process, by the caller's choice.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ from attnbench.contract.errors import UserError
 from attnbench.contract.implementation import (
     Implementation,
     complexity_exponent,
+    finite,
     invalid_option_values,
     option_problem,
     plugin_reasons,
@@ -321,16 +321,7 @@ def _info_problems(info: ImplementationInfo) -> list[str]:
         value = getattr(info, name)
         if value is not None and not (isinstance(value, tuple) and all(isinstance(item, str) for item in value)):
             problems.append(f"{name} is not a list of names")
-    if not _finite(info.default_options):
+    if not finite(info.default_options):
         problems.append("default_options holds a value that is not finite")
     return problems
 
-
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, (list, tuple)):
-        return all(_finite(item) for item in value)
-    if isinstance(value, dict):
-        return all(_finite(item) for item in value.values())
-    return True

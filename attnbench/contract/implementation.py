@@ -260,7 +260,7 @@ def setting_problem(defaults: Mapping[str, Any], what: str, key: str, value: Any
     if key not in defaults:
         allowed = ", ".join(defaults) if defaults else "none"
         return f"unknown {what} (allowed: {allowed}){did_you_mean(key, defaults)}"
-    if not _finite(value):
+    if not finite(value):
         return f"expected a finite value, got {value!r} (nan and inf are not allowed)"
     default = defaults[key]
     for default_type, accepted, description in _OPTION_TYPES:
@@ -271,14 +271,14 @@ def setting_problem(defaults: Mapping[str, Any], what: str, key: str, value: Any
     return None
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
     """No nan or inf anywhere in the value (lists and mappings included)."""
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, (list, tuple)):
-        return all(_finite(item) for item in value)
+        return all(finite(item) for item in value)
     if isinstance(value, Mapping):
-        return all(_finite(item) for item in value.values())
+        return all(finite(item) for item in value.values())
     return True
 
 

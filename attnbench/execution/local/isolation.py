@@ -11,6 +11,7 @@ When the worker is done, everything it started is killed (attnbench.execution.lo
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import time
@@ -33,6 +34,9 @@ READ_BYTES = 2**16
 # A worker's own failure can only be one of these; every other status is the harness's to decide.
 WORKER_STATUSES = ("unsupported", "oom", "error")
 ENDING_S = 5.0  # how long an ended worker may take to say so
+# Workers started and not yet ended: ended at exit should a stop have come between a worker's
+# start and its caller's hold on it (multiprocessing would otherwise wait on it for ever).
+_running: set[WorkerProcess] = set()
 
 
 class RoundFailed(Exception):
@@ -71,12 +75,18 @@ class WorkerProcess:
         self.output, output_sender = context.Pipe(duplex=False)
         self.process = context.Process(target=worker.child_main, args=(control_child, output_sender, spec),
                                        daemon=True)
+        with deferred_interrupts():  # a worker started must be known, to be ended
+            try:
+                self.process.start()
+                _running.add(self)
+            finally:
+                control_child.close()  # the worker holds the other ends: its exit closes the pipes
+                output_sender.close()
         try:
-            self.process.start()
-        finally:
-            control_child.close()  # the worker holds the other ends: its exit closes the pipes
-            output_sender.close()
-        self.protections = _protections(self.reply())
+            self.protections = _protections(self.reply())
+        except BaseException:  # a stop, or a worker that could not confine itself: no caller holds it yet
+            self.end()
+            raise
 
     @property
     def pid(self) -> int:
@@ -140,6 +150,7 @@ class WorkerProcess:
             self.tail.drain(self.output)
             self.control.close()
             self.output.close()
+            _running.discard(self)
         if left_running:
             notes.append(f"{left_running} process(es) it started were still running when the point ended; killed")
         if self.threads_left:
@@ -165,6 +176,12 @@ class WorkerProcess:
         if self.process.is_alive():  # (killed with its group already, unless it never got to lead one)
             self.process.kill()
         self.process.join()
+
+
+@atexit.register
+def _end_running() -> None:
+    for process in list(_running):
+        process.end()
 
 
 def _protections(message: dict[str, Any]) -> Protections:
