@@ -175,3 +175,16 @@ def test_row_cosines_see_direction_apart_from_scale():
                                 CORRECTNESS_ONLY).correctness.exact["out"]
     assert reversed_row.cosine_worst == pytest.approx(-1.0, abs=1e-6)
     assert 0.95 < reversed_row.cosine_mean < 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_a_single_non_finite_value_anywhere_is_found(dtype):
+    from attnbench.measuring.correctness import all_finite
+
+    clean = torch.randn(2, 3, 17, 8).to(dtype)
+    assert all_finite(clean) and all_finite(clean[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for position in (0, 101, clean.numel() - 1):
+            dirty = clean.clone()
+            dirty.view(-1)[position] = bad
+            assert not all_finite(dirty), (bad, position)

@@ -53,9 +53,18 @@ def output_problems(out: Any, grads: Grads | None, case: Case, device: str | Non
     for name, tensor in tensors.items():
         if tensor is None:
             problems.append(f"{name} is None (the input does not reach the output)")
-        elif not bool(torch.isfinite(tensor).all()):
+        elif not all_finite(tensor):
             problems.append(f"{name} contains NaN or Inf")
     return problems
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``: its least and greatest values (a NaN is both) are finite, one
+    reduction instead of a boolean tensor as large as the output."""
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return bool(torch.isfinite(tensor).all())
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def changed_inputs(inputs: Inputs, pristine: Inputs) -> list[str]:

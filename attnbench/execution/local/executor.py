@@ -19,9 +19,12 @@ import shutil
 import tempfile
 from collections import deque
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from attnbench.contract.case import Case
 from attnbench.contract.inputs import BUILTIN_SOURCES, CACHE_VARIABLE, input_cache_root
@@ -102,11 +105,13 @@ class LocalExecutor:
             process = WorkerProcess(spec, unit.limits.timeout_s)
             cache = unit.measure.latency.cache if unit.measure.latency else "warm"
             worker = IsolatedWorker(process, unit.case, unit.options, bank.worker_sets(),
-                                    memory_cap_bytes(unit.limits, unit.case.device), cache)
+                                    memory_cap_bytes(unit.limits, unit.case.device), cache,
+                                    measures_memory=bool(unit.measure.memory))
             plan = RoundPlan(unit.case, unit.measure, self.catalog.get(ref.name).exact, unit.round_index,
                              unit.threads, unit.verifier, make_verifier, bank.fresh,
                              notes=list(bank.notes))
-            result: Outcome = measure_round(worker, plan)
+            with _one_thread():
+                result: Outcome = measure_round(worker, plan)
         except RoundFailed as failed:
             result = failed.failure
         except Exception as error:  # noqa: BLE001 (the worker's data broke the harness's checks: its row, no other)
@@ -351,3 +356,14 @@ def memory_cap_bytes(limits: Limits, device: str) -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     return None
 
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The harness's own tensor work during a round (checking outputs at a few rows, a fresh set)
+    is small: on one thread it never waits to wake a pool of threads while the worker holds a core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

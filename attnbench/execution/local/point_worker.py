@@ -39,8 +39,10 @@ class IsolatedWorker:
     """Starts the worker, hands it the case and its input sets, and serves the round driver."""
 
     def __init__(self, process: WorkerProcess, case: Case, options: Mapping[str, Any],
-                 input_sets: list[dict[str, Any]], memory_cap: int | None, cache: str) -> None:
+                 input_sets: list[dict[str, Any]], memory_cap: int | None, cache: str,
+                 measures_memory: bool = True) -> None:
         self.process, self.case = process, case
+        self.measures_memory = measures_memory and case.device_type == "cpu"  # (the /proc figures)
         self.scratch = Path(process.scratch)
         inputs, outputs = shared_layout(case)
         self.shared_inputs = SharedFile(self.scratch / "fresh.inputs", inputs)
@@ -65,7 +67,8 @@ class IsolatedWorker:
 
     def prepare(self) -> Prepared:
         self.process.request({"command": "load"})
-        self.loaded_bytes = self._resident()  # what the point's processes hold with only the inputs
+        if self.measures_memory:  # (read only where memory() follows: smaps is not free)
+            self.loaded_bytes = self._resident()  # what the point's processes hold with only the inputs
         reply, prepare_s = self.process.timed_request({"command": "prepare"})
         state_bytes = _checked(lambda: integer(reply, "state_bytes", optional=True))
         reply, first_call_s = self.process.timed_request({"command": "first_call"})

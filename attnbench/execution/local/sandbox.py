@@ -113,18 +113,24 @@ class _Process:
 
 
 def _processes() -> list[_Process]:
+    """Every process on the machine (read several times a round: plain os calls, not pathlib)."""
     found = []
-    for entry in PROC.iterdir() if PROC.exists() else ():
-        if not entry.name.isdigit():
+    for entry in os.listdir(PROC) if PROC.exists() else ():
+        if not entry.isdigit():
             continue
         try:
-            text = (entry / "stat").read_text()
+            handle = os.open(f"{PROC}/{entry}/stat", os.O_RDONLY)
+            try:
+                text = os.read(handle, 4096)
+            finally:
+                os.close(handle)
         except OSError:  # gone meanwhile
             continue
-        name = text[text.index("(") + 1: text.rindex(")")]
-        fields = text[text.rindex(")") + 2:].split()
-        found.append(_Process(int(entry.name), int(fields[1]), int(fields[2]), int(fields[3]), name,
-                              fields[0] == "Z", sum(int(value) for value in fields[11:15])))
+        name_ends = text.rindex(b")")
+        name = text[text.index(b"(") + 1: name_ends].decode(errors="replace")
+        fields = text[name_ends + 2:].split()
+        found.append(_Process(int(entry), int(fields[1]), int(fields[2]), int(fields[3]), name,
+                              fields[0] == b"Z", sum(int(value) for value in fields[11:15])))
     return found
 
 
@@ -165,20 +171,23 @@ def end_point_processes(worker: int, known: set[int], wait_for_worker: Callable[
         wait_for_worker()
         return 0
     guard = GUARD_NAME.decode()
-    left = {p.pid for p in point_processes(worker, known) if p.pid != worker and p.name != guard and not p.zombie}
+    left: set[int] | None = None
     deadline = time.monotonic() + ENDING_S
     while True:
-        alive = [p for p in point_processes(worker, known) if not p.zombie]
+        processes = point_processes(worker, known)
+        if left is None:
+            left = {p.pid for p in processes if p.pid != worker and p.name != guard and not p.zombie}
+        for process in processes:
+            if process.zombie:
+                _reap(process.pid)  # (ours only: the others' parents reap them, or leave them to us)
+        alive = [p for p in processes if not p.zombie]
+        if not alive or time.monotonic() > deadline:
+            break
         _escaped.update(process.pid for process in alive if process.pid != worker)
         for process in alive:
             _signal(process.pid, signal.SIGSTOP)
         for process in alive:
             _signal(process.pid, signal.SIGKILL)
-        for process in point_processes(worker, known):
-            if process.zombie:
-                _reap(process.pid)  # (ours only: the others' parents reap them, or leave them to us)
-        if not alive or time.monotonic() > deadline:
-            break
         time.sleep(0.001)
     wait_for_worker()
     return len(left)
