@@ -133,11 +133,11 @@ def test_no_reference_is_there_to_find(attacked):
 
 
 def test_skipping_the_timed_calls_is_never_a_result(attacked):
+    """It returns outputs it computed before in every timed call (its check of the caller costs
+    well under a call), so its stated and observed times are both honest clocks of almost nothing."""
     row = attacked[1]["skips_timed_calls"]
-    skipped = any(note == "skips_timed_calls: skipping" for note in row.notes)
     caught = {"fresh_inputs_slower", "implausible_speed"} & {flag.kind for flag in row.flags}
-    assert row.status == "incorrect" or (skipped and caught and row.latency_voided) or not skipped, (
-        row.status, row.flags, row.notes)
+    assert row.status == "incorrect" or (caught and row.latency_voided), (row.status, row.flags, row.notes)
 
 
 def test_a_lazy_output_is_not_a_result(attacked):

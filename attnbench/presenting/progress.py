@@ -48,5 +48,7 @@ class TerminalProgress:
                 self.bar.close()
             return
         latency = f" {format_seconds(row.latency.median_s)}" if row.latency else ""
+        if row.latency and row.latency_voided:  # as the table: a voided latency is no figure to quote
+            latency = f" latency flagged ({', '.join(flag.kind for flag in row.flags if flag.voids_latency)})"
         print(f"[{self.done}/{self.total}] {row.implementation} {row.case.describe()}: {row.status}{latency}",
               file=self.stream, flush=True)

@@ -10,6 +10,7 @@ import glob
 import inspect
 import os
 import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -256,24 +257,31 @@ class SkipsTimedCalls(Attacker):
     def prepare(self, case, options):
         super().prepare(case, options)
         cache: dict[int, tuple[float, torch.Tensor]] = {}
-        skipped = [0, 0]
 
         def attention(q, k, v):
-            timed = any(frame.function in ("_time", "timed") for frame in inspect.stack(0)[1:6])
             key, first = q.data_ptr(), float(q.reshape(-1)[0])
-            if timed:
-                skipped[1] += 1
+            if _called_from("_time", "timed"):
                 held = cache.get(key)
                 if held is not None and held[0] == first:
-                    skipped[0] += 1
-                    if skipped[0] in (1, 1000):
-                        warnings.warn("skips_timed_calls: skipping", stacklevel=1)
                     return held[1]
             out = exact(q, k, v)
             cache[key] = (first, out)
             return out
 
         return attention
+
+
+def _called_from(*names: str) -> bool:
+    """Whether a function of one of these names is among the five callers (cheap, as a real
+    attacker's check would be: inspect.stack would cost more than the call it saves)."""
+    frame = sys._getframe(2)
+    for _ in range(5):
+        if frame is None:
+            return False
+        if frame.f_code.co_name in names:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class SignalsHarness(Attacker):
