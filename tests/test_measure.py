@@ -188,3 +188,14 @@ def test_a_single_non_finite_value_anywhere_is_found(dtype):
             dirty = clean.clone()
             dirty.view(-1)[position] = bad
             assert not all_finite(dirty), (bad, position)
+
+
+def test_an_approximation_whose_reference_answers_none_is_reported_not_blamed():
+    """reference() may return None: the point is then reported against exact attention only."""
+    in_process = measure_case(toys.NoReferenceHere(), small_case(), {}, CORRECTNESS_ONLY)
+    isolated = toys.run_alone(toys.NoReferenceHere(), small_case(), CORRECTNESS_ONLY).outcome
+    for measurement in (in_process, isolated):
+        assert measurement.status == "ok", measurement.reasons
+        correctness = measurement.correctness
+        assert correctness.judged_against is None and not correctness.own  # error reported, not judged
+        assert correctness.exact["out"].max_abs < 1e-5

@@ -110,3 +110,19 @@ def run_alone(implementation: attnbench.Implementation, case, measure, timeout_s
         return next(iter(executor.finished()))
     finally:
         executor.close()
+
+
+class NoReferenceHere(attnbench.Implementation):
+    """An approximation that overrides reference() and answers None (the contract allows it): it
+    has no reference of its own for this case, and is reported against exact attention only."""
+
+    name = "no_reference_here"
+    exact = False
+    time_complexity = "n^2"
+    memory_complexity = "n"
+
+    def prepare(self, case, options):
+        return exact_attention
+
+    def reference(self, q, k, v, case, options, rows):
+        return None

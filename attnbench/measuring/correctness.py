@@ -245,10 +245,12 @@ def verifier_for(
 ) -> tuple[Verifier, list[str]]:
     """How one point is judged: against exact attention when it claims to be exact (whatever
     reference of its own it gives: exact attention is the reference); an approximation against its
-    own reference where it gives one, else not at all (its error is only reported); at its
-    declared tolerance, capped (a note says when it was over the cap)."""
+    own reference where it gives one (for every input set: None for only some of them is a
+    failure, "cannot be judged"), else not at all (its error is only reported); at its declared
+    tolerance, capped (a note says when it was over the cap)."""
     tolerance, capped = capped_tolerance(declared, dtype)
-    own = None if exact else own
+    if exact or own is None or all(tensors is None for tensors in own.values()):
+        own = None  # None for every set: no reference of its own for this case (the contract's None)
     judged_against = "exact" if exact else "own" if own is not None else None
     return Verifier(references, own, judged_against, tolerance, DEFAULT_TOLERANCES[dtype]), [capped] if capped else []
 
