@@ -148,3 +148,21 @@ def test_a_precision_without_fast_matmuls_is_judged_against_float32():
     assert flags.flags_of(fp16, True, {**slow_fp16, "cpu/float32": 1e11}) == ()
     (flag,) = flags.flags_of(fp16, True, {**slow_fp16, "cpu/float32": 2e9})
     assert "(2 GFLOP/s in float32)" in flag.message
+
+
+def test_a_point_that_is_not_ok_has_no_throughput_anywhere():
+    """An incorrect point keeps its latency (shown, flagged by its status) but no GFLOP/s, % of
+    matmul or speed-up: its speed achieved nothing."""
+    import dataclasses
+
+    from attnbench.measuring.figures import Work
+    from attnbench.presenting.columns import _work_table
+    from synthetic_runs import row
+
+    honest = dataclasses.replace(row("tiled", 1024, 1e-3, 2**20, 1e-7), work=Work(1e9, "4·B·H·N²·D", declared=False))
+    wrong = dataclasses.replace(honest, implementation="wrong", status="incorrect", reasons=("out vs exact",))
+    declarations = {"tiled": declared(True, "n^2", "n"), "wrong": declared(True, "n^2", "n")}
+    assert [t.row.implementation for t in throughputs([honest, wrong], declarations, {"cpu/float32": 1e12})] \
+        == ["tiled"]
+    assert _work_table(honest)["achieved_flops_per_s"] == pytest.approx(1e12)
+    assert _work_table(wrong)["achieved_flops_per_s"] is None

@@ -187,12 +187,13 @@ def within_budget(row: Row, budget: float) -> bool:
 def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_flops: Mapping[str, float]) -> list[
     Throughput
 ]:
-    """Achieved FLOP/s of every row with a latency and a work count: exact attention as the harness
+    """Achieved FLOP/s of every ``ok`` row with a latency and a work count (an incorrect point's
+    speed is no achievement): exact attention as the harness
     counts it, an approximation's as it declared it (attnbench.contract.work); none for a row
     without a declaration or whose declaration its latency makes implausible."""
     results = []
     for row in rows:
-        if metric_value(row, "latency") is None or row.throughput_voided:
+        if row.status != "ok" or metric_value(row, "latency") is None or row.throughput_voided:
             continue  # (a flagged latency is no result: its throughput is in the flag's message)
         work = row.work
         if work is None and is_exact(row.implementation, declared):  # a row from before work was stored
@@ -208,8 +209,8 @@ def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_fl
 
 def achieved_bandwidth(row: Row) -> float | None:
     """Bytes per second a decode step moved (its counted or declared bytes over its median
-    latency); None without a latency that is a result or without a count."""
-    latency = metric_value(row, "latency")
+    latency); None for a row not ``ok``, without a latency that is a result or without a count."""
+    latency = metric_value(row, "latency") if row.status == "ok" else None
     return row.traffic.bytes / latency if row.traffic and latency else None
 
 

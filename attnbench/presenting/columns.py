@@ -149,8 +149,9 @@ def _bytes(value: int | None) -> str:
 
 def _work_table(row: Row) -> dict[str, Any]:
     work = row.work
-    # As the throughput table: none for a latency that is no result or a declaration it makes implausible.
-    shown = work and row.latency and not row.latency_voided and not row.throughput_voided
+    # As the throughput table: none for a point not ok, a latency that is no result or a declaration it
+    # makes implausible.
+    shown = work and row.status == "ok" and row.latency and not row.latency_voided and not row.throughput_voided
     achieved = work.flops / row.latency.median_s if shown else None
     return {"flops": work.flops if work else None, "flop_formula": work.formula if work else None,
             "achieved_flops_per_s": achieved}
