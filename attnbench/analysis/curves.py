@@ -135,6 +135,12 @@ def metric_value(row: Row, metric: Metric) -> float | None:
     return float(peak) if peak else None
 
 
+def result_latency(row: Row) -> float | None:
+    """The median latency that throughput, bandwidth and speed-up are computed from: an ``ok``
+    row's, where it is a result (an incorrect point's latency is shown, but its speed achieved nothing)."""
+    return metric_value(row, "latency") if row.status == "ok" else None
+
+
 def memory_name(case: Case) -> str:
     """What the memory metric is for the case's curve: a decode step's state, else the call's peak."""
     return "state kept" if case.decode else "peak memory"
@@ -193,7 +199,8 @@ def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_fl
     without a declaration or whose declaration its latency makes implausible."""
     results = []
     for row in rows:
-        if row.status != "ok" or metric_value(row, "latency") is None or row.throughput_voided:
+        latency = result_latency(row)
+        if latency is None or row.throughput_voided:
             continue  # (a flagged latency is no result: its throughput is in the flag's message)
         work = row.work
         if work is None and is_exact(row.implementation, declared):  # a row from before work was stored
@@ -201,7 +208,7 @@ def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_fl
             work = Work(count.flops, count.formula, declared=False)
         if work is None:
             continue
-        achieved = work.flops / row.latency.median_s
+        achieved = work.flops / latency
         peak = matmul_flops.get(row.yardstick_key(row.case.dtype_name))
         results.append(Throughput(row, work.flops, achieved, achieved / peak if peak else None, work.formula))
     return results
@@ -210,7 +217,7 @@ def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_fl
 def achieved_bandwidth(row: Row) -> float | None:
     """Bytes per second a decode step moved (its counted or declared bytes over its median
     latency); None for a row not ``ok``, without a latency that is a result or without a count."""
-    latency = metric_value(row, "latency") if row.status == "ok" else None
+    latency = result_latency(row)
     return row.traffic.bytes / latency if row.traffic and latency else None
 
 

@@ -12,7 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from attnbench.analysis.curves import achieved_bandwidth, metric_value, output_error, tokens_per_second
+from attnbench.analysis.curves import (
+    achieved_bandwidth,
+    metric_value,
+    output_error,
+    result_latency,
+    tokens_per_second,
+)
 from attnbench.contract.case import curve_x
 from attnbench.contract.inputs import SOURCE_NOTE_PREFIX
 from attnbench.measuring.figures import NOISY_RELATIVE_IQR, ErrorFigures, Latency
@@ -148,11 +154,9 @@ def _bytes(value: int | None) -> str:
 
 
 def _work_table(row: Row) -> dict[str, Any]:
-    work = row.work
-    # As the throughput table: none for a point not ok, a latency that is no result or a declaration it
-    # makes implausible.
-    shown = work and row.status == "ok" and row.latency and not row.latency_voided and not row.throughput_voided
-    achieved = work.flops / row.latency.median_s if shown else None
+    work, latency = row.work, result_latency(row)
+    # As the throughput table: none without a latency that is a result, or for a declaration it makes implausible.
+    achieved = work.flops / latency if work and latency and not row.throughput_voided else None
     return {"flops": work.flops if work else None, "flop_formula": work.formula if work else None,
             "achieved_flops_per_s": achieved}
 

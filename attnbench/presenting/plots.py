@@ -25,6 +25,7 @@ from attnbench.analysis.curves import (
     is_exact,
     memory_name,
     metric_value,
+    result_latency,
     within_budget,
 )
 from attnbench.analysis.history import History
@@ -214,7 +215,7 @@ def speedup_plot(curves: dict[str, list[Row]], baseline: str, group: Case, palet
     for name, points in sorted(curves.items()):
         ratios = [(curve_x(row.case), base[curve_x(row.case)] / value, is_exact(name, declared)
                    or within_budget(row, budget)) for row in points
-                  if row.status == "ok" and (value := metric_value(row, "latency")) and curve_x(row.case) in base]
+                  if (value := result_latency(row)) and curve_x(row.case) in base]
         if not ratios or name == baseline:
             continue
         inside = [(n, ratio) for n, ratio, ok in ratios if ok]
