@@ -38,6 +38,6 @@ def test_the_workers_allocator_policy_is_recorded_and_a_users_choice_kept(monkey
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(name, raising=False)
-    assert "M_MMAP_MAX=0" in worker_allocator_policy() or "not glibc" in worker_allocator_policy()
+    assert "M_MMAP_THRESHOLD" in worker_allocator_policy() or "not glibc" in worker_allocator_policy()
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert worker_allocator_policy() == "as set by MALLOC_MMAP_THRESHOLD_"

@@ -139,7 +139,7 @@ def test_rows_of_the_first_schema_are_still_read(tmp_path):
 
     _rewrite_rows(rows_path, as_schema_1)
     unplaced = [dataclasses.replace(row, where=None, started_at=None, ended_at=None) for row in now]
-    assert read_rows(rows_path) == unplaced and SCHEMA_VERSION == 9
+    assert read_rows(rows_path) == unplaced and SCHEMA_VERSION == 10
 
 
 def test_rows_of_schema_3_are_still_read(tmp_path):
@@ -174,7 +174,7 @@ def test_rows_from_a_newer_schema_are_refused_in_one_line(tmp_path, capsys, comm
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert "line 1 was written by a newer attnbench (row schema 99; this version reads schemas 1 to 9)" in err
+    assert "line 1 was written by a newer attnbench (row schema 99; this version reads schemas 1 to 10)" in err
 
 
 def test_resume_of_a_folder_that_is_no_run_is_one_line_and_leaves_it_as_it_was(tmp_path, capsys):

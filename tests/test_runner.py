@@ -51,6 +51,8 @@ def test_misbehaving_implementations_get_their_status_and_naive_stays_ok(tmp_pat
         ("wrong", 32): "incorrect", ("wrong", 64): "incorrect",
     }
     assert "SIGSEGV" in rows[("crashes", 32)].reasons[0]
+    assert rows[("hogs", 32)].where.memory_cap.startswith("2.0 GiB")  # and how it was held here
+    assert rows[("hogs", 32)].reasons[-1] == f"memory cap: {rows[('hogs', 32)].where.memory_cap}"
     assert "within the case timeout of 4 s" in rows[("hangs", 32)].reasons[0]
     assert "N=32 already ended as timeout" in rows[("hangs", 64)].reasons[0]
     assert "broken on purpose" in rows[("raises", 32)].detail  # the traceback is kept

@@ -127,6 +127,9 @@ class LastFirst:
     def memory_cap_bytes(self, limits, device):
         return self.local.memory_cap_bytes(limits, device)
 
+    def memory_cap_held(self, limits, device):
+        return self.local.memory_cap_held(limits, device)
+
     def environment(self, threads, plugins):
         return self.local.environment(threads, plugins)
 
@@ -240,7 +243,7 @@ def test_every_kind_of_figures_is_stored_read_and_shown(tmp_path):
     assert set(FIGURE_READERS) <= fields and {kind.figures for kind in COLUMNS} == set(FIGURE_READERS)
     rows_path = standard_run(tmp_path / "run") / "rows.jsonl"
     stored = json.loads(rows_path.read_text().splitlines()[0])
-    assert stored["schema"] == 9  # no work or traffic: none declared, and no decode step
+    assert stored["schema"] == 10  # no work or traffic: none declared, and no decode step
     assert {"where", "started_at", "ended_at"} <= set(stored)
     assert set(stored["figures"]) == set(FIGURE_READERS) - {"work", "traffic"}
     assert not set(FIGURE_READERS) & set(stored)

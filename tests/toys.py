@@ -60,6 +60,31 @@ def raises(q, k, v):
     raise ValueError("this implementation is broken on purpose")
 
 
+_last_output: list[torch.Tensor] = []
+
+
+def frees_in_naive_order(q, k, v):
+    """Naive attention's order of allocations at a large N, with 64 MiB blocks and a 1 MiB output
+    (its proportions at N=8192): a temporary, the scores, the probabilities, the scores freed, the
+    output made and kept past the call, as a result is. It never holds more than 130 MiB, but a
+    heap that served such blocks fragmented, and what it held grew call after call."""
+    block, small = 64 * 2**20 // 4, 2**20 // 4
+    temporary = torch.ones(small)
+    scores = torch.ones(block)
+    del temporary
+    probabilities = scores * 2
+    del scores
+    _last_output[:] = [torch.ones(small)]
+    del probabilities
+    return exact_attention(q, k, v)
+
+
+def touches_two_gib(q, k, v):
+    """Needs 2 GiB in use (64 MiB at a time, each written): twice a 1 GiB cap."""
+    held = [torch.ones(16 * 2**20) for _ in range(32)]
+    return exact_attention(q, k, v) + 0 * held[0][0]
+
+
 def allocates_too_much(q, k, v):
     return torch.empty(64 * 2**30, dtype=torch.uint8)  # 64 GiB
 

@@ -61,7 +61,8 @@ class CaseRunner:
     def run(self, work: CaseWork) -> Iterator[Row | CaseEnd]:
         """Each row of the case as it is final, then its CaseEnd."""
         case = work.case
-        where = where_on(self.environment, case.device, self.node)
+        where = dataclasses.replace(where_on(self.environment, case.device, self.node),
+                                    memory_cap=self.executor.memory_cap_held(self.plan.suite.limits, case.device))
         self.yardsticks.slot = where.slot  # a GPU's yardsticks are its own
         if self.plan.suite.measure.latency is not None and len(work.series) > len(work.skips):
             self.yardsticks.measure_if_due(case)

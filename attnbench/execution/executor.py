@@ -88,6 +88,10 @@ class Executor(Protocol):
         """The cap a point on ``device`` will run under (the scheduler predicts against it)."""
         ...
 
+    def memory_cap_held(self, limits: Limits, device: str) -> str:
+        """That cap, and how it is held where the points run (for each row)."""
+        ...
+
     def environment(self, threads: int, plugins: dict[str, dict[str, Any]]) -> Environment:
         """What the work runs on: versions, CPU, devices, commit, the protections its workers run under."""
         ...

@@ -13,6 +13,8 @@ scheduler's refusal to run it (no such device, a broken plugin, a predicted over
 
 from __future__ import annotations
 
+import dataclasses
+
 import signal
 import traceback
 from collections.abc import Sequence
@@ -145,6 +147,15 @@ def died(exitcode: int | None) -> Failure:
         hint = " (not sent by attnbench: most likely the kernel's out-of-memory killer)" if name == "SIGKILL" else ""
         return Failure("crashed", (f"worker killed by {name}{hint}",))
     return Failure("crashed", (f"worker exited with code {exitcode} before sending a result",))
+
+
+def over_memory_cap(enforced: str) -> Failure:
+    return Failure("oom", (f"the kernel ended the worker when the point's memory passed its cap: {enforced}",))
+
+
+def with_memory_cap(failure: Failure, enforced: str) -> Failure:
+    """An allocation that failed, and the cap it failed under (how this machine held it)."""
+    return dataclasses.replace(failure, reasons=(*failure.reasons, f"memory cap: {enforced}"))
 
 
 def node_lost(slot: str, reason: str) -> Failure:

@@ -43,6 +43,7 @@ def run_facts(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
         ("timing settings", ", ".join(f"{k}={v}" for k, v in env.get("timing_variables", {}).items()) or "none set"),
         ("load at start", _load_text(env)),
         ("worker allocator", env.get("worker_allocator") or "not recorded"),
+        ("memory cap", _memory_cap_text(run.rows)),
         ("latency rounds", _rounds_text(run.rows)),
         ("rows", f"{len(run.rows)} ({', '.join(f'{s} {n}' for s, n in Counter(r.status for r in run.rows).items())})"),
         ("ledger", run.ledger.summary()),
@@ -93,6 +94,12 @@ def _placement_text(env: Mapping[str, Any], rows: Sequence[Row]) -> str:
         f"{name}: {devices.get(name, node.get('cpu_model', '?'))}, {node.get('cpus_usable', '?')} usable cores, "
         f"torch threads {node.get('torch_threads', '?')}, niceness {node.get('niceness', '?')}, "
         f"{points.get(name, 0)} points" for name, node in nodes.items())
+
+
+def _memory_cap_text(rows: Sequence[Row]) -> str:
+    """Each cap the points ran under and how it was held (rows before schema 10 did not say)."""
+    caps = Counter(row.where.memory_cap for row in rows if row.where is not None and row.where.memory_cap)
+    return " · ".join(f"{cap} ({count} points)" for cap, count in caps.items()) or "not recorded"
 
 
 def _rounds_text(rows: Sequence[Row]) -> str:

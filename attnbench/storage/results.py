@@ -29,7 +29,8 @@ from attnbench.support.text import bounded_block, one_line
 # 7: the case's q_len and the decode mode; memory's state_bytes; "traffic", a decode step's bytes.
 # 8: "where": the host, cluster node and device the point ran on; started_at and ended_at.
 # 9: latency's harness observations (observed_s, round_cpu_s, round_wall_s, fresh_observed_s, threads).
-SCHEMA_VERSION = 9
+# 10: where.memory_cap, the point's memory cap and how it was held there.
+SCHEMA_VERSION = 10
 
 
 DEVICE_NAME_SEPARATOR = " ("
@@ -48,6 +49,7 @@ class Where:
     device_name: str  # the CPU's model, or the GPU's name
     device_uuid: str = ""  # a GPU's UUID
     node: str = ""  # the Ray node's id on a cluster; empty for the machine that started the run
+    memory_cap: str = ""  # the point's memory cap and how it was held there; empty in rows before schema 10
 
     @property
     def slot(self) -> str:

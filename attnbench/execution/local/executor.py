@@ -32,6 +32,7 @@ from attnbench.contract.catalog import Catalog, as_catalog
 from attnbench.contract.registry import Registry
 from attnbench.execution.executor import Finished, PointRound, StartedCallback, WorkUnit, YardstickRound
 from attnbench.execution.local.bank import CaseBank, drawn_here
+from attnbench.execution.local import memory_group
 from attnbench.execution.local.isolation import RoundFailed, WorkerProcess
 from attnbench.execution.local.point_worker import IsolatedWorker
 from attnbench.execution.local.worker import WorkerSpec
@@ -81,6 +82,9 @@ class LocalExecutor:
     def memory_cap_bytes(self, limits: Limits, device: str) -> int | None:
         return memory_cap_bytes(limits, device)
 
+    def memory_cap_held(self, limits: Limits, device: str) -> str:
+        return memory_group.enforcement(memory_cap_bytes(limits, device), device)
+
     def environment(self, threads: int, plugins: dict[str, dict[str, Any]]) -> Environment:
         return capture_environment(threads=threads, plugins=plugins, protections=expected_protections(
             self.hidden_folders()).to_json())
@@ -101,11 +105,15 @@ class LocalExecutor:
             return Finished(unit, failed.failure, 0.0)
         spec = self._spec("point", job, unit.threads, writable=(self._series_cache(unit.series),))
         process = worker = None
+        cap = memory_cap_bytes(unit.limits, unit.case.device)
+        group = memory_group.memory_group(cap) if unit.case.device_type == "cpu" else None
         try:
             process = WorkerProcess(spec, unit.limits.timeout_s)
+            if group is not None:
+                group.admit(process.pid)  # (before the case is sent: the worker waits for it)
             cache = unit.measure.latency.cache if unit.measure.latency else "warm"
             worker = IsolatedWorker(process, unit.case, unit.options, bank.worker_sets(),
-                                    memory_cap_bytes(unit.limits, unit.case.device), cache,
+                                    _worker_cap(cap, group is not None), cache,
                                     measures_memory=bool(unit.measure.memory))
             plan = RoundPlan(unit.case, unit.measure, self.catalog.get(ref.name).exact, unit.round_index,
                              unit.threads, unit.verifier, make_verifier, bank.fresh,
@@ -121,6 +129,12 @@ class LocalExecutor:
             if worker is not None:
                 worker.close()
             shutil.rmtree(spec.scratch, ignore_errors=True)
+            if group is not None and isinstance(result, outcome.Failure) and group.ended_by_kernel():
+                result = outcome.over_memory_cap(memory_group.enforcement(cap, unit.case.device))
+            elif isinstance(result, outcome.Failure) and result.status == "oom":
+                result = outcome.with_memory_cap(result, memory_group.enforcement(cap, unit.case.device))
+            if group is not None:
+                group.remove()
         return Finished(unit, result, ended.wall_time_s if ended else 0.0, ended.log_tail if ended else "",
                         ended.notes if ended else ())
 
@@ -355,6 +369,14 @@ def memory_cap_bytes(limits: Limits, device: str) -> int | None:
     if device == "cpu" and hasattr(os, "sysconf"):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     return None
+
+
+def _worker_cap(cap: int | None, in_group: bool) -> dict[str, int] | None:
+    """What the worker limits itself to: its address space (RLIMIT_DATA), with room to spare where a
+    memory cgroup holds the cap itself, and on a GPU the cap."""
+    if cap is None:
+        return None
+    return {"bytes": cap, "address_space_bytes": memory_group.ADDRESS_SPACE_FACTOR * cap if in_group else cap}
 
 
 @contextmanager

@@ -39,7 +39,7 @@ class IsolatedWorker:
     """Starts the worker, hands it the case and its input sets, and serves the round driver."""
 
     def __init__(self, process: WorkerProcess, case: Case, options: Mapping[str, Any],
-                 input_sets: list[dict[str, Any]], memory_cap: int | None, cache: str,
+                 input_sets: list[dict[str, Any]], memory_cap: dict[str, int] | None, cache: str,
                  measures_memory: bool = True) -> None:
         self.process, self.case = process, case
         self.measures_memory = measures_memory and case.device_type == "cpu"  # (the /proc figures)

@@ -317,19 +317,20 @@ def _use_scratch(spec: WorkerSpec) -> None:
     sys.dont_write_bytecode = True
 
 
-def _apply_memory_cap(device_name: str, cap_bytes: int | None) -> None:
-    """The cap covers this case's allocations on top of what the process already holds."""
-    if cap_bytes is None:
+def _apply_memory_cap(device_name: str, cap: Mapping[str, int] | None) -> None:
+    """The cap covers this case's allocations on top of what the process already holds (on the
+    CPU the harness may also hold it with a memory cgroup: attnbench.execution.local.memory_group)."""
+    if cap is None:
         return
     device = torch.device(device_name)
     if device.type == "cpu":
         # RLIMIT_DATA counts heap and private mappings (Linux >= 4.7): a large malloc fails
         # cleanly and torch raises, instead of the kernel's OOM killer taking the machine.
         held = _data_segment_bytes()
-        resource.setrlimit(resource.RLIMIT_DATA, (held + cap_bytes, resource.RLIM_INFINITY))
+        resource.setrlimit(resource.RLIMIT_DATA, (held + int(cap["address_space_bytes"]), resource.RLIM_INFINITY))
     elif device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, int(cap["bytes"]) / total), device)
 
 
 def _data_segment_bytes() -> int:
