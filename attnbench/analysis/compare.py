@@ -12,22 +12,23 @@ see; a changed implementation is slower at most of its seq_lens.
 
 A point that was ``ok`` and is anything else now (crashed, incorrect, skipped, ...) is a
 regression on its own, and so is one whose latency was a result and now is flagged as none.
+
+Points are paired by what ran (analysis.matching): one whose options changed is shown as such,
+with neither a speed verdict nor a place in a curve's.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from attnbench.analysis.curves import output_error
+from attnbench.analysis.matching import options_change, pair_points
 from attnbench.analysis.stats import mann_whitney_p, smallest_p
 from attnbench.contract.case import Case, group_key
 from attnbench.contract.errors import UserError
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import RunFolder
-from attnbench.support.units import format_seconds
 
 ALPHA = 0.01
 # Default threshold for a slowdown to count: the same code re-run on this shared 2-core machine
@@ -46,6 +47,13 @@ class PointChange:
     p_value: float | None
     memory_ratio: float | None
     verdict: str  # "slower", "faster", "no significant change", "too few samples to tell", a status change
+    options_changed: bool = False  # then no latency or memory ratio, no p-value: not the same point
+
+    @property
+    def series(self) -> str:
+        """The series' name, or its old and new names where the same point was renamed (a variant)."""
+        old, new = self.base.implementation, self.new.implementation
+        return new if old == new else f"{old} → {new}"
 
     @property
     def effect(self) -> float:
@@ -53,8 +61,8 @@ class PointChange:
 
     @property
     def lost_ok(self) -> bool:
-        return self.base.status == "ok" and (self.new.status != "ok" or self.new.latency_voided
-                                             and not self.base.latency_voided)
+        return not self.options_changed and self.base.status == "ok" and (
+            self.new.status != "ok" or self.new.latency_voided and not self.base.latency_voided)
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,11 @@ class Comparison:
         return tuple(change for change in self.changes if change.lost_ok)
 
     @property
+    def options_changed(self) -> tuple[PointChange, ...]:
+        """Points of the same series and case that ran with other options: not compared."""
+        return tuple(change for change in self.changes if change.options_changed)
+
+    @property
     def typical_ratio(self) -> float | None:
         """Median latency ratio over all matched points: machine-wide drift shows up here."""
         ratios = [change.latency_ratio for change in self.changes if change.latency_ratio]
@@ -107,20 +120,27 @@ class Comparison:
 
 
 def compare_runs(base: RunFolder, new: RunFolder, threshold: float = DEFAULT_THRESHOLD) -> Comparison:
-    base_rows = {(row.implementation, row.case): row for row in base.rows}
-    new_rows = {(row.implementation, row.case): row for row in new.rows}
-    if not set(base_rows) & set(new_rows):
+    pairs, only_in_base, only_in_new = pair_points(base.rows, new.rows)
+    if not pairs:
         raise UserError(f"compare {base.path} {new.path}: the runs have no point in common (same implementation "
                         "and case); there is nothing to compare")
-    changes = [_change(base_rows[key], new_rows[key], threshold) for key in base_rows if key in new_rows]
+    changes = [_options_changed(pair.base, pair.new) if pair.options_changed else _change(pair.base, pair.new, threshold)
+               for pair in pairs]
     changes.sort(key=lambda change: (not change.lost_ok, change.verdict not in ("slower", "faster"), -change.effect))
     return Comparison(
         changes=tuple(changes),
-        only_in_base=tuple(row for key, row in base_rows.items() if key not in new_rows),
-        only_in_new=tuple(row for key, row in new_rows.items() if key not in base_rows),
+        only_in_base=tuple(only_in_base),
+        only_in_new=tuple(only_in_new),
         environment_differences=tuple(_environment_differences(base.environment, new.environment)),
         threshold=threshold,
     )
+
+
+def _options_changed(base: Row, new: Row) -> PointChange:
+    verdict = f"options changed ({options_change(base.options, new.options)})"
+    if base.status != new.status:
+        verdict += f"; status {base.status} -> {new.status}"
+    return PointChange(new.implementation, new.case, base, new, None, None, None, verdict, options_changed=True)
 
 
 def _change(base: Row, new: Row, threshold: float) -> PointChange:
@@ -151,7 +171,7 @@ def _change(base: Row, new: Row, threshold: float) -> PointChange:
     new_peak = new.memory.peak_bytes if new.memory else None
     if base_peak and new_peak:
         memory_ratio = new_peak / base_peak
-    return PointChange(base.implementation, base.case, base, new, ratio, p_value, memory_ratio, verdict)
+    return PointChange(new.implementation, new.case, base, new, ratio, p_value, memory_ratio, verdict)
 
 
 def _environment_differences(base: dict, new: dict) -> list[str]:
@@ -160,25 +180,3 @@ def _environment_differences(base: dict, new: dict) -> list[str]:
         for key in ENVIRONMENT_KEYS
         if key in base and key in new and base[key] != new[key]
     ]
-
-
-def format_changes(changes: Sequence[PointChange]) -> list[list[str]]:
-    lines = []
-    for change in changes:
-        base_error, new_error = output_error(change.base), output_error(change.new)
-        lines.append([
-            change.implementation,
-            change.case.describe(),
-            format_seconds(change.base.latency.median_s) if change.base.latency else "",
-            format_seconds(change.new.latency.median_s) if change.new.latency else "",
-            f"{change.latency_ratio:.2f}" if change.latency_ratio else "",
-            f"{change.p_value:.3g}" if change.p_value is not None else "",
-            change.verdict,
-            f"{change.memory_ratio:.2f}" if change.memory_ratio else "",
-            f"{base_error:.2e} -> {new_error:.2e}" if base_error is not None and new_error is not None else "",
-        ])
-    return lines
-
-
-CHANGE_HEADERS = ("implementation", "case", "base median", "new median", "new/base", "p", "verdict",
-                  "memory new/base", "rel. error base -> new")
