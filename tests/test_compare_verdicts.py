@@ -76,3 +76,35 @@ def test_a_variant_is_matched_by_its_implementation_and_options_not_its_name(tmp
         "options changed (iters=6 → iters=3)"}
     assert main(["compare", str(base), str(new)]) == 0
     assert "performer[features=64] → performer" in capsys.readouterr().out
+
+
+# 2. The test runs on independent units: each round is a fresh worker process.
+
+def test_the_test_counts_rounds_not_the_calls_inside_them(tmp_path):
+    """Each round's calls sit tightly around the round's own level, and the levels move from
+    round to round. Pooling the calls would count each round's luck many times over."""
+    new_medians = (1.03, 1.05, 1.07, 1.09, 1.11)  # interleaved with the base's (1.00 ... 1.08)
+    base = _write(tmp_path, BASE_ID, _curve("steady", BASE_ID, medians=(1.00, 1.02, 1.04, 1.06, 1.08), per_round=20))
+    new = _write(tmp_path, NEW_ID, _curve("steady", NEW_ID, medians=new_medians, per_round=20))
+    changes = compare_runs(load_run(base), load_run(new), threshold=0.01).changes
+    assert all(change.p_value > 0.05 for change in changes)
+    assert {change.verdict for change in changes} == {"no significant change"}
+
+
+def test_a_shift_of_every_round_is_found(tmp_path):
+    base = _write(tmp_path, BASE_ID, _curve("steady", BASE_ID))
+    new = _write(tmp_path, NEW_ID, _curve("steady", NEW_ID, 2.0))
+    changes = compare_runs(load_run(base), load_run(new)).changes
+    assert {change.verdict for change in changes} == {"slower"}
+    assert all(change.p_value < 0.01 for change in changes)
+
+
+def test_too_few_rounds_to_reach_the_level_are_said_so_with_what_it_would_need(tmp_path, capsys):
+    base = _write(tmp_path, BASE_ID, _curve("steady", BASE_ID, medians=EVEN[:3]))
+    new = _write(tmp_path, NEW_ID, _curve("steady", NEW_ID, 2.0, medians=EVEN[:3]))
+    verdicts = {change.verdict for change in compare_runs(load_run(base), load_run(new)).changes}
+    assert verdicts == {"too few rounds to test: 3 vs 3; the smallest p reachable is 0.1"}
+    assert main(["compare", str(base), str(new), "--fail-on-regression"]) == 0
+    out = capsys.readouterr().out
+    assert "3 point(s) with too few rounds to test: p < 0.01 needs 5 rounds in each run (measure.latency.rounds" in out
+    assert "0 regression(s)" in out

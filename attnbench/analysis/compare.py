@@ -1,8 +1,12 @@
 """Two runs side by side, point by point: did anything get slower, leaner, more or less accurate?
 
-A point is slower only when the Mann–Whitney test on the two runs' raw samples says it is not
-noise (p < ALPHA) and the ratio of medians passes the threshold. With too few samples for the
-test ever to reach ALPHA (3 against 3 gives p ≥ 0.1), the point says so instead of guessing.
+A point is slower only when the Mann–Whitney test on the two runs' rounds says it is not noise
+(p < ALPHA) and the ratio of medians passes the threshold. The test's units are the rounds'
+medians: each round is a fresh worker process, while the samples within a round are back-to-back
+calls of one process, which share its luck (its memory layout, its cores, what else ran then) and
+are not independent; pooled, they would count one process's luck as many observations. With too
+few rounds for the test ever to reach ALPHA (3 against 3 gives p ≥ 0.1), the point says so, and
+how many rounds it would need, instead of a verdict.
 
 An implementation regresses on a curve (its points over seq_len, other axes fixed) when most of
 those points are slower. One point alone is not enough: on this shared machine a point's worker
@@ -24,13 +28,14 @@ import statistics
 from dataclasses import dataclass
 
 from attnbench.analysis.matching import options_change, pair_points
-from attnbench.analysis.stats import mann_whitney_p, smallest_p
+from attnbench.analysis.stats import mann_whitney_p, rounds_needed, smallest_p
 from attnbench.contract.case import Case, group_key
 from attnbench.contract.errors import UserError
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import RunFolder
 
 ALPHA = 0.01
+TOO_FEW_ROUNDS = "too few rounds to test"
 # Default threshold for a slowdown to count: the same code re-run on this shared 2-core machine
 # moved medians by up to ~25% (README, "compare"), so smaller changes cannot be told from drift.
 DEFAULT_THRESHOLD = 0.3
@@ -46,7 +51,7 @@ class PointChange:
     latency_ratio: float | None  # new median / base median
     p_value: float | None
     memory_ratio: float | None
-    verdict: str  # "slower", "faster", "no significant change", "too few samples to tell", a status change
+    verdict: str  # "slower", "faster", "no significant change", "too few rounds to test", a status change
     options_changed: bool = False  # then no latency or memory ratio, no p-value: not the same point
 
     @property
@@ -113,6 +118,16 @@ class Comparison:
         return tuple(change for change in self.changes if change.options_changed)
 
     @property
+    def too_few_rounds(self) -> tuple[PointChange, ...]:
+        """Points whose rounds are too few for the test ever to reach ALPHA."""
+        return tuple(change for change in self.changes if change.verdict.startswith(TOO_FEW_ROUNDS))
+
+    @property
+    def rounds_needed(self) -> int:
+        """Rounds in each run with which the test can reach ALPHA."""
+        return rounds_needed(ALPHA)
+
+    @property
     def typical_ratio(self) -> float | None:
         """Median latency ratio over all matched points: machine-wide drift shows up here."""
         ratios = [change.latency_ratio for change in self.changes if change.latency_ratio]
@@ -154,17 +169,18 @@ def _change(base: Row, new: Row, threshold: float) -> PointChange:
         verdict = "latency flagged as no result" + (" REGRESSED" if regressed else " (base or new)")
     else:
         ratio = new.latency.median_s / base.latency.median_s
-        x, y = base.latency.samples_s, new.latency.samples_s
+        x, y = base.latency.round_medians_s, new.latency.round_medians_s
         p_value = mann_whitney_p(x, y)
-        if p_value < ALPHA:
+        floor = smallest_p(len(x), len(y))
+        if floor >= ALPHA:
+            verdict = f"{TOO_FEW_ROUNDS}: {len(x)} vs {len(y)}; the smallest p reachable is {floor:.2g}"
+        elif p_value < ALPHA:
             if ratio > 1 + threshold:
                 verdict = "slower"
             elif ratio < 1 / (1 + threshold):
                 verdict = "faster"
             else:
                 verdict = f"significant but within ±{threshold:.0%}"
-        elif smallest_p(len(x), len(y)) >= ALPHA:
-            verdict = f"too few samples to tell ({len(x)} vs {len(y)})"
         else:
             verdict = "no significant change"
     base_peak = base.memory.peak_bytes if base.memory else None

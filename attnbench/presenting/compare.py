@@ -50,6 +50,10 @@ def comparison_text(comparison: Comparison) -> str:
     if changed:
         parts.append(f"{len(changed)} point(s) whose options changed: not compared (options are part of a point's "
                      "identity)")
+    untestable = comparison.too_few_rounds
+    if untestable:
+        parts.append(f"{len(untestable)} point(s) with too few rounds to test: p < {ALPHA:g} needs "
+                     f"{comparison.rounds_needed} rounds in each run (measure.latency.rounds in the suite)")
     parts.append(f"{len(comparison.regressions)} regression(s): most points of a curve significantly slower "
                  f"(Mann-Whitney p < {ALPHA}) by more than {comparison.threshold:.0%}")
     parts.append(f"{len(comparison.status_regressions)} point(s) that were ok and are not now (status, or a latency "
