@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from attnbench.analysis.compare import DEFAULT_THRESHOLD, compare_runs
+from attnbench.analysis.compare import compare_runs
+from attnbench.analysis.noise import Threshold
 from attnbench.analysis.curves import scaling_fits
 from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices, describe_group
 from attnbench.contract.errors import UserError, did_you_mean
@@ -35,6 +36,9 @@ from attnbench.support.text import one_line
 # its not_supported_reasons may take to answer.
 LIST_PROBE = dict(batch=1, heads=8, kv_heads=8, seq_len=1024, head_dim=64, causal=False, mode="forward")
 LIST_TIMEOUT_S = 10.0
+# `compare --fail-on-regression` with no THRESHOLD: the threshold derived from the runs' noise
+# (not a string: argparse would pass a string const through the flag's type).
+NOISE = object()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,9 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("base", type=Path, help="the earlier run: a run folder or its rows.jsonl")
     compare.add_argument("new", type=Path, help="the later run: a run folder or its rows.jsonl")
     compare.add_argument(
-        "--fail-on-regression", nargs="?", type=_fraction, const=DEFAULT_THRESHOLD, default=None, metavar="THRESHOLD",
-        help=f"exit 1 if most points of an implementation's curve are significantly slower by more than "
-             f"THRESHOLD (default {DEFAULT_THRESHOLD}: 30%%)",
+        "--fail-on-regression", nargs="?", type=_fraction, const=NOISE, default=None, metavar="THRESHOLD",
+        help="exit 1 if most points of an implementation's curve are significantly slower by more than "
+             "THRESHOLD (e.g. 0.3 or 30%%; default: the runs' own round-to-round noise, printed with where it "
+             "came from)",
     )
     compare.set_defaults(command=_compare)
 
@@ -210,7 +215,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    threshold = args.fail_on_regression if args.fail_on_regression is not None else DEFAULT_THRESHOLD
+    given = args.fail_on_regression
+    threshold = None if given is None or given is NOISE else Threshold(given, "given with --fail-on-regression")
     comparison = compare_runs(load_run(args.base), load_run(args.new), threshold)
     for difference in comparison.environment_differences:
         print(f"attnbench: warning: the runs' environments differ: {difference}", file=sys.stderr)

@@ -108,3 +108,32 @@ def test_too_few_rounds_to_reach_the_level_are_said_so_with_what_it_would_need(t
     out = capsys.readouterr().out
     assert "3 point(s) with too few rounds to test: p < 0.01 needs 5 rounds in each run (measure.latency.rounds" in out
     assert "0 regression(s)" in out
+
+
+# 3. The default threshold is the runs' own noise.
+
+def test_the_default_threshold_is_the_runs_round_to_round_spread(tmp_path, capsys):
+    """Every point's rounds lie within 4%: a 20% slowdown of every round is far beyond that noise
+    (a fixed 30% would have called it within the threshold)."""
+    base = _write(tmp_path, BASE_ID, [*_curve("steady", BASE_ID), *_curve("slowed", BASE_ID)])
+    new = _write(tmp_path, NEW_ID, [*_curve("steady", NEW_ID), *_curve("slowed", NEW_ID, 1.2)])
+    comparison = compare_runs(load_run(base), load_run(new))
+    assert abs(comparison.threshold.value - 0.04) < 1e-3
+    assert "90th percentile" in comparison.threshold.source and "12 points" in comparison.threshold.source
+    assert {change.verdict for change in _changes(comparison, "slowed")} == {"slower"}
+    assert [curve.implementation for curve in comparison.regressions] == ["slowed"]
+    assert main(["compare", str(base), str(new)]) == 0
+    out = capsys.readouterr().out
+    assert "threshold: 4% (the 90th percentile of the round-to-round spread" in out
+    assert main(["compare", str(base), str(new), "--fail-on-regression", "50%"]) == 0  # the user's word wins
+    out = capsys.readouterr().out
+    assert "threshold: 50% (given with --fail-on-regression)" in out and "significant but within ±50%" in out
+
+
+def test_runs_without_rounds_to_measure_noise_from_say_so(tmp_path, capsys):
+    base = _write(tmp_path, BASE_ID, _curve("steady", BASE_ID, medians=(1.0,)))
+    new = _write(tmp_path, NEW_ID, _curve("steady", NEW_ID, 2.0, medians=(1.0,)))
+    comparison = compare_runs(load_run(base), load_run(new))
+    assert comparison.threshold.value is None
+    assert main(["compare", str(base), str(new)]) == 0
+    assert "threshold: none (no point of either run has two rounds" in capsys.readouterr().out

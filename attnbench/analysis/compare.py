@@ -1,7 +1,8 @@
 """Two runs side by side, point by point: did anything get slower, leaner, more or less accurate?
 
 A point is slower only when the Mann–Whitney test on the two runs' rounds says it is not noise
-(p < ALPHA) and the ratio of medians passes the threshold. The test's units are the rounds'
+(p < ALPHA) and the ratio of medians passes the threshold (unless given, the runs' own noise:
+analysis.noise). The test's units are the rounds'
 medians: each round is a fresh worker process, while the samples within a round are back-to-back
 calls of one process, which share its luck (its memory layout, its cores, what else ran then) and
 are not independent; pooled, they would count one process's luck as many observations. With too
@@ -28,6 +29,7 @@ import statistics
 from dataclasses import dataclass
 
 from attnbench.analysis.matching import options_change, pair_points
+from attnbench.analysis.noise import Threshold, noise_threshold
 from attnbench.analysis.stats import mann_whitney_p, rounds_needed, smallest_p
 from attnbench.contract.case import Case, group_key
 from attnbench.contract.errors import UserError
@@ -36,9 +38,6 @@ from attnbench.storage.run_folder import RunFolder
 
 ALPHA = 0.01
 TOO_FEW_ROUNDS = "too few rounds to test"
-# Default threshold for a slowdown to count: the same code re-run on this shared 2-core machine
-# moved medians by up to ~25% (README, "compare"), so smaller changes cannot be told from drift.
-DEFAULT_THRESHOLD = 0.3
 ENVIRONMENT_KEYS = ("cpu_model", "cpus_usable", "torch_threads", "timing_variables", "devices", "python")
 
 
@@ -89,7 +88,7 @@ class Comparison:
     only_in_base: tuple[Row, ...]
     only_in_new: tuple[Row, ...]
     environment_differences: tuple[str, ...]
-    threshold: float
+    threshold: Threshold
 
     @property
     def curves(self) -> tuple[CurveChange, ...]:
@@ -134,13 +133,18 @@ class Comparison:
         return statistics.median(ratios) if ratios else None
 
 
-def compare_runs(base: RunFolder, new: RunFolder, threshold: float = DEFAULT_THRESHOLD) -> Comparison:
+def compare_runs(base: RunFolder, new: RunFolder, threshold: Threshold | float | None = None) -> Comparison:
+    """``threshold``: the relative change that counts; by default the runs' own noise (analysis.noise)."""
+    if threshold is None:
+        threshold = noise_threshold([*base.rows, *new.rows])
+    elif not isinstance(threshold, Threshold):
+        threshold = Threshold(threshold, "given")
     pairs, only_in_base, only_in_new = pair_points(base.rows, new.rows)
     if not pairs:
         raise UserError(f"compare {base.path} {new.path}: the runs have no point in common (same implementation "
                         "and case); there is nothing to compare")
-    changes = [_options_changed(pair.base, pair.new) if pair.options_changed else _change(pair.base, pair.new, threshold)
-               for pair in pairs]
+    changes = [_options_changed(pair.base, pair.new) if pair.options_changed
+               else _change(pair.base, pair.new, threshold.value) for pair in pairs]
     changes.sort(key=lambda change: (not change.lost_ok, change.verdict not in ("slower", "faster"), -change.effect))
     return Comparison(
         changes=tuple(changes),
@@ -158,7 +162,7 @@ def _options_changed(base: Row, new: Row) -> PointChange:
     return PointChange(new.implementation, new.case, base, new, None, None, None, verdict, options_changed=True)
 
 
-def _change(base: Row, new: Row, threshold: float) -> PointChange:
+def _change(base: Row, new: Row, threshold: float | None) -> PointChange:
     ratio = p_value = memory_ratio = None
     if base.status != new.status:
         verdict = f"status {base.status} -> {new.status}" + (" REGRESSED" if base.status == "ok" else "")
@@ -175,7 +179,9 @@ def _change(base: Row, new: Row, threshold: float) -> PointChange:
         if floor >= ALPHA:
             verdict = f"{TOO_FEW_ROUNDS}: {len(x)} vs {len(y)}; the smallest p reachable is {floor:.2g}"
         elif p_value < ALPHA:
-            if ratio > 1 + threshold:
+            if threshold is None:
+                verdict = "significant, but no threshold to size it"
+            elif ratio > 1 + threshold:
                 verdict = "slower"
             elif ratio < 1 / (1 + threshold):
                 verdict = "faster"

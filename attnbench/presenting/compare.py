@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from attnbench.analysis.compare import ALPHA, Comparison, PointChange
 from attnbench.analysis.curves import output_error
+from attnbench.analysis.noise import Threshold
 from attnbench.contract.case import describe_group
 from attnbench.presenting.summary import format_table, points_by_implementation
 from attnbench.support.units import format_seconds
@@ -46,6 +47,7 @@ def comparison_text(comparison: Comparison) -> str:
         for curve in comparison.curves
     ]
     parts.append("\n" + format_table(("implementation", "case", "points slower", "median new/base", ""), curve_lines))
+    parts.append(f"threshold: {threshold_text(comparison.threshold)}")
     changed = comparison.options_changed
     if changed:
         parts.append(f"{len(changed)} point(s) whose options changed: not compared (options are part of a point's "
@@ -55,7 +57,13 @@ def comparison_text(comparison: Comparison) -> str:
         parts.append(f"{len(untestable)} point(s) with too few rounds to test: p < {ALPHA:g} needs "
                      f"{comparison.rounds_needed} rounds in each run (measure.latency.rounds in the suite)")
     parts.append(f"{len(comparison.regressions)} regression(s): most points of a curve significantly slower "
-                 f"(Mann-Whitney p < {ALPHA}) by more than {comparison.threshold:.0%}")
+                 f"(Mann-Whitney p < {ALPHA:g} on the rounds' medians) by more than the threshold")
     parts.append(f"{len(comparison.status_regressions)} point(s) that were ok and are not now (status, or a latency "
                  "flagged as no result)")
     return "\n".join(parts)
+
+
+def threshold_text(threshold: Threshold) -> str:
+    if threshold.value is None:
+        return f"none ({threshold.source}; give one: --fail-on-regression THRESHOLD)"
+    return f"{threshold.value:.0%} ({threshold.source})"
