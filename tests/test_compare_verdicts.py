@@ -137,3 +137,18 @@ def test_runs_without_rounds_to_measure_noise_from_say_so(tmp_path, capsys):
     assert comparison.threshold.value is None
     assert main(["compare", str(base), str(new)]) == 0
     assert "threshold: none (no point of either run has two rounds" in capsys.readouterr().out
+
+
+# 4. One point is not a curve.
+
+def test_a_curve_of_one_matched_point_gets_no_curve_verdict(tmp_path, capsys):
+    base = _write(tmp_path, BASE_ID, _curve("slowed", BASE_ID, seq_lens=(2048,)))
+    new = _write(tmp_path, NEW_ID, _curve("slowed", NEW_ID, 2.0, seq_lens=(2048,)))
+    comparison = compare_runs(load_run(base), load_run(new))
+    assert [change.verdict for change in comparison.changes] == ["slower"]  # the point's own change stands
+    (curve,) = comparison.curves
+    assert curve.verdict == "one point: not enough for a curve verdict" and not curve.regressed
+    assert comparison.regressions == ()
+    assert main(["compare", str(base), str(new), "--fail-on-regression"]) == 0
+    out = capsys.readouterr().out
+    assert "one point: not enough for a curve verdict" in out and "REGRESSED" not in out

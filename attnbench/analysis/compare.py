@@ -2,18 +2,19 @@
 
 A point is slower only when the Mann–Whitney test on the two runs' rounds says it is not noise
 (p < ALPHA) and the ratio of medians passes the threshold (unless given, the runs' own noise:
-analysis.noise). The test's units are the rounds'
-medians: each round is a fresh worker process, while the samples within a round are back-to-back
-calls of one process, which share its luck (its memory layout, its cores, what else ran then) and
-are not independent; pooled, they would count one process's luck as many observations. With too
-few rounds for the test ever to reach ALPHA (3 against 3 gives p ≥ 0.1), the point says so, and
-how many rounds it would need, instead of a verdict.
+analysis.noise). The test's units are the rounds' medians: each round is a fresh worker process,
+while the samples within a round are back-to-back calls of one process, which share its luck (its
+memory layout, its cores, what else ran then) and are not independent; pooled, they would count
+one process's luck as many observations. With too few rounds for the test ever to reach ALPHA
+(3 against 3 gives p ≥ 0.1) the point says so instead of a verdict (``rounds_needed``: what it
+would take).
 
 An implementation regresses on a curve (its points over seq_len, other axes fixed) when most of
-those points are slower. One point alone is not enough: on this shared machine a point's worker
-process sometimes runs in a slow mode (same code, two runs: naive at N=512 4.1 ms and 9.5 ms,
-sparse at N=1024 16 ms and 31 ms, each with a tight spread), which the samples of one run cannot
-see; a changed implementation is slower at most of its seq_lens.
+those points are slower; a curve of one matched point gets no verdict of its own. One point alone
+is not enough: on this shared machine a point's worker process sometimes runs in a slow mode
+(same code, two runs: naive at N=512 4.1 ms and 9.5 ms, sparse at N=1024 16 ms and 31 ms, each
+with a tight spread), which the samples of one run cannot see; a changed implementation is slower
+at most of its seq_lens.
 
 A point that was ``ok`` and is anything else now (crashed, incorrect, skipped, ...) is a
 regression on its own, and so is one whose latency was a result and now is flagged as none.
@@ -38,6 +39,9 @@ from attnbench.storage.run_folder import RunFolder
 
 ALPHA = 0.01
 TOO_FEW_ROUNDS = "too few rounds to test"
+# A curve's verdict needs a curve: one matched point is that point's change, not the implementation's.
+MIN_CURVE_POINTS = 2
+ONE_POINT = "one point: not enough for a curve verdict"
 ENVIRONMENT_KEYS = ("cpu_model", "cpus_usable", "torch_threads", "timing_variables", "devices", "python")
 
 
@@ -79,7 +83,13 @@ class CurveChange:
 
     @property
     def regressed(self) -> bool:
-        return self.slower * 2 > self.points
+        return self.points >= MIN_CURVE_POINTS and self.slower * 2 > self.points
+
+    @property
+    def verdict(self) -> str:
+        if self.points < MIN_CURVE_POINTS:
+            return ONE_POINT  # the point's own change stands in the table of points
+        return "REGRESSED" if self.regressed else ""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from attnbench.analysis.compare import ALPHA, Comparison, PointChange
+from attnbench.analysis.compare import ALPHA, MIN_CURVE_POINTS, Comparison, PointChange
 from attnbench.analysis.curves import output_error
 from attnbench.analysis.noise import Threshold
 from attnbench.contract.case import describe_group
@@ -43,7 +43,7 @@ def comparison_text(comparison: Comparison) -> str:
         parts.append(f"\nmedian new/base ratio over all points: {typical:.2f} (machine-wide drift shows here)")
     curve_lines = [
         [curve.implementation, describe_group(curve.group), f"{curve.slower} of {curve.points}",
-         f"{curve.median_ratio:.2f}", "REGRESSED" if curve.regressed else ""]
+         f"{curve.median_ratio:.2f}" if curve.points >= MIN_CURVE_POINTS else "", curve.verdict]
         for curve in comparison.curves
     ]
     parts.append("\n" + format_table(("implementation", "case", "points slower", "median new/base", ""), curve_lines))
@@ -57,7 +57,8 @@ def comparison_text(comparison: Comparison) -> str:
         parts.append(f"{len(untestable)} point(s) with too few rounds to test: p < {ALPHA:g} needs "
                      f"{comparison.rounds_needed} rounds in each run (measure.latency.rounds in the suite)")
     parts.append(f"{len(comparison.regressions)} regression(s): most points of a curve significantly slower "
-                 f"(Mann-Whitney p < {ALPHA:g} on the rounds' medians) by more than the threshold")
+                 f"(Mann-Whitney p < {ALPHA:g} on the rounds' medians) by more than the threshold; a curve needs "
+                 f"{MIN_CURVE_POINTS} points or more")
     parts.append(f"{len(comparison.status_regressions)} point(s) that were ok and are not now (status, or a latency "
                  "flagged as no result)")
     return "\n".join(parts)
