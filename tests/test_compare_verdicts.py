@@ -152,3 +152,12 @@ def test_a_curve_of_one_matched_point_gets_no_curve_verdict(tmp_path, capsys):
     assert main(["compare", str(base), str(new), "--fail-on-regression"]) == 0
     out = capsys.readouterr().out
     assert "one point: not enough for a curve verdict" in out and "REGRESSED" not in out
+
+
+def test_a_curve_whose_points_cannot_be_tested_is_not_called_unchanged(tmp_path, capsys):
+    base = _write(tmp_path, BASE_ID, _curve("slowed", BASE_ID, medians=EVEN[:3]))
+    new = _write(tmp_path, NEW_ID, _curve("slowed", NEW_ID, 2.0, medians=EVEN[:3]))
+    (curve,) = compare_runs(load_run(base), load_run(new)).curves
+    assert curve.verdict == "too few points testable to tell (0 of 3)" and not curve.regressed
+    assert main(["compare", str(base), str(new)]) == 0
+    assert "0 regression(s)" in (out := capsys.readouterr().out) and "(1 curve(s) with too few points testable" in out

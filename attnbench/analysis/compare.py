@@ -64,6 +64,10 @@ class PointChange:
         return new if old == new else f"{old} → {new}"
 
     @property
+    def untestable(self) -> bool:
+        return self.verdict.startswith(TOO_FEW_ROUNDS)
+
+    @property
     def effect(self) -> float:
         return abs(math.log(self.latency_ratio)) if self.latency_ratio else 0.0
 
@@ -80,15 +84,23 @@ class CurveChange:
     points: int  # compared with a latency ratio
     slower: int
     median_ratio: float
+    untested: int = 0  # of ``points``: too few rounds for the test to reach ALPHA
 
     @property
     def regressed(self) -> bool:
         return self.points >= MIN_CURVE_POINTS and self.slower * 2 > self.points
 
     @property
+    def undecided(self) -> bool:
+        """Not regressed, but it would be if the points that could not be tested were slower."""
+        return not self.regressed and self.points >= MIN_CURVE_POINTS and (self.slower + self.untested) * 2 > self.points
+
+    @property
     def verdict(self) -> str:
         if self.points < MIN_CURVE_POINTS:
             return ONE_POINT  # the point's own change stands in the table of points
+        if self.undecided:
+            return f"too few points testable to tell ({self.points - self.untested} of {self.points})"
         return "REGRESSED" if self.regressed else ""
 
 
@@ -108,7 +120,7 @@ class Comparison:
                 by_curve.setdefault((change.implementation, group_key(change.case)), []).append(change)
         return tuple(
             CurveChange(name, group, len(points), sum(c.verdict == "slower" for c in points),
-                        statistics.median(c.latency_ratio for c in points))
+                        statistics.median(c.latency_ratio for c in points), sum(c.untestable for c in points))
             for (name, group), points in sorted(by_curve.items(), key=lambda item: (item[0][0], item[0][1].describe()))
         )
 
@@ -129,7 +141,7 @@ class Comparison:
     @property
     def too_few_rounds(self) -> tuple[PointChange, ...]:
         """Points whose rounds are too few for the test ever to reach ALPHA."""
-        return tuple(change for change in self.changes if change.verdict.startswith(TOO_FEW_ROUNDS))
+        return tuple(change for change in self.changes if change.untestable)
 
     @property
     def rounds_needed(self) -> int:

@@ -56,9 +56,11 @@ def comparison_text(comparison: Comparison) -> str:
     if untestable:
         parts.append(f"{len(untestable)} point(s) with too few rounds to test: p < {ALPHA:g} needs "
                      f"{comparison.rounds_needed} rounds in each run (measure.latency.rounds in the suite)")
+    undecided = sum(curve.undecided for curve in comparison.curves)
     parts.append(f"{len(comparison.regressions)} regression(s): most points of a curve significantly slower "
                  f"(Mann-Whitney p < {ALPHA:g} on the rounds' medians) by more than the threshold; a curve needs "
-                 f"{MIN_CURVE_POINTS} points or more")
+                 f"{MIN_CURVE_POINTS} points or more"
+                 + (f" ({undecided} curve(s) with too few points testable to tell)" if undecided else ""))
     parts.append(f"{len(comparison.status_regressions)} point(s) that were ok and are not now (status, or a latency "
                  "flagged as no result)")
     return "\n".join(parts)
