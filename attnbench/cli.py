@@ -133,8 +133,8 @@ def _fraction(text: str) -> float:
     except ValueError:
         message = f"expected a fraction such as 0.3 or a percentage such as 30%, got {text!r}"
         raise argparse.ArgumentTypeError(message) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+    if not math.isfinite(value) or value < 0:  # nan would make every comparison with it false
+        raise argparse.ArgumentTypeError(f"must be a finite fraction, not negative, got {text!r}")
     return value
 
 

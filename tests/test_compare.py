@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import pytest
+
 from synthetic_runs import declared, row, rounds_row, write_run
 
 from attnbench.analysis.compare import compare_runs
@@ -63,6 +65,11 @@ def test_fail_on_regression_exit_codes(tmp_path, capsys):
     assert "1 regression(s): most points of a curve significantly slower" in out and "REGRESSED" in out
     assert main(["compare", str(base), str(slowed)]) == 0  # reporting only, without the flag
     assert main(["compare", str(base), str(slowed), "--fail-on-regression", "150%"]) == 0  # 2x is within 150%
+    capsys.readouterr()
+    for bad in ("nan", "inf%", "abc"):  # a threshold no ratio can be compared with: one line, exit 2
+        with pytest.raises(SystemExit) as exit_:
+            main(["compare", str(base), str(slowed), "--fail-on-regression", bad])
+        assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
 def test_history_tables_and_plots_every_run(tmp_path, capsys):
