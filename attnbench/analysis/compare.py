@@ -93,7 +93,8 @@ class CurveChange:
     @property
     def undecided(self) -> bool:
         """Not regressed, but it would be if the points that could not be tested were slower."""
-        return not self.regressed and self.points >= MIN_CURVE_POINTS and (self.slower + self.untested) * 2 > self.points
+        could_be = (self.slower + self.untested) * 2 > self.points
+        return not self.regressed and self.points >= MIN_CURVE_POINTS and could_be
 
     @property
     def verdict(self) -> str:

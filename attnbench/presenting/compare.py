@@ -11,7 +11,7 @@ from attnbench.contract.case import describe_group
 from attnbench.presenting.summary import format_table, points_by_implementation
 from attnbench.support.units import format_seconds
 
-CHANGE_HEADERS = ("implementation", "case", "base median", "new median", "new/base", "p", "verdict",
+CHANGE_HEADERS = ("implementation", "case", "base median", "new median", "new/base", "p (rounds)", "verdict",
                   "memory new/base", "rel. error base -> new")
 
 
