@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from attnbench.analysis.compare import ALPHA, CHANGE_HEADERS, DEFAULT_THRESHOLD, compare_runs, format_changes
+from attnbench.analysis.compare import compare_runs
+from attnbench.analysis.noise import Threshold
 from attnbench.analysis.curves import scaling_fits
 from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices, describe_group
 from attnbench.contract.errors import UserError, did_you_mean
@@ -21,9 +22,10 @@ from attnbench.execution.local.catalog import load_catalog
 from attnbench.execution.placement import Placement
 from attnbench.execution.runner import run_suite
 from attnbench.presenting.answer import answer_text
+from attnbench.presenting.compare import comparison_text
 from attnbench.presenting.progress import TerminalProgress
 from attnbench.presenting.run_facts import input_capture_text
-from attnbench.presenting.summary import format_table, points_by_implementation, summary_table
+from attnbench.presenting.summary import format_table, summary_table
 from attnbench.settings.loader import load_report_settings, load_suite
 from attnbench.settings.suite import MAX_ERROR_BUDGETS, Suite
 from attnbench.storage.run_folder import SUITE_COPY, Declared, declared_of, load_run
@@ -34,6 +36,9 @@ from attnbench.support.text import one_line
 # its not_supported_reasons may take to answer.
 LIST_PROBE = dict(batch=1, heads=8, kv_heads=8, seq_len=1024, head_dim=64, causal=False, mode="forward")
 LIST_TIMEOUT_S = 10.0
+# `compare --fail-on-regression` with no THRESHOLD: the threshold derived from the runs' noise
+# (not a string: argparse would pass a string const through the flag's type).
+NOISE = object()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,9 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("base", type=Path, help="the earlier run: a run folder or its rows.jsonl")
     compare.add_argument("new", type=Path, help="the later run: a run folder or its rows.jsonl")
     compare.add_argument(
-        "--fail-on-regression", nargs="?", type=_fraction, const=DEFAULT_THRESHOLD, default=None, metavar="THRESHOLD",
-        help=f"exit 1 if most points of an implementation's curve are significantly slower by more than "
-             f"THRESHOLD (default {DEFAULT_THRESHOLD}: 30%%)",
+        "--fail-on-regression", nargs="?", type=_fraction, const=NOISE, default=None, metavar="THRESHOLD",
+        help="exit 1 if most points of an implementation's curve are significantly slower by more than "
+             "THRESHOLD (e.g. 0.3 or 30%%; default: the runs' own round-to-round noise, printed with where it "
+             "came from)",
     )
     compare.set_defaults(command=_compare)
 
@@ -127,8 +133,8 @@ def _fraction(text: str) -> float:
     except ValueError:
         message = f"expected a fraction such as 0.3 or a percentage such as 30%, got {text!r}"
         raise argparse.ArgumentTypeError(message) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+    if not math.isfinite(value) or value < 0:  # nan would make every comparison with it false
+        raise argparse.ArgumentTypeError(f"must be a finite fraction, not negative, got {text!r}")
     return value
 
 
@@ -209,28 +215,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    threshold = args.fail_on_regression if args.fail_on_regression is not None else DEFAULT_THRESHOLD
+    given = args.fail_on_regression
+    threshold = None if given is None or given is NOISE else Threshold(given, "given with --fail-on-regression")
     comparison = compare_runs(load_run(args.base), load_run(args.new), threshold)
     for difference in comparison.environment_differences:
         print(f"attnbench: warning: the runs' environments differ: {difference}", file=sys.stderr)
-    print(format_table(CHANGE_HEADERS, format_changes(comparison.changes)))
-    for label, rows in (("only in base", comparison.only_in_base), ("only in new", comparison.only_in_new)):
-        for line in points_by_implementation(rows):
-            print(f"{label}: {line}")
-    typical = comparison.typical_ratio
-    if typical is not None:
-        print(f"\nmedian new/base ratio over all points: {typical:.2f} (machine-wide drift shows here)")
-    curve_lines = [
-        [curve.implementation, describe_group(curve.group), f"{curve.slower} of {curve.points}",
-         f"{curve.median_ratio:.2f}", "REGRESSED" if curve.regressed else ""]
-        for curve in comparison.curves
-    ]
-    print("\n" + format_table(("implementation", "case", "points slower", "median new/base", ""), curve_lines))
-    regressions, lost = comparison.regressions, comparison.status_regressions
-    print(f"{len(regressions)} regression(s): most points of a curve significantly slower (Mann-Whitney "
-          f"p < {ALPHA}) by more than {threshold:.0%}")
-    print(f"{len(lost)} point(s) that were ok and are not now (status, or a latency flagged as no result)")
-    return 1 if (regressions or lost) and args.fail_on_regression is not None else 0
+    print(comparison_text(comparison))
+    failed = comparison.regressions or comparison.status_regressions
+    return 1 if failed and args.fail_on_regression is not None else 0
 
 
 def _history(args: argparse.Namespace) -> int:

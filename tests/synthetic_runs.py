@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,3 +72,17 @@ def standard_run(folder: Path) -> Path:
         "flaky": declared(False, "n", "n"),
     }
     return write_run(folder, rows, declarations, matmul=1e13)  # tiled runs at 41% of it
+
+
+def rounds_row(
+    name: str, seq_len: int, round_medians: Sequence[float], *, per_round: int = 4,
+    options: dict | None = None, run_id: str = "20260101T000000Z-abc1234",
+) -> Row:
+    """An ok row whose latency was taken in rounds, one per median, each of ``per_round`` samples
+    within ±0.1% of it (tight within a round, as a round's back-to-back calls are)."""
+    samples = tuple(median * (1 + 0.001 * (2 * i / max(per_round - 1, 1) - 1))
+                    for median in round_medians for i in range(per_round))
+    latency = Latency(samples, (1,) * len(round_medians), round_medians[0], "synthetic",
+                      round_sizes=(per_round,) * len(round_medians))
+    base = row(name, seq_len, min(round_medians), 4096 * seq_len, 1e-7, run_id=run_id)
+    return dataclasses.replace(base, latency=latency, options=options or {})

@@ -49,7 +49,7 @@ def variant_name(implementation: str, settings: Mapping[str, Any]) -> str:
     """``performer[features=64]``: values as JSON (compact), strings bare."""
     if not settings:
         return implementation
-    return f"{implementation}[{','.join(f'{key}={_shown(value)}' for key, value in settings.items())}]"
+    return f"{implementation}[{','.join(f'{key}={setting_text(value)}' for key, value in settings.items())}]"
 
 
 def parse_variant(name: str) -> tuple[str, dict[str, Any]]:
@@ -86,7 +86,8 @@ def series_order(name: str) -> tuple[str, list[tuple[str, float]], str]:
     return implementation, numbers, name
 
 
-def _shown(value: Any) -> str:
+def setting_text(value: Any) -> str:
+    """An option's value as a variant name shows it: JSON (compact), strings bare."""
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
