@@ -14,8 +14,12 @@ import pytest
 from conftest import REPO
 
 from attnbench.contract.registry import DISABLE_AUTOLOAD_VARIABLE
+from attnbench.execution.local.executor import LocalExecutor
+from attnbench.execution.placement import RowReady, SlotLost, ThisMachine
+from attnbench.execution.runner import run_suite
+from attnbench.settings.loader import load_suite
 from attnbench.storage.results import read_rows
-from attnbench.storage.run_folder import verify_ledger
+from attnbench.storage.run_folder import load_run, verify_ledger
 
 SUITE = """
 name: resume
@@ -188,3 +192,34 @@ def test_resume_of_a_folder_that_is_no_run_is_one_line_and_leaves_it_as_it_was(t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a run folder (no rows.jsonl or suite.yaml)" in err
     assert list(folder.iterdir()) == []
+
+
+class _LosesItsNode(ThisMachine):
+    """This machine, as a cluster's node that dies while measuring flash at the first case."""
+
+    def start(self, slot, work):
+        super().start(slot, work)
+        self.work = work
+
+    def next_event(self):
+        event = super().next_event()
+        if isinstance(event, RowReady) and event.row.implementation == "flash" and not getattr(self, "lost", False):
+            self.lost = True
+            return SlotLost(event.slot, self.work, "node died")
+        return event
+
+
+def test_resume_measures_the_points_a_lost_node_left_and_each_point_keeps_one_row(tmp_path, write_suite, registry):
+    suite = load_suite(write_suite("name: lost\nimplementations: [naive, flash]\nsweep: {seq_len: [32, 64]}\n"
+                                   "measure: {correctness: {rows: 8}, latency: false, memory: false}\n"), registry)
+    first = run_suite(suite, registry, output=tmp_path, placement=_LosesItsNode(LocalExecutor(registry)))
+    lost = [row for row in first.rows if row.status == "crashed"]
+    assert [(row.implementation, row.case.seq_len) for row in lost] == [("flash", 32)]
+    assert lost[0].reasons[0].startswith("the cluster lost")
+
+    second = run_suite(suite, registry, resume=first.run_dir)
+    points = sorted((row.implementation, row.case.seq_len, row.status) for row in second.rows)
+    assert points == [("flash", 32, "ok"), ("flash", 64, "ok"), ("naive", 32, "ok"), ("naive", 64, "ok")]
+    stored = load_run(first.run_dir)
+    assert sorted((row.implementation, row.case.seq_len, row.status) for row in stored.rows) == points
+    assert len(read_rows(first.run_dir / "rows.jsonl")) == 5  # the lost point's row stays in the ledger, superseded

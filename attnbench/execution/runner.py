@@ -21,6 +21,7 @@ from attnbench.execution.placement import Placement, ThisMachine, device_kind
 from attnbench.execution.scheduler import SweepPlan
 from attnbench.execution.skips import SkipPredictor
 from attnbench.execution.yardsticks import best_of
+from attnbench.measuring import outcome
 from attnbench.settings.grid import expand_all
 from attnbench.settings.suite import Suite
 from attnbench.settings.variants import Variant, variants
@@ -109,6 +110,7 @@ def run_suite(
 
     latency = suite.measure.latency
     skips = SkipPredictor(suite.limits, latency.min_samples if latency else 1, latency.rounds if latency else 1)
+    done = [row for row in done if not outcome.never_measured(row.status, row.reasons)]  # measured now
     for row in done:  # earlier points still inform predictions and budgets
         skips.record(row)
     recorded = {(row.implementation, row.case) for row in done}

@@ -158,8 +158,17 @@ def with_memory_cap(failure: Failure, enforced: str) -> Failure:
     return dataclasses.replace(failure, reasons=(*failure.reasons, f"memory cap: {enforced}"))
 
 
+NODE_LOST = "the cluster lost "
+
+
 def node_lost(slot: str, reason: str) -> Failure:
-    return Failure("crashed", (f"the cluster lost {slot}, which was measuring it: {reason}",))
+    return Failure("crashed", (f"{NODE_LOST}{slot}, which was measuring it: {reason}",))
+
+
+def never_measured(status: str, reasons: Sequence[str]) -> bool:
+    """A point recorded only because the node measuring it was lost: --resume measures it, and its
+    new row takes this one's place."""
+    return status == "crashed" and bool(reasons) and reasons[0].startswith(NODE_LOST)
 
 
 def not_here(implementation: str, plugin: str) -> Failure:

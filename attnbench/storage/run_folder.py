@@ -21,7 +21,7 @@ import json
 import shutil
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +30,7 @@ from typing import IO, Any
 from attnbench.contract.case import Case
 from attnbench.contract.errors import UserError
 from attnbench.contract.implementation import Implementation, complexity_exponent, complexity_of_shape
+from attnbench.measuring import outcome
 from attnbench.settings.suite import Suite
 from attnbench.storage import flags, ledger
 from attnbench.storage.environment import Environment, capture_environment, code_version
@@ -124,7 +125,7 @@ def load_run(location: Path, fallback: Mapping[str, Declared] | None = None) -> 
     for warning in check.warnings(rows_path):
         print(f"attnbench: warning: {warning}", file=sys.stderr)
     excluded = check.excluded_lines
-    rows = [row for row, entry in zip(stored.rows, stored.entries) if entry.line not in excluded]
+    rows = _measured_since(row for row, entry in zip(stored.rows, stored.entries) if entry.line not in excluded)
     if not rows:
         edited = ": every row was edited after the run" if excluded else ""
         raise UserError(f"{rows_path}: no result rows in it{edited}")
@@ -135,6 +136,14 @@ def load_run(location: Path, fallback: Mapping[str, Declared] | None = None) -> 
     exact = {name: info.exact for name, info in declared.items()}
     rows = flags.refresh(rows, exact, environment.get("matmul_flops", {}))
     return RunFolder(folder, tuple(by_device_name(rows)), environment, declared, check)
+
+
+def _measured_since(rows: Iterable[Row]) -> list[Row]:
+    """The rows, less those of points lost with their cluster node that --resume measured later."""
+    rows = list(rows)
+    later = {(row.implementation, row.case): position for position, row in enumerate(rows)}
+    return [row for position, row in enumerate(rows) if not (
+        outcome.never_measured(row.status, row.reasons) and later[(row.implementation, row.case)] > position)]
 
 
 def verify_ledger(run_dir: Path) -> LedgerCheck:
