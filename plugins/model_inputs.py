@@ -7,9 +7,9 @@
 The text is CPython's English documentation (attnbench_plugins.models.text), cut into windows
 of the case's length; each model reads it with its own tokenizer. A case's batch entries are
 samples: entry b takes layer ``layers[b % len(layers)]`` of the text window
-``(w + b // len(layers)) % texts``, where the seed picks the first window w, so a fresh seed
-gives other values (as the harness's fresh-input checks need) from a few windows only, each
-captured once. The case's heads, kv_heads and head_dim must be the model's, and its causal
+``(w + b // len(layers)) % texts``, where the seed picks the first window w: a few windows, each
+captured once, give every set the harness needs (it draws again a set that repeats a timed one,
+so at least three windows). The case's heads, kv_heads and head_dim must be the model's, and its causal
 flag the model's own masking: anything else is not what the model computes.
 
 Captures go to a verified cache (attnbench_plugins.models.cache), keyed by the model file's
@@ -114,7 +114,8 @@ class ModelInputs(attnbench.InputSource):
         if not layers or not all(isinstance(layer, int) and 0 <= layer < model.layers for layer in layers):
             reasons.append(f"layers={layers} (allowed: a non-empty list of layers 0 to {model.layers - 1})")
         if not isinstance(texts, int) or texts < 1:
-            reasons.append(f"texts={texts} (allowed: a positive number of text windows)")
+            reasons.append(f"texts={texts} (allowed: a positive number of text windows; the harness's checks need "
+                           "three input sets that differ, so 3 or more in a run)")
         return reasons
 
     def draw(self, case: attnbench.Case, generator: torch.Generator) -> tuple[torch.Tensor, ...]:

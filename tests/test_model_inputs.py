@@ -202,13 +202,13 @@ def test_a_run_reports_error_per_source_the_frontiers_and_what_was_captured(regi
 
     cache = tmp_path / "captures"
     text = ("implementations: [flash, performer]\noptions: {performer: {features: [8, 64]}}\n"
-            f"source_options: {{minilm: {{layers: [1], texts: 1, cache: '{cache}'}}}}\n"
+            f"source_options: {{minilm: {{layers: [1], texts: 3, cache: '{cache}'}}}}\n"
             "sweep: {inputs: [gaussian, minilm], seq_len: [64], heads: 12, head_dim: 32}\n" + FAST)
     first = run_suite(load_suite(write_suite(text), registry), registry, output=tmp_path / "out")
     rows = {(row.implementation, row.case.inputs): row for row in first.rows}
     assert {row.status for row in rows.values()} == {"ok"}
     captured = [note for note in rows[("flash", "minilm")].notes if "captured" in note]
-    assert captured and captured[0].startswith("inputs: minilm: captured q, k, v of layers 1 on text window 0")
+    assert captured and captured[0].startswith("inputs: minilm: captured q, k, v of layers 1 on text window ")
     run = load_run(first.run_dir)
     write_reports(run)
     report = (first.run_dir / "report.md").read_text()

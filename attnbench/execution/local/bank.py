@@ -9,6 +9,7 @@ at the case's rows is computed here, in the harness, once, when the first point 
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
@@ -22,6 +23,9 @@ from attnbench.measuring.correctness import PRIMARY, ROTATION, CaseReferences, c
 from attnbench.measuring.tensor_files import NAMES, TensorFile
 from attnbench.settings.suite import CorrectnessSettings
 
+# A source with few distinct inputs repeats a set with probability 1/texts per seed; this many
+# new seeds make a repeat left over vanishingly rare for any source that has two.
+REDRAWS = 16
 # (case, seeds) -> each set's description, as written by write_inputs into the given folder
 Drawer = Callable[[Case, Mapping[str, int], Path], tuple[dict[str, dict[str, Any]], list[str]]]
 
@@ -37,9 +41,27 @@ class CaseBank:
             folder.mkdir(parents=True)
         described, self.notes = draw(case, self.seeds, private)
         self.described = {name: _checked(case, name, described.get(name)) for name in self.seeds}
+        self._redraw_repeats(draw, private)
         for name in (PRIMARY, ROTATION):  # what every worker of the case reads, in the folder it may read
             self.described[name] = _moved(self.described[name], shared)
         self.references: CaseReferences | None = None
+
+    def _redraw_repeats(self, draw: Drawer, folder: Path) -> None:
+        """No set repeats a timed one: a source with a few distinct inputs (a model's text windows)
+        can give one again for a new seed, and a fresh set equal to a timed one checks nothing.
+        A repeated set is drawn again with a new seed (beside the primary, which a decode set's
+        cache comes from)."""
+        for _ in range(REDRAWS):
+            repeats = _repeated(self.described)
+            if not repeats:
+                return
+            seeds = {PRIMARY: self.seeds[PRIMARY], **{name: secrets.randbits(63) for name in repeats}}
+            redrawn, _ = draw(self.case, seeds, folder)
+            self.seeds.update(seeds)
+            self.described.update({name: _checked(self.case, name, redrawn.get(name)) for name in repeats})
+        raise ValueError(f"the input source gave set(s) {', '.join(repeats)} the values of a timed set again for "
+                         f"{REDRAWS} new seeds: its checks need three sets that differ (does the source have "
+                         "three distinct inputs? e.g. texts: 3 or more)")
 
     def worker_sets(self) -> list[dict[str, Any]]:
         """The sets a point's worker gets at its start, in the order of its input sets."""
@@ -62,6 +84,24 @@ class CaseBank:
     def close(self) -> None:
         for folder in (self.shared, self.private):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _repeated(described: Mapping[str, dict[str, Any]]) -> list[str]:
+    """The sets that repeat a timed set: the rotation equal to the primary, a fresh set equal to
+    either (compared by their files' sha256). Fresh sets may repeat each other: each is checked in
+    a round of its own, against the timed calls of that round."""
+    digests = {name: _digest(files) for name, files in described.items()}
+    timed = {digests[PRIMARY]}
+    repeats = [ROTATION] if digests[ROTATION] in timed else []
+    timed.add(digests[ROTATION])
+    return repeats + [name for name in described if name not in (PRIMARY, ROTATION) and digests[name] in timed]
+
+
+def _digest(files: Mapping[str, Any]) -> bytes:
+    digest = hashlib.sha256()
+    for tensor in ("q", "k", "v"):
+        digest.update((Path(files["folder"]) / files["tensors"][tensor]["name"]).read_bytes())
+    return digest.digest()
 
 
 def _checked(case: Case, name: str, described: object) -> dict[str, Any]:
