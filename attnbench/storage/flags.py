@@ -20,8 +20,8 @@ from attnbench.support.units import format_bytes
 # Exact attention does the work of two matmuls and more; on the CPU it has reached 82% of the
 # matmul yardstick here. A quarter above it is beyond what the hardware allows.
 IMPLAUSIBLE_HEADROOM = 1.25
-# The fastest call on fresh inputs (one per round, each on values no earlier call saw) this much
-# slower than the timed calls' median means the timed calls did not compute what they returned:
+# A call on fresh inputs (one per round, each on values no earlier call saw) this much slower
+# than its round's timed calls, in every round, means the timed calls did not compute what they returned:
 # more than FRESH_CALL_FACTOR times and FRESH_CALL_FLOOR_S longer, or (a single call of under a
 # millisecond carries the noise of its cold start) SHORT_CALL_FACTOR times and SHORT_CALL_FLOOR_S.
 # Honest built-ins on the quick suite (2-core VM, one thread, quiet): at most 1.2× for calls over
@@ -109,16 +109,29 @@ def best_yardstick(row: Row, yardstick: Mapping[str, float]) -> tuple[str, float
 
 
 def _fresh_calls(row: Row) -> list[Flag]:
+    """Each round's call on fresh inputs against that round's timed calls. One slow call is no
+    evidence on a busy machine (a preempted 30 µs call takes milliseconds): the latency is voided
+    only when every round's fresh call was slow and at least one of those rounds ran quiet."""
     latency = row.latency
-    ratio = latency.fresh_call_ratio if latency is not None else None
-    if ratio is None:
+    if latency is None or not latency.fresh_call_s:
         return []
-    excess = min(latency.fresh_call_s) - latency.median_s
-    if not ((ratio > FRESH_CALL_FACTOR and excess > FRESH_CALL_FLOOR_S)
-            or (ratio > SHORT_CALL_FACTOR and excess > SHORT_CALL_FLOOR_S)):
+    count = len(latency.fresh_call_s)
+    medians = latency.round_medians_s if len(latency.round_sizes) == count else [latency.median_s] * count
+    loads = latency.round_loads if len(latency.round_loads) == count else (None,) * count
+    if not all(_slower(fresh, median) for fresh, median in zip(latency.fresh_call_s, medians, strict=True)):
         return []
+    if not any(load is None or load <= LOAD_CPUS for load in loads):
+        return []  # (every round under load: the under_load flag says so)
+    ratio = min(fresh / median for fresh, median in zip(latency.fresh_call_s, medians, strict=True))
     return [Flag("fresh_inputs_slower", f"a call on fresh inputs took {ratio:.3g}× the timed calls' median "
-                                        "(outputs cached between calls?); not a result")]
+                                        f"or more, in each of {count} round(s) (outputs cached between calls?); "
+                                        "not a result")]
+
+
+def _slower(fresh_s: float, median_s: float) -> bool:
+    excess = fresh_s - median_s
+    return (fresh_s > FRESH_CALL_FACTOR * median_s and excess > FRESH_CALL_FLOOR_S) or (
+        fresh_s > SHORT_CALL_FACTOR * median_s and excess > SHORT_CALL_FLOOR_S)
 
 
 def _stated_time(row: Row) -> list[Flag]:
