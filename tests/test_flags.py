@@ -35,3 +35,22 @@ def test_fresh_calls_slow_in_every_round_on_a_quiet_machine_void_the_latency():
     row = with_flags(_row((10 * STEP_S, 12 * STEP_S, 11 * STEP_S), (0.1, 0.0, 0.2)), exact=True, yardstick={})
     flag = next(flag for flag in row.flags if flag.kind == "fresh_inputs_slower")
     assert "in each of 3 round(s)" in flag.message and row.latency_voided
+
+
+def test_a_decode_cache_kept_outside_torch_is_its_state_and_flagged():
+    import toys
+
+    from attnbench.settings.suite import LatencySettings, Measure
+
+    case = small_case(batch=1, heads=8, seq_len=8192, head_dim=64, mode="decode", q_len=1)
+    measure = Measure(latency=LatencySettings(min_run_time_s=0.01, max_run_time_s=0.1, rounds=1), memory=True,
+                      threads=1)
+    result = toys.run_alone(toys.NumpyCacheDecoder(), case, measure)
+    assert result.outcome.status == "ok", result.outcome
+    memory = result.outcome.memory
+    cache_bytes = 2 * 8 * case.key_len * 64 * 4  # keys and values, float32
+    assert (memory.state_bytes or 0) < cache_bytes / 4  # torch counted almost none of it
+    assert memory.state_kept_bytes >= 0.9 * cache_bytes  # the harness's own reading sees it
+    row = with_flags(Row("run", "numpy_cache", case, "ok", memory=memory, latency=result.outcome.latency),
+                     exact=True, yardstick={})
+    assert "state_outside_torch" in {flag.kind for flag in row.flags}

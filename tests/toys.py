@@ -151,3 +151,28 @@ class NoReferenceHere(attnbench.Implementation):
 
     def reference(self, q, k, v, case, options, rows):
         return None
+
+
+class NumpyCacheDecoder(Toy):
+    """Exact decode steps over a KV cache kept in numpy arrays: torch's allocator never sees it."""
+
+    supports_decode = True
+    decode_time_complexity = "n"
+    decode_memory_complexity = "n"
+
+    def __init__(self) -> None:
+        super().__init__("numpy_cache", exact_attention)
+
+    def prepare_decode(self, case, options, k_cache, v_cache):
+        import numpy as np
+
+        kept = case.seq_len
+        shape = (*k_cache.shape[:2], case.key_len, k_cache.shape[-1])
+        keys, values = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        keys[:, :, :kept], values[:, :, :kept] = k_cache.numpy(), v_cache.numpy()
+
+        def step(q, k, v):
+            keys[:, :, kept:], values[:, :, kept:] = k.numpy(), v.numpy()
+            return exact_attention(q, torch.from_numpy(keys), torch.from_numpy(values))
+
+        return step

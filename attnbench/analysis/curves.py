@@ -129,7 +129,7 @@ def metric_value(row: Row, metric: Metric) -> float | None:
     if metric == "latency":
         return row.latency.median_s if row.latency and not row.latency_voided else None
     if row.case.decode:  # what a decode step costs in memory is what it keeps between steps
-        state = row.memory.state_bytes if row.memory else None
+        state = row.memory.state_kept_bytes if row.memory else None
         return float(state) if state else None
     peak = row.memory.peak_bytes if row.memory else None
     return float(peak) if peak else None

@@ -30,6 +30,6 @@ def decode_points(rows: Sequence[Row], copy_bytes_per_s: Mapping[str, float]) ->
         achieved = achieved_bandwidth(row)
         copy = copy_bytes_per_s.get(row.yardstick_key(row.case.dtype_name))
         points.append(DecodePoint(row, metric_value(row, "latency"), tokens_per_second(row),
-                                  row.memory.state_bytes if row.memory else None, achieved,
+                                  row.memory.state_kept_bytes if row.memory else None, achieved,
                                   achieved / copy if achieved and copy else None))
     return points

@@ -61,6 +61,7 @@ class CallServer:
         self.timed_calls: list[Callable[[], Any]] = []
         self.sets: list[Inputs] = []
         self.drawn: list[Inputs] = []
+        self.decode_cache: tuple[torch.Tensor, ...] = ()  # a decode step's cache, as the round holds it
         self.timed = 0  # timed calls made so far: call i used set i % len(sets)
         self.last: Result | None = None
         self.last_set = 0
@@ -71,9 +72,15 @@ class CallServer:
 
     def load(self) -> None:
         """The input sets onto the device, and the first set's call inputs into the shared tensors
-        (before prepare: what the implementation keeps is measured above this)."""
+        (before prepare: what the implementation keeps is measured above this). For decode steps,
+        only what the round keeps: each set's new tokens and the cache the step is prepared from,
+        held all round, so that what prepare keeps (a copy in numpy included) shows above it."""
         self.drawn = [on_device(inputs, self.case) for inputs in self.pristine()]
-        first = decode_step_inputs(self.drawn[0], self.case) if self.case.decode else self.drawn[0]
+        if self.case.decode:
+            self.decode_cache = decode_cache(self.drawn[0], self.case)
+            self.drawn = [decode_step_inputs(inputs, self.case) for inputs in self.drawn]
+            release_free_heap()
+        first = self.drawn[0]
         with torch.no_grad():
             for name in ("q", "k", "v", "grad_out"):
                 if getattr(first, name) is not None:
@@ -86,13 +93,12 @@ class CallServer:
         state_bytes = None
         with self._recording():
             if case.decode:
-                primary = drawn[0]
-
                 def build() -> Callable[..., Any]:
-                    return self.implementation.prepare_decode(case, self.options, *decode_cache(primary, case))
+                    return self.implementation.prepare_decode(case, self.options,
+                                                              *(part.clone() for part in self.decode_cache))
 
                 attention, state_bytes = held_after(build, self.device)
-                self.sets = [decode_step_inputs(inputs, case) for inputs in drawn]
+                self.sets = drawn
             else:
                 attention = self.implementation.prepare(case, self.options)
                 self.sets = drawn

@@ -176,6 +176,18 @@ class Latency:
         return min(self.fresh_call_s) / self.median_s if self.fresh_call_s else None
 
 
+# Process memory beyond torch's count: more than this many times it, and by more than this many
+# bytes, was taken outside torch (numpy, a native library, another process). Training steps of the
+# built-ins reach twice the count (autograd's temporaries); a plugin computing in numpy is tens of
+# times above it.
+MEMORY_GAP_FACTOR = 3
+MEMORY_GAP_BYTES = 16 * 2**20
+
+
+def outside_torch(process_bytes: int, torch_bytes: int) -> bool:
+    return process_bytes - torch_bytes > MEMORY_GAP_BYTES and process_bytes > MEMORY_GAP_FACTOR * torch_bytes
+
+
 @dataclass(frozen=True)
 class Memory:
     """What the implementation takes: what it keeps resident between calls, and the peak of one
@@ -200,6 +212,15 @@ class Memory:
         process) is counted too."""
         known = [value for value in (self.allocator_peak_bytes, self.rss_peak_bytes) if value is not None]
         return max(known) if known else None
+
+    @property
+    def state_kept_bytes(self) -> int | None:
+        """What a decode step keeps between steps, the figure its comparisons use: torch's count,
+        or, where the point's processes keep far more than torch counted (a cache in numpy or a
+        native library), what /proc saw them keep."""
+        if self.state_bytes is None or self.kept_bytes is None:
+            return self.state_bytes
+        return self.kept_bytes if outside_torch(self.kept_bytes, self.state_bytes) else self.state_bytes
 
     @property
     def footprint_bytes(self) -> int | None:

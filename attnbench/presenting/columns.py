@@ -81,14 +81,14 @@ def _memory_summary(row: Row) -> dict[str, str]:
     memory = row.memory
     cells = {"peak mem": _bytes(memory.allocator_peak_bytes) if memory else "",
              "peak RSS": _bytes(memory.rss_peak_bytes) if memory else ""}
-    return {**cells, "state": _bytes(memory.state_bytes) if memory else ""} if row.case.decode else cells
+    return {**cells, "state": _bytes(memory.state_kept_bytes) if memory else ""} if row.case.decode else cells
 
 
 def _memory_report(row: Row) -> dict[str, str]:
     memory = row.memory
     cells = {"peak memory": _bytes(memory.peak_bytes) if memory else "",
              "kept between calls": _bytes(memory.kept_bytes) if memory else ""}
-    return {**cells, "state kept": _bytes(memory.state_bytes) if memory else ""} if row.case.decode else cells
+    return {**cells, "state kept": _bytes(memory.state_kept_bytes) if memory else ""} if row.case.decode else cells
 
 
 def _grad_errors(row: Row) -> list[float]:

@@ -151,7 +151,9 @@ def _flag_table(rows: Sequence[Row]) -> Table:
             "would put it beyond the device's matmul rate, so no throughput is shown; loose_tolerance: correct only "
             "at a tolerance looser than the dtype's default, never a baseline; under_load: other processes kept CPUs "
             "busy while it was timed; throttled: the GPU slowed itself down (power cap, heat) while it was timed; "
-            "memory_outside_torch: the process peak far above torch's count (verdicts use the larger).")
+            "memory_outside_torch: the process peak far above torch's count (verdicts use the larger); "
+            "state_outside_torch: a decode step's processes keep far more between steps than torch counted "
+            "(its state is what they keep).")
     return Table("Flags, by kind", ("flag", "implementation", "case", CURVE_LABEL, "what"), tuple(sorted(lines)), note)
 
 

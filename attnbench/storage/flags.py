@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from attnbench.contract.implementation import DEFAULT_TOLERANCES
 from attnbench.measuring.flops import attention_flops
+from attnbench.measuring.figures import outside_torch
 from attnbench.storage.results import Flag, Row
 from attnbench.support.units import format_bytes
 
@@ -44,11 +45,6 @@ SHARED_BYTES_PER_S = 1e9
 # CPU time of the worker and what it started, against its threads × the time its blocks took.
 CPU_OVER_THREADS = 1.25
 CPU_OVER_FLOOR_S = 0.02
-# Process memory beyond torch's count: more than this many times it, and by more than this many
-# bytes. Training steps of the built-ins reach twice the count (autograd's temporaries and the
-# heap's fragmentation); a plugin computing in numpy is tens of times above it.
-MEMORY_GAP_FACTOR = 3
-MEMORY_GAP_BYTES = 16 * 2**20
 
 
 def flags_of(row: Row, exact: bool, yardstick: Mapping[str, float]) -> tuple[Flag, ...]:
@@ -215,11 +211,16 @@ def _tolerance(row: Row) -> list[Flag]:
 
 def _memory(row: Row) -> list[Flag]:
     memory = row.memory
-    if memory is None or memory.rss_peak_bytes is None or memory.allocator_peak_bytes is None:
+    if memory is None:
         return []
-    gap = memory.rss_peak_bytes - memory.allocator_peak_bytes
-    if gap <= MEMORY_GAP_BYTES or memory.rss_peak_bytes <= MEMORY_GAP_FACTOR * memory.allocator_peak_bytes:
-        return []
-    process, counted = format_bytes(memory.rss_peak_bytes), format_bytes(memory.allocator_peak_bytes)
-    return [Flag("memory_outside_torch",
-                 f"memory outside torch's allocator: process peak {process} against {counted} counted by torch")]
+    found = []
+    if memory.rss_peak_bytes is not None and memory.allocator_peak_bytes is not None and outside_torch(memory.rss_peak_bytes, memory.allocator_peak_bytes):
+        process, counted = format_bytes(memory.rss_peak_bytes), format_bytes(memory.allocator_peak_bytes)
+        found.append(Flag("memory_outside_torch", f"memory outside torch's allocator: process peak {process} "
+                                                  f"against {counted} counted by torch"))
+    if memory.state_kept_bytes != memory.state_bytes:
+        kept, counted = format_bytes(memory.kept_bytes or 0), format_bytes(memory.state_bytes or 0)
+        found.append(Flag("state_outside_torch", f"state outside torch's allocator: its processes keep {kept} "
+                                                 f"between steps against {counted} counted by torch (the state "
+                                                 "figure is theirs)"))
+    return found

@@ -83,10 +83,12 @@ class Flag:
 # throttled: the GPU slowed itself down (power cap, heat) while it was timed (NVML).
 # loose_tolerance: judged at a tolerance looser than the dtype's default.
 # memory_outside_torch: the process grew far beyond what torch's allocator counted.
+# state_outside_torch: a decode step's processes keep far more between steps than torch counted.
 # timing_disagrees: the worker stated less time than the harness's own clock saw pass.
 # cpu_over_threads: it used more CPU time than the threads it was given allow.
 FLAG_KINDS = ("implausible_speed", "implausible_work", "fresh_inputs_slower", "under_load", "throttled",
-              "loose_tolerance", "memory_outside_torch", "timing_disagrees", "cpu_over_threads")
+              "loose_tolerance", "memory_outside_torch", "state_outside_torch", "timing_disagrees",
+              "cpu_over_threads")
 LATENCY_VOIDING_FLAGS = ("implausible_speed", "fresh_inputs_slower", "timing_disagrees", "cpu_over_threads")
 
 
