@@ -69,6 +69,24 @@ def test_throughput_counts_flops_as_flashattention_does(run):
     assert ("linear", 4096) not in results  # an approximation that declared no work has no throughput
 
 
+def test_half_precision_computed_in_float32_is_a_fraction_of_float32_matmul():
+    """On a CPU whose float16 matmul is slow, an implementation computing float16 inputs in float32
+    runs at float32's rate: its fraction is of that rate, never over 100% of a slower one."""
+    import torch
+
+    from attnbench.measuring.figures import Latency
+    from attnbench.storage.results import Row, matmul_key
+
+    case = small_case(batch=1, heads=8, seq_len=1024, head_dim=64, dtype=torch.float16)
+    latency = Latency(samples_s=(0.01,) * 3, calls_per_sample=(1,), first_call_s=0.01, timer="perf_counter")
+    rows = [Row("r", "exact", case, "ok", latency=latency)]
+    rates = {matmul_key("cpu", "float16", ""): 1e9, matmul_key("cpu", "float32", ""): 50e9}
+    (result,) = throughputs(rows, {"exact": declared(True, "n^2", "n")}, rates)
+    assert result.achieved_flops == pytest.approx(attention_flops(case) / 0.01)  # 34 GFLOP/s
+    assert result.matmul_dtype == "float32"
+    assert result.fraction_of_matmul == pytest.approx(result.achieved_flops / 50e9)
+
+
 def test_pareto_front_keeps_only_the_unbeaten(run):
     front = {(p.row.implementation, p.row.case.seq_len): p.on_front for p in pareto(run.rows)}
     assert front[("tiled", 4096)]  # the fastest

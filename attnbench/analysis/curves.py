@@ -21,6 +21,7 @@ from scipy import stats
 from attnbench.contract.case import Case, curve_x, group_key
 from attnbench.contract.work import exact_attention
 from attnbench.measuring.figures import Work
+from attnbench.storage.flags import best_yardstick
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import Declared
 
@@ -100,8 +101,12 @@ class Throughput:
     row: Row
     flops: float
     achieved_flops: float  # per second
-    fraction_of_matmul: float | None  # of the run's measured matmul throughput on that device and dtype
+    # Of the run's measured matmul throughput on that device, in the faster of the row's dtype and
+    # float32 (matmul_dtype): an implementation may compute half precision in float32, and where the
+    # device has no fast half-precision kernels (most CPUs) that is the arithmetic that ran.
+    fraction_of_matmul: float | None
     formula: str  # how the FLOPs were counted
+    matmul_dtype: str = ""
 
 
 @dataclass(frozen=True)
@@ -209,8 +214,9 @@ def throughputs(rows: Sequence[Row], declared: Mapping[str, Declared], matmul_fl
         if work is None:
             continue
         achieved = work.flops / latency
-        peak = matmul_flops.get(row.yardstick_key(row.case.dtype_name))
-        results.append(Throughput(row, work.flops, achieved, achieved / peak if peak else None, work.formula))
+        matmul_dtype, peak = best_yardstick(row, matmul_flops)
+        results.append(Throughput(row, work.flops, achieved, achieved / peak if peak else None, work.formula,
+                                  matmul_dtype if peak else ""))
     return results
 
 

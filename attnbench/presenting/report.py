@@ -202,7 +202,8 @@ def _throughput_table(results: Sequence[Throughput], matmul: Mapping[str, float]
                                              -t.achieved_flops))
     lines = tuple(
         (t.row.implementation, describe_group(group_key(t.row.case)), str(curve_x(t.row.case)),
-         f"{t.achieved_flops / 1e9:.1f}", f"{100 * t.fraction_of_matmul:.0f}%" if t.fraction_of_matmul else "n/a",
+         f"{t.achieved_flops / 1e9:.1f}",
+         f"{100 * t.fraction_of_matmul:.0f}% of {t.matmul_dtype}" if t.fraction_of_matmul else "n/a",
          format_seconds(t.row.latency.median_s), f"{t.flops:.3g}", t.formula)
         for t in ordered
     )
@@ -211,7 +212,9 @@ def _throughput_table(results: Sequence[Throughput], matmul: Mapping[str, float]
             "multiply-add (elementwise work and a kernel's padding not counted). Exact attention is counted by the "
             "harness, 4·B·H·N²·D (halved when causal), as FlashAttention's benchmarks count; an approximation by the "
             "formula it declares; a training step counts 3.5× the forward. An implementation that declares no count "
-            f"has no row here. Matmul throughput measured in this run: {yardstick}.")
+            f"has no row here. Of matmul: against the device's matmul in the row's dtype or in float32, whichever is "
+            "faster (an implementation may compute half precision in float32, the arithmetic that then runs), "
+            f"named in the cell. Matmul throughput measured in this run: {yardstick}.")
     headers = ("implementation", "case", CURVE_LABEL, "GFLOP/s", "of matmul", "median", "FLOPs", "counted as")
     return Table("Achieved throughput", headers, lines, note)
 
