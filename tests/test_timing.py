@@ -45,6 +45,26 @@ def test_one_disturbed_calibration_block_does_not_set_the_block_size():
     assert blocks.calls_per_sample >= 0.8 * BLOCK_TARGET_S / 0.0002
 
 
+def test_the_run_times_are_wall_time_when_each_call_waits_on_an_untimed_flush():
+    """A 5 µs kernel whose calls each follow a 100 µs L2 flush (cold cache on a GPU): its events
+    state 5 µs a call, and the budget of 0.5 s is spent in 0.5 s of wall time, not 10 s."""
+    wall = []
+
+    def run(calls: int) -> BlockTiming:
+        wall.append(calls * 105e-6)
+        return BlockTiming(calls, calls * 5e-6, calls * 105e-6)
+
+    noisy = iter([1.0, 3.0] * 100_000)  # samples that never settle: the maximum run time ends it
+
+    def unsteady(calls: int) -> BlockTiming:
+        block = run(calls)
+        return BlockTiming(calls, block.stated_s * next(noisy), block.observed_s)
+
+    blocks = timed_blocks(unsteady, LatencySettings(0.1, 0.5, 3))
+    assert 0.5 <= sum(wall) <= 0.5 + 3 * BLOCK_TARGET_S
+    assert blocks.observed_s[0] * blocks.calls_per_sample == pytest.approx(BLOCK_TARGET_S, rel=0.1)
+
+
 def test_statistics_are_derived_from_the_samples():
     latency = Latency(samples_s=(1.0, 2.0, 3.0, 4.0, 100.0), calls_per_sample=(1,), first_call_s=0, timer="t")
     assert latency.median_s == 3.0

@@ -39,7 +39,7 @@ CACHE_STATES = ("cold", "warm")
 
 @dataclass(frozen=True)
 class LatencySettings:
-    min_run_time_s: float = 0.5  # adaptive repeats run at least this long...
+    min_run_time_s: float = 0.5  # adaptive repeats run at least this long (wall time, flushes included)...
     max_run_time_s: float = 10.0  # ...and stop here even when still noisy
     min_samples: int = 3  # topped up to this many samples for slow calls
     # The samples are taken in this many rounds, each in a fresh worker, the case's
