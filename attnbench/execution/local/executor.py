@@ -105,6 +105,7 @@ class LocalExecutor:
             return Finished(unit, failed.failure, 0.0)
         spec = self._spec("point", job, unit.threads, writable=(self._series_cache(unit.series),))
         process = worker = None
+        result: Outcome | None = None  # (none when a stop ends the round)
         cap = memory_cap_bytes(unit.limits, unit.case.device)
         group = memory_group.memory_group(cap) if unit.case.device_type == "cpu" else None
         try:
@@ -119,7 +120,7 @@ class LocalExecutor:
                              unit.threads, unit.verifier, make_verifier, bank.fresh,
                              notes=list(bank.notes))
             with _one_thread():
-                result: Outcome = measure_round(worker, plan)
+                result = measure_round(worker, plan)
         except RoundFailed as failed:
             result = failed.failure
         except Exception as error:  # noqa: BLE001 (the worker's data broke the harness's checks: its row, no other)
@@ -135,6 +136,7 @@ class LocalExecutor:
                 result = outcome.with_memory_cap(result, memory_group.enforcement(cap, unit.case.device))
             if group is not None:
                 group.remove()
+        assert result is not None
         return Finished(unit, result, ended.wall_time_s if ended else 0.0, ended.log_tail if ended else "",
                         ended.notes if ended else ())
 

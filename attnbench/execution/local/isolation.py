@@ -94,15 +94,21 @@ class WorkerProcess:
         return self.process.pid
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        send(self.control, message)
+        self._send(message)
         return self.reply()
 
     def timed_request(self, message: dict[str, Any]) -> tuple[dict[str, Any], float]:
         """The reply, and the harness's clock from sending the request to the reply's arrival."""
         began = time.perf_counter()
-        send(self.control, message)
+        self._send(message)
         reply = self.reply()
         return reply, time.perf_counter() - began
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            send(self.control, message)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the worker has ended already: its last message (a failure) or its end says why
 
     def reply(self) -> dict[str, Any]:
         """The worker's next message; RoundFailed when it failed, died, flooded or ran out of time."""
