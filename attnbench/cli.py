@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from attnbench.analysis.compare import compare_runs
 from attnbench.analysis.noise import Threshold
-from attnbench.analysis.curves import scaling_fits
+from attnbench.analysis.scaling import scaling_fits
 from attnbench.contract.case import DEVICE_PATTERN, DEVICES_ALLOWED, DTYPES, Case, available_devices, describe_group
 from attnbench.contract.errors import UserError, did_you_mean
 from attnbench.contract.catalog import Catalog, ImplementationInfo, SourceInfo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,11 +24,17 @@ def declared(exact: bool, time: str, memory: str) -> Declared:
 def row(
     name: str, seq_len: int, seconds: float, peak: int, error: float, *, status: str = "ok",
     causal: bool = False, samples: Sequence[float] | None = None, run_id: str = "20260101T000000Z-abc1234",
+    rounds: Sequence[Sequence[float]] | None = None,
 ) -> Row:
+    """``samples``: one round's; ``rounds``: each round's samples (each round its own worker)."""
     case = small_case(batch=1, heads=8, seq_len=seq_len, head_dim=64, causal=causal)
     if status != "ok":
         return Row(run_id, name, case, status, reasons=(f"{name} cannot at {seq_len}",))
-    latency = Latency(tuple(samples or (seconds * 0.99, seconds, seconds * 1.01)), (1,), seconds, "synthetic")
+    if rounds:
+        latency = Latency(tuple(s for round_ in rounds for s in round_), (1,) * len(rounds), seconds, "synthetic",
+                          round_sizes=tuple(len(round_) for round_ in rounds))
+    else:
+        latency = Latency(tuple(samples or (seconds * 0.99, seconds, seconds * 1.01)), (1,), seconds, "synthetic")
     return Row(
         run_id, name, case, "ok",
         correctness=Correctness(256, {"out": ErrorFigures(error, error, None)}, None, None),
@@ -86,3 +93,16 @@ def rounds_row(
                       round_sizes=(per_round,) * len(round_medians))
     base = row(name, seq_len, min(round_medians), 4096 * seq_len, 1e-7, run_id=run_id)
     return dataclasses.replace(base, latency=latency, options=options or {})
+
+
+def shared_machine_rounds(seconds: float, rng: random.Random, *, rounds: int = 5, samples: int = 7,
+                          spread: float = 0.03, disturbed: float = 0.4) -> list[list[float]]:
+    """Rounds as a shared CPU gives them: each round a few per cent off the cost, and ``disturbed``
+    of them slowed 1.2–3× as a whole by other work (the quick suite's rounds on a 2-core VM ranged
+    up to 4.5× their fastest); the samples within a round close together."""
+    measured = []
+    for _ in range(rounds):
+        slowdown = rng.uniform(1.2, 3.0) if rng.random() < disturbed else 1.0
+        median = seconds * rng.lognormvariate(0, spread) * slowdown
+        measured.append([median * rng.lognormvariate(0, spread) for _ in range(samples)])
+    return measured

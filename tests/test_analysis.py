@@ -1,11 +1,13 @@
-"""Scaling verdicts, crossovers, throughput and Pareto fronts from rows with known scaling."""
+"""Crossovers, throughput and Pareto fronts from rows with known scaling (scaling verdicts:
+tests/test_scaling.py)."""
 
 from __future__ import annotations
 
 import pytest
 from synthetic_runs import curve, declared, standard_run, write_run
 
-from attnbench.analysis.curves import crossovers, pareto, scaling_fits, throughputs
+from attnbench.analysis.curves import crossovers, pareto, throughputs
+from attnbench.analysis.scaling import scaling_fits
 from attnbench.measuring.flops import attention_flops
 from attnbench.storage.run_folder import load_run
 from attnbench.testing import small_case
@@ -14,25 +16,6 @@ from attnbench.testing import small_case
 @pytest.fixture
 def run(tmp_path):
     return load_run(standard_run(tmp_path / "results" / "synthetic" / "run"))
-
-
-def _fit(run, name, metric):
-    return next(f for f in scaling_fits(run.rows, run.declared) if f.implementation == name and f.metric == metric)
-
-
-def test_exponents_are_measured_and_checked_against_the_declaration(run):
-    quadratic_memory = _fit(run, "quadratic", "memory")
-    assert quadratic_memory.exponent == pytest.approx(2.0) and quadratic_memory.verdict == "holds"
-    assert _fit(run, "tiled", "memory").exponent == pytest.approx(1.0)
-    assert quadratic_memory.seq_lens == (1024, 2048, 4096, 8192)  # the largest four points
-    liar = _fit(run, "liar", "latency")
-    assert liar.exponent == pytest.approx(2.0) and liar.verdict == "does not hold"
-    assert liar.sentence() == "declared n, measured n^2.00 ± 0.00 over 1024–8192: does not hold"
-
-
-def test_a_curve_with_gaps_is_fitted_on_what_ran(run):
-    flaky = _fit(run, "flaky", "latency")
-    assert flaky.seq_lens == (512, 1024, 2048) and flaky.exponent == pytest.approx(1.0)
 
 
 def test_crossover_is_interpolated_on_the_log_log_curves(run):
@@ -95,33 +78,6 @@ def test_pareto_front_keeps_only_the_unbeaten(run):
     assert ("flaky", 4096) not in front  # did not run
 
 
-def test_two_points_give_no_verdict(tmp_path):
-    rows = [r for r in curve("two", lambda n: 3e-9 * n**2.4, lambda n: 4096 * n, 0.1) if r.case.seq_len >= 4096]
-    run = load_run(write_run(tmp_path / "run", rows, {"two": declared(True, "n^2", "n")}))
-    fit = _fit(run, "two", "latency")
-    assert fit.exponent == pytest.approx(2.4) and fit.stderr is None and fit.verdict == "undetermined"
-    assert fit.sentence() == "declared n^2, measured n^2.40 (only 2 points: no verdict) over 4096–8192: undetermined"
-
-
-def test_the_uncertainty_of_a_fit_includes_the_spread_of_the_measurements(tmp_path):
-    import random
-
-    from synthetic_runs import row
-
-    rng = random.Random(0)
-
-    def noisy_curve(name, spread):
-        return [row(name, n, 1e-9 * n**2, 4096 * n, 0.1,
-                    samples=[1e-9 * n**2 * rng.lognormvariate(0, spread) for _ in range(9)])
-                for n in (1024, 2048, 4096, 8192)]
-
-    rows = noisy_curve("tight", 0.001) + noisy_curve("loose", 0.3)
-    run = load_run(write_run(tmp_path / "run", rows, {name: declared(True, "n^2", "n") for name in ("tight", "loose")}))
-    tight, loose = _fit(run, "tight", "latency"), _fit(run, "loose", "latency")
-    assert tight.stderr < 0.01 < 0.05 < loose.stderr  # the residuals of four points alone could not say so
-    assert loose.allowance > tight.allowance > 0.2
-
-
 def test_a_point_correct_only_at_a_loose_tolerance_is_never_the_baseline(tmp_path):
     from dataclasses import replace
 
@@ -147,7 +103,8 @@ def test_a_point_faster_than_the_matmul_yardstick_is_flagged_and_no_result(tmp_p
     assert all(r.latency_voided and r.flags[0].kind == "implausible_speed" for r in run.rows)
     message = run.rows[0].flags[0].message
     assert "is 204800% of the device's best measured matmul (1000 GFLOP/s in float32); not a result" in message
-    assert _fit(run, "fast", "latency").exponent is None  # no latency to fit
+    fits = [f for f in scaling_fits(run.rows, run.declared) if f.implementation == "fast" and f.metric == "latency"]
+    assert fits[0].exponent is None  # no latency to fit
 
 
 def test_a_precision_without_fast_matmuls_is_judged_against_float32():

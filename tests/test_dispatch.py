@@ -127,7 +127,7 @@ def test_a_device_no_node_has_is_unsupported_and_cases_left_without_slots_are_le
 
 
 def test_a_cluster_of_mixed_gpus_is_reported_per_device_name(tmp_path):
-    from attnbench.analysis.curves import scaling_fits
+    from attnbench.analysis.scaling import scaling_fits
     from attnbench.measuring.figures import Memory
     from attnbench.storage.results import RowWriter
     from attnbench.storage.run_folder import load_run

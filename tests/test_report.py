@@ -31,8 +31,8 @@ def test_every_report_file_is_written_from_the_rows(tmp_path):
     answer = markdown.split("## ", 2)[1]
     assert "| 8192 | tiled 33.55 ms · 32.0 MiB · err 2.0e-07 | none (closest: linear, err 3.0e-01) |" in answer
     assert "flaky (oom)" in answer
-    assert "| liar | B=1 H=8 D=64 float32 cpu forward | latency | n | n^2.00 ± 0.00 over 1024–8192 | does not hold |" \
-        in markdown
+    assert ("| liar | B=1 H=8 D=64 float32 cpu forward | latency | n | n^2.00 (95%: 2.00 to 2.00) over 512–8192, "
+            "5 N × 1 round | 0.60 | does not hold |") in markdown
     assert "| flaky | 4096 | oom |" in markdown  # a failed point is a row with its status, not a gap
     assert "(plots/b-1-h-8-d-64-float32-cpu-forward-latency.png)" in markdown
 
@@ -48,8 +48,40 @@ def test_report_command_rebuilds_and_prints_the_verdicts(tmp_path, capsys):
     folder = standard_run(tmp_path / "results" / "synthetic" / "run")
     assert main(["report", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "liar" in out and "declared n, measured n^2.00 ± 0.00 over 1024–8192: does not hold" in out
+    assert "liar" in out and ("declared n, measured n^2.00 (95%: 2.00 to 2.00) over 512–8192, 5 N × 1 round: does "
+                              "not hold (detects an excess of 0.60 or more)") in out
     assert (folder / "report.html").exists()
+
+
+def test_the_report_and_the_terminal_show_what_each_fit_could_detect(tmp_path, capsys):
+    """A verdict that could not have failed is shown as undetermined, with the excess it could have
+    seen and why that is not enough; a decisive one with the excess it would have caught."""
+    import random
+
+    from synthetic_runs import declared, row, shared_machine_rounds, write_run
+
+    rng = random.Random(0)
+
+    def quadratic(name, n):
+        seconds = 1e-9 * n**2
+        return row(name, n, seconds, 4096 * n, 0.1, rounds=shared_machine_rounds(seconds, rng, disturbed=0.0))
+
+    rows = [quadratic("honest", n) for n in (512, 2048, 8192, 32768)] + [quadratic("narrow", n) for n in (256, 1024)]
+    folder = write_run(tmp_path / "results" / "synthetic" / "run",
+                       rows, {name: declared(True, "n^2", "n") for name in ("honest", "narrow")})
+    assert main(["report", str(folder)]) == 0
+    out = capsys.readouterr().out
+    honest = next(line for line in out.splitlines() if line.startswith("honest") and "latency" in line)
+    assert re.search(r": holds \(detects an excess of 0\.(3|4)\d or more\)$", honest), honest
+    narrow = next(line for line in out.splitlines() if line.startswith("narrow") and "latency" in line)
+    assert re.search(r": undetermined \(detects an excess of 1\.0\d or more, more than the 0\.5 a verdict needs: "
+                     r"too narrow a range: across N ×4 .* could alone add 1\.00\)$", narrow), narrow
+    markdown = (folder / "report.md").read_text()
+    table = markdown.split("**Declared vs measured complexity**", 1)[1]
+    assert "| implementation | case | metric | declared | measured | detects | verdict |" in table
+    assert re.search(r"\| honest \| [^|]+ \| latency \| n\^2 \| n\^2\.00 [^|]+ \| 0\.(3|4)\d \| holds \|", table)
+    assert re.search(r"\| narrow \| [^|]+ \| latency \| n\^2 \| n\^2\.00 [^|]+ \| 1\.0\d \| undetermined: too narrow "
+                     r"a range", table)
 
 
 def test_report_on_a_folder_without_rows_is_one_line(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""What a run's rows say, without measuring again: scaling fits and verdicts against the declared
-complexity, crossover lengths, achieved throughput, and the error-latency Pareto front.
+"""What a run's rows say, without measuring again: the curves and their figures, crossover
+lengths, achieved throughput, and the error-latency Pareto front (scaling fits and verdicts:
+attnbench.analysis.scaling).
 
 Everything here is computed from the rows and the run's metadata (declared complexity,
 exactness, the matmul throughput measured once per run), so ``attnbench report`` can rebuild
@@ -8,15 +9,11 @@ it from a stored run folder.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
-
-import numpy as np
-from scipy import stats
 
 from attnbench.contract.case import Case, curve_x, group_key
 from attnbench.contract.work import exact_attention
@@ -27,62 +24,6 @@ from attnbench.storage.run_folder import Declared
 
 Metric = Literal["latency", "memory"]
 METRICS: tuple[Metric, ...] = ("latency", "memory")
-
-FIT_POINTS = 4  # the largest measured seq_lens a fit uses: asymptotic behaviour, not start-up costs
-MIN_FIT_POINTS = 3  # two points give a slope but no error estimate: no verdict from them
-# A declared exponent holds unless the measured one exceeds it by more than this margin plus the
-# fit's 95% confidence half-width (Student's t on n − 2 degrees of freedom times the standard
-# error): on a CPU, cache and allocator effects bend curves by about a tenth.
-EXPONENT_MARGIN = 0.2
-CONFIDENCE = 0.95
-BOOTSTRAP_RESAMPLES = 999
-# Seeded, so that a report rebuilt from the same rows says the same (scipy renamed the argument).
-_SEED_ARGUMENT = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
-
-
-@dataclass(frozen=True)
-class ScalingFit:
-    implementation: str
-    group: Case  # the fixed axes (seq_len blank)
-    metric: Metric
-    seq_lens: tuple[int, ...]  # the points fitted
-    exponent: float | None  # least-squares slope of log(metric) on log(seq_len)
-    # Its standard error: the regression's (scipy.stats.linregress) combined with the spread of the
-    # measurements themselves (a bootstrap over each point's latency samples); None below 3 points.
-    stderr: float | None
-    declared: str | None  # e.g. "n^2"; None when the run did not record it
-    declared_exponent: float | None
-
-    @property
-    def allowance(self) -> float | None:
-        """How far above the declaration the measured exponent may be before the verdict fails."""
-        if self.stderr is None:
-            return None
-        t = stats.t.ppf(0.5 + CONFIDENCE / 2, len(self.seq_lens) - 2)
-        return EXPONENT_MARGIN + float(t) * self.stderr
-
-    @property
-    def verdict(self) -> Literal["holds", "does not hold", "undetermined"]:
-        if self.exponent is None or self.declared_exponent is None or self.allowance is None:
-            return "undetermined"
-        if self.exponent > self.declared_exponent + self.allowance:
-            return "does not hold"
-        return "holds"
-
-    @property
-    def measured(self) -> str:
-        if self.exponent is None:
-            return "fewer than 2 measured points"
-        if self.stderr is None:
-            spread = f" (only {len(self.seq_lens)} points: no verdict)"
-        else:
-            spread = f" ± {self.stderr:.2f}"
-        return f"n^{self.exponent:.2f}{spread} over {self.seq_lens[0]}–{self.seq_lens[-1]}"
-
-    def sentence(self) -> str:
-        """'declared n, measured n^1.93 ± 0.04 over 2048–16384: does not hold'."""
-        declared = self.declared or "unknown"
-        return f"declared {declared}, measured {self.measured}: {self.verdict}"
 
 
 @dataclass(frozen=True)
@@ -149,22 +90,6 @@ def result_latency(row: Row) -> float | None:
 def memory_name(case: Case) -> str:
     """What the memory metric is for the case's curve: a decode step's state, else the call's peak."""
     return "state kept" if case.decode else "peak memory"
-
-
-def scaling_fits(rows: Sequence[Row], declared: Mapping[str, Declared]) -> list[ScalingFit]:
-    fits = []
-    for (name, group), points in curves(rows).items():
-        info = declared.get(name)
-        for metric in METRICS:
-            fitted = [row for row in points if metric_value(row, metric)][-FIT_POINTS:]
-            measured = [(curve_x(row.case), metric_value(row, metric)) for row in fitted]
-            exponent, stderr = loglog_slope(measured) if len(measured) >= 2 else (None, None)
-            if stderr is not None and metric == "latency":
-                stderr = math.hypot(stderr, _measurement_spread(fitted))
-            text, exponent_declared = (None, None) if info is None else info.complexity(metric, points[0].case)
-            fits.append(ScalingFit(name, group, metric, tuple(n for n, _ in measured), exponent, stderr, text,
-                                   exponent_declared))
-    return fits
 
 
 def crossovers(rows: Sequence[Row], declared: Mapping[str, Declared], budget: float) -> list[Crossover]:
@@ -293,44 +218,3 @@ def crossover_between(mine: dict[int, float], best: dict[int, float], better: st
             log_n = math.log(n0) + (math.log(n1) - math.log(n0)) * r0 / (r0 - r1)
             return math.exp(log_n), f"{better} from ~{math.exp(log_n):.0f} (between {n0} and {n1})"
     return None, f"not {better} within the measured range ({common[0]}–{common[-1]})"
-
-
-def loglog_slope(points: Sequence[tuple[int, float]]) -> tuple[float, float | None]:
-    """Least-squares slope of log(value) on log(seq_len) (scipy.stats.linregress), and its
-    standard error from the residuals (None below three points: two always fit exactly)."""
-    values = [math.log(value) for _, value in points]
-    if len(set(values)) == 1:  # a flat line (a fixed-size state): linregress's correlation is undefined
-        return 0.0, (0.0 if len(points) >= MIN_FIT_POINTS else None)
-    fit = stats.linregress([math.log(n) for n, _ in points], values)
-    return float(fit.slope), (float(fit.stderr) if len(points) >= MIN_FIT_POINTS else None)
-
-
-def _measurement_spread(rows: Sequence[Row]) -> float:
-    """Standard error of the latency slope from the measurements' own spread: each round's samples
-    resampled (scipy.stats.bootstrap), each point's value its fastest round's median, as reported."""
-    xs = np.log([curve_x(row.case) for row in rows])
-    rounds = [[np.log(samples) for samples in row.latency.rounds] for row in rows]
-    resampled = [(point, index) for point, point_rounds in enumerate(rounds)
-                 for index, samples in enumerate(point_rounds) if len(samples) >= 2]
-    if not resampled:
-        return 0.0
-    fixed = [[float(np.median(samples)) for samples in point_rounds] for point_rounds in rounds]
-
-    def slope(*medians_of: np.ndarray, axis: int = -1) -> np.ndarray:
-        medians = [np.median(sample, axis=axis) for sample in medians_of]
-        shape = np.shape(medians[0])
-        per_point = []
-        for point, point_rounds in enumerate(fixed):
-            values = [np.full(shape, value) for value in point_rounds]
-            for (where, index), median in zip(resampled, medians, strict=True):
-                if where == point:
-                    values[index] = median
-            per_point.append(np.min(values, axis=0))
-        ys = np.stack(per_point, axis=-1)
-        centred = xs - xs.mean()
-        return (centred * (ys - ys.mean(axis=-1, keepdims=True))).sum(axis=-1) / (centred**2).sum()
-
-    samples = tuple(rounds[point][index] for point, index in resampled)
-    result = stats.bootstrap(samples, slope, n_resamples=BOOTSTRAP_RESAMPLES, vectorized=True, paired=False,
-                             method="percentile", **{_SEED_ARGUMENT: np.random.default_rng(0)})
-    return float(result.standard_error)

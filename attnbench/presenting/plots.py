@@ -20,7 +20,6 @@ from attnbench.analysis.curves import (
     Declared,
     Metric,
     ParetoPoint,
-    ScalingFit,
     can_be_baseline,
     is_exact,
     memory_name,
@@ -29,6 +28,7 @@ from attnbench.analysis.curves import (
     within_budget,
 )
 from attnbench.analysis.history import History
+from attnbench.analysis.scaling import ScalingFit
 from attnbench.contract.case import AXES, CURVE_AXIS, CURVE_LABEL, Case, curve_x, describe_group
 from attnbench.presenting.figure_style import (
     BYTES,
@@ -251,7 +251,7 @@ def exponent_plot(fits: Sequence[ScalingFit], group: Case, folder: Path) -> Plot
         return None
     names = sorted({fit.implementation for fit in fits})
     figure, panels = new_figure(10, 0.45 * len(names) + 1.9, 1, 2, sharey=True)
-    extent = [fit.exponent - (fit.stderr or 0) for fit in fits] + [fit.exponent + (fit.stderr or 0) for fit in fits]
+    extent = [bound for fit in fits for bound in (fit.interval or (fit.exponent, fit.exponent))]
     extent += [fit.declared_exponent for fit in fits if fit.declared_exponent is not None]
     low, high = min(-0.1, min(extent) - 0.2), max(2.6, max(extent) + 0.5)
     for axes, metric in zip(panels, ("latency", "memory"), strict=True):
@@ -260,27 +260,29 @@ def exponent_plot(fits: Sequence[ScalingFit], group: Case, folder: Path) -> Plot
             if fit is None:
                 continue
             colour = "tab:red" if fit.verdict == "does not hold" else "tab:blue"
-            axes.errorbar(fit.exponent, index, xerr=fit.stderr or 0, fmt="o", color=colour, capsize=3)
+            below, above = (fit.exponent - fit.interval[0], fit.interval[1] - fit.exponent) if fit.interval else (0, 0)
+            axes.errorbar(fit.exponent, index, xerr=[[max(below, 0)], [max(above, 0)]], fmt="o", color=colour,
+                          capsize=3)
             if fit.declared_exponent is not None:
                 axes.plot(fit.declared_exponent, index, marker="D", markerfacecolor="none", color="0.2", markersize=8)
-            label = f"{fit.exponent:.2f}" + (f" ± {fit.stderr:.2f}" if fit.stderr is not None else " (2 points)")
-            axes.annotate(label, (fit.exponent, index), fontsize=7, xytext=(0, 7), textcoords="offset points",
-                          ha="center")
-        axes.set_title(f"{metric}: measured (o, ± one standard error) vs declared (◇)", fontsize=9)
+            detects = f", detects +{fit.detectable:.2f}" if fit.detectable is not None else " (no interval)"
+            axes.annotate(f"{fit.exponent:.2f}{detects}", (fit.exponent, index), fontsize=7, xytext=(0, 7),
+                          textcoords="offset points", ha="center")
+        axes.set_title(f"{metric}: measured (o, 95% interval) vs declared (◇)", fontsize=9)
         axes.set_xlabel("exponent k in cost ∝ n^k")
         axes.set_xlim(low, high)
         axes.set_ylim(-0.7, len(names) - 0.3)
         axes.axvline(0, color="0.8", linewidth=1)
         axes.grid(axis="x", alpha=0.3)
     panels[0].set_yticks(range(len(names)), names)
-    figure.suptitle(f"Scaling exponents over each one's largest points — {describe_group(group)}", fontsize=10)
+    figure.suptitle(f"Scaling exponents over each curve's measured N — {describe_group(group)}", fontsize=10)
     figure.tight_layout()
     stem = f"{group_slug(group)}-exponents"
     save(figure, folder, stem)
     return Plot("Scaling exponents: declared vs measured", stem,
-                "Bars: ± one standard error of the fit; red: the declaration (◇) does not hold (the measured exponent "
-                "exceeds it by more than 0.2 plus the 95% confidence half-width). Fits of two points have no bar and "
-                "no verdict.")
+                "Bars: the exponent's 95% interval; red: the declaration (◇) does not hold. 'detects +x': the "
+                "smallest excess over the declaration the fit would call 'does not hold' (the bound on per-operation "
+                "cost across the range plus the interval's lower half); over 0.5, no 'holds' is given.")
 
 
 def _guides(axes: Axes, measured: Sequence[tuple[int, float]]) -> None:

@@ -15,7 +15,6 @@ from attnbench.analysis.curves import (
     Crossover,
     Declared,
     ParetoPoint,
-    ScalingFit,
     Throughput,
     can_be_baseline,
     crossovers,
@@ -24,11 +23,11 @@ from attnbench.analysis.curves import (
     memory_name,
     metric_value,
     pareto,
-    scaling_fits,
     throughputs,
     within_budget,
 )
 from attnbench.analysis.decode import decode_points
+from attnbench.analysis.scaling import SLOWDOWN_BOUND, USEFUL_EXCESS, ScalingFit, scaling_fits
 from attnbench.analysis.sources import SourceErrors, errors_by_source
 from attnbench.contract.case import CURVE_LABEL, curve_x, describe_group, group_key
 from attnbench.measuring.figures import ErrorFigures
@@ -165,16 +164,20 @@ def _verdict_table(fits: Sequence[ScalingFit]) -> Table:
                                           describe_group(f.group), f.implementation))
     lines = tuple(
         (fit.implementation, describe_group(fit.group), fit.metric, fit.declared or "unknown", fit.measured,
-         fit.verdict)
+         "" if fit.detectable is None else f"{fit.detectable:.2f}", fit.verdict + (f": {fit.why}" if fit.why else ""))
         for fit in ordered
     )
-    note = ("Failed declarations first, then steepest first. Least-squares fit (scipy.stats.linregress) of "
-            "log(median latency) and log(peak memory; for a decode step, the state it keeps) on log(N) over each "
-            "curve's largest measured points (up to 4; at least 3 for a verdict); ± is one standard error, of the "
-            "regression combined with a bootstrap over each point's latency samples. A declaration holds unless the "
-            "measured exponent exceeds it by more than 0.2 plus the 95% confidence half-width (Student's t).")
+    note = (f"Failed declarations first, then steepest first. The exponent is the least-squares slope of "
+            f"log(fastest round's median latency) or log(peak memory; for a decode step, the state it keeps) on "
+            f"log(N) over each curve's measured N. Its 95% interval (Student's t) comes from the spread of the rounds "
+            f"(each its own worker process), or, with one round a point, from the fit's residuals. A "
+            f"declaration is refuted only by growth no per-operation cost explains: one that changes up to "
+            f"{SLOWDOWN_BOUND:g}× across the range (caches, a window not yet filled) is allowed. 'Detects': the "
+            f"smallest excess over the declared exponent the fit would call 'does not hold' (that allowance plus "
+            f"the interval's lower half). A declaration 'holds' only where that is at most {USEFUL_EXCESS:g}, "
+            f"half a power of N, the gap between n, n^1.5 and n²; elsewhere it is undetermined, with the reason.")
     return Table("Declared vs measured complexity", ("implementation", "case", "metric", "declared", "measured",
-                                                      "verdict"), lines, note)
+                                                      "detects", "verdict"), lines, note)
 
 
 def _crossover_table(rows: Sequence[Row], declared: Mapping[str, Declared], budgets: Sequence[float]) -> Table:
