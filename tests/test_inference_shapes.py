@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import toys
 
 import attnbench
-from attnbench.analysis.curves import scaling_fits
+from attnbench.analysis.scaling import scaling_fits
 from attnbench.contract.errors import UserError
 from attnbench.contract.implementation import plugin_reasons
 from attnbench.contract.registry import Registry
