@@ -13,8 +13,20 @@ The two (N × m) softmax products are attention calls in their own right: m land
 over N keys, and N queries over m landmark keys whose values are pinv · (the first result).
 Both go through torch's fused scaled_dot_product_attention, so neither (N × m) matrix is ever
 stored, and the (m × m) products are ordered so that nothing costs N·m² (the last product is
-applied to the (m × d) values first). Low-precision inputs are computed in float32: the
-pseudo-inverse iteration is not stable in float16.
+applied to the (m × d) values first).
+
+Precision: the two attention calls run in the input's dtype (float32 for float16 and bfloat16,
+attnbench_plugins.precision); the landmarks, their (m × m) kernel and the pseudo-inverse iteration
+in float64, whatever the input. The kernel is ill-conditioned (condition numbers of 1e5 to 1e8 on
+Gaussian inputs; singular on smooth ones, where neighbouring landmarks nearly coincide), and once
+the iteration has inverted its small singular values (30 iterations) it amplifies any rounding of
+the kernel and of what it multiplies. In float32 the output then missed this very formula in
+float64 by up to hundreds of times nystrom's tolerance, on every structured input up to N=2048
+and on most Gaussian ones from N=1024: mostly the iteration's own rounding, and at large N the
+rounding of the landmarks and the kernel as well. None of it depends on N: the landmarks cost O(N·D) and the
+rest O(m²·D + t·m³), in float64 at about half float32's rate on CPUs (far less on consumer GPUs).
+Out of reach even so: gradients through an inverse converged on a singular kernel, which two
+float64 evaluations already disagree on; a float32 training step cannot match them.
 """
 
 from __future__ import annotations
@@ -24,11 +36,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from attnbench_plugins.precision import compute_dtype_for
+from attnbench_plugins.precision import compute_dtype_for, float64_device
 
 import attnbench
 from attnbench import AttentionFn, Case
 from attnbench.contract.work import timed_call
+
+# Positions × batch × heads × head_dim cast to float64 at a time for the landmarks (8 MiB): the
+# float64 means never need a float64 copy of the whole of q or k.
+LANDMARK_BLOCK_ELEMENTS = 2**20
 
 
 class NystromAttention(attnbench.Implementation):
@@ -44,10 +60,11 @@ class NystromAttention(attnbench.Implementation):
         "decode": "its landmarks average every position's query, which a KV cache does not keep",
     }
     default_options = {"landmarks": 256, "pinv_iterations": 6}
-    # Judged against its own float64 formula, whose pseudo-inverse amplifies float32 rounding by
-    # the landmark kernel's condition number: ~1e-6 of max |out| at the defaults, typically up to
-    # ~3e-4 with a landmark per token and a converged inverse (30 iterations), though on some
-    # inputs several times more, which is reported as incorrect. A bug is off by orders more.
+    # Judged against its own float64 formula. What is left in float32, the two attention calls'
+    # rounding, is amplified through the inverse: ~1e-6 of max |out| at the defaults, up to ~1e-5
+    # with the inverse converged (30 iterations) at N=4096, a few hundredths of this bound at most
+    # (benchmarks/nystrom_seeds.py); a bug is off by orders more. Beyond it, rightly reported as
+    # incorrect: training through an inverse converged on a singular kernel (the module's docstring).
     tolerances = {**attnbench.Implementation.tolerances, torch.float32: attnbench.Tolerance(atol=1e-5, rtol=1e-3)}
 
     def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
@@ -67,17 +84,19 @@ class NystromAttention(attnbench.Implementation):
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             dtype = q.dtype
             compute = compute_dtype_for(dtype)
-            q, k, v = q.to(compute), k.to(compute), v.to(compute)
-            batch, heads, seq_len, head_dim = q.shape
+            # The landmarks and their kernel in float64 (the module's docstring says why).
             q_landmarks = segment_means(q, segment_of, segment_sizes)  # (B, H, m, D)
             k_landmarks = segment_means(k, segment_of, segment_sizes)  # (B, KV, m, D)
             k_landmarks = k_landmarks.repeat_interleave(groups, dim=1)  # (B, H, m, D): small
-            kernel = torch.softmax(q_landmarks @ k_landmarks.transpose(-1, -2) * head_dim**-0.5, dim=-1)
+            kernel = torch.softmax(q_landmarks @ k_landmarks.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+            q_landmarks, k_landmarks = q_landmarks.to(q.device, compute), k_landmarks.to(q.device, compute)
+            q, k, v = q.to(compute), k.to(compute), v.to(compute)
             # softmax(Q̃ Kᵀ/√d) V: landmark queries attend to every key (grouped-query aware).
             landmark_values = F.scaled_dot_product_attention(q_landmarks, k, v, enable_gqa=groups > 1)
-            mixed = pinv_times(kernel, landmark_values, iterations)  # pinv(kernel) @ ..., (B, H, m, D)
+            # pinv(kernel) @ ..., (B, H, m, D), iterated in float64.
+            mixed = pinv_times(kernel, landmark_values.to(kernel.device, torch.float64), iterations)
             # softmax(Q K̃ᵀ/√d) · mixed: every query attends to the landmarks.
-            out = F.scaled_dot_product_attention(q, k_landmarks, mixed)
+            out = F.scaled_dot_product_attention(q, k_landmarks, mixed.to(q.device, compute))
             return out.to(dtype)
 
         return attention
@@ -85,7 +104,8 @@ class NystromAttention(attnbench.Implementation):
     def flops(self, case: Case, options: Mapping[str, Any]) -> attnbench.FlopCount:
         """m = min(landmarks, N), t iterations: the two attention calls through the landmarks
         (4·N·m·D each), the landmark kernel (2·m²·D), t − 1 pseudo-inverse steps of four (m × m)
-        products and the last applied to the values (8·(t−1)·m³ + 2·m³ + 8·m²·D), per head."""
+        products and the last applied to the values (8·(t−1)·m³ + 2·m³ + 8·m²·D), per head; the
+        kernel and the pseudo-inverse in float64."""
         m, t = min(options["landmarks"], case.seq_len), options["pinv_iterations"]
         b, h, n, d = case.batch, case.heads, case.seq_len, case.head_dim
         forward = b * h * (8.0 * n * m * d + 10.0 * m * m * d + (8.0 * t - 6) * m**3)
@@ -113,12 +133,22 @@ def segment_index(seq_len: int, landmarks: int, device: torch.device | str) -> t
 
 
 def segment_means(x: torch.Tensor, segment_of: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """(…, N, D) -> (…, m, D): the mean of each segment."""
-    if x.shape[-2] % sizes.shape[0] == 0:  # equal segments: a mean over a view, no scatter
-        return x.unflatten(-2, (sizes.shape[0], -1)).mean(dim=-2)
-    shape = (*x.shape[:-2], sizes.shape[0], x.shape[-1])
-    sums = torch.zeros(shape, dtype=x.dtype, device=x.device).index_add(-2, segment_of, x)
-    return sums / sizes.to(x.dtype)
+    """(…, N, D) -> (…, m, D) in float64: the mean of each segment, exact to float64 whatever x's
+    dtype, summed a block of positions at a time (no float64 copy of all of x is made)."""
+    device = float64_device(x.device)
+    landmarks, seq_len = sizes.shape[0], x.shape[-2]
+    step = max(1, LANDMARK_BLOCK_ELEMENTS * seq_len // max(1, x.numel()))  # positions per block
+    if seq_len % landmarks == 0:  # equal segments: sums over views of whole segments, no scatter
+        size = seq_len // landmarks
+        step = size * max(1, step // size)
+        blocks = (x[..., start:start + step, :].to(device, torch.float64) for start in range(0, seq_len, step))
+        sums = torch.cat([block.unflatten(-2, (-1, size)).sum(dim=-2) for block in blocks], dim=-2)
+    else:
+        sums = torch.zeros((*x.shape[:-2], landmarks, x.shape[-1]), dtype=torch.float64, device=device)
+        for start in range(0, seq_len, step):
+            block = slice(start, start + step)
+            sums = sums.index_add(-2, segment_of[block].to(device), x[..., block, :].to(device, torch.float64))
+    return sums / sizes.to(device, torch.float64)
 
 
 def iterative_pinv(matrix: torch.Tensor, iterations: int) -> torch.Tensor:
