@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnbench.analysis.curves import Throughput, loglog_slope, output_error, throughputs
+from attnbench.analysis.curves import Throughput, output_error, throughputs
+from attnbench.analysis.scaling import fit_exponent
 from attnbench.presenting.summary import format_table
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import RunFolder, load_run
@@ -121,7 +122,7 @@ def memory_slopes(rows: dict[Point, Row], misses: list[str]) -> str:
         if len(points) < 2:
             continue
         points.sort()
-        slope, _ = loglog_slope(points)
+        slope = _exponent(points)
         lines.append([name, curve, f"{points[0][0]}-{points[-1][0]}", format_bytes(points[-1][1]), f"{slope:.2f}"])
         if name in OURS and slope > MEMORY_SLOPE:
             misses.append(f"{name} {curve}: peak-memory slope {slope:.2f} (target {MEMORY_SLOPE})")
@@ -164,5 +165,11 @@ def _peak(row: Row) -> str:
     return format_bytes(row.memory.peak_bytes) if row.memory and row.memory.peak_bytes else ""
 
 
+def _exponent(points: list[tuple[int, float]]) -> float:
+    """The least-squares slope of log(value) on log(N), as the report's scaling fits take it."""
+    return fit_exponent([(n, (value,)) for n, value in points])[0]
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -15,7 +15,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from attnbench.analysis.curves import crossover_between, loglog_slope
+from attnbench.analysis.curves import crossover_between
+from attnbench.analysis.scaling import fit_exponent
 from attnbench.presenting.summary import format_table
 from attnbench.storage.results import Row
 from attnbench.storage.run_folder import load_run
@@ -82,9 +83,9 @@ def slope_table(rows: list[Row], from_seq_len: int = 4096) -> str:
         if len(points) < 2:
             continue
         sizes = [row.case.seq_len for row in points]
-        latency, _ = loglog_slope(list(zip(sizes, [row.latency.median_s for row in points], strict=True)))
+        latency = _exponent(list(zip(sizes, [row.latency.median_s for row in points], strict=True)))
         peaks = [row.memory.peak_bytes for row in points if row.memory and row.memory.peak_bytes]
-        memory = loglog_slope(list(zip(sizes, peaks, strict=True)))[0] if len(peaks) == len(points) else float("nan")
+        memory = _exponent(list(zip(sizes, peaks, strict=True))) if len(peaks) == len(points) else float("nan")
         lines.append([name, curve, f"{min(sizes)}-{max(sizes)}", f"{latency:.2f}", f"{memory:.2f}"])
     headers = ("implementation", "case", "N range", "latency slope", "memory slope")
     return format_table(headers, lines) if lines else f"(fewer than two points from N={from_seq_len})"
@@ -104,5 +105,11 @@ def _memory(row: Row) -> str:
     return format_bytes(row.memory.peak_bytes) if row.memory and row.memory.peak_bytes is not None else ""
 
 
+def _exponent(points: list[tuple[int, float]]) -> float:
+    """The least-squares slope of log(value) on log(N), as the report's scaling fits take it."""
+    return fit_exponent([(n, (value,)) for n, value in points])[0]
+
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
