@@ -160,6 +160,31 @@ def test_a_signal_stops_the_run_keeps_every_row_writes_the_report_and_leaves_not
     assert len({(row.implementation, row.case) for row in rows}) == len(rows) == 8
 
 
+HELD_STOP = """
+import os, signal, threading, time
+from attnbench.support.containment import Interrupted, deferred_interrupts, install_interrupt_handlers
+install_interrupt_handlers()
+threading.Thread(target=time.sleep, args=(30,), daemon=True).start()  # as torch's threads in the harness
+try:
+    with deferred_interrupts():
+        os.kill(os.getpid(), signal.SIG{name})  # the main thread blocks it: the other thread takes it
+        for _ in range(50):
+            time.sleep(0.01)  # Python would run a handler it let through here
+        print("block finished", flush=True)
+except Interrupted as stop:
+    print("stopped by", stop.signal_name)
+"""
+
+
+@pytest.mark.parametrize("name", ["INT", "TERM"])
+def test_a_stop_waits_for_the_cleanup_block_even_when_another_thread_takes_the_signal(name):
+    # A stop raised while a worker was being forked left the fork server a half-sent request: it
+    # died printing a traceback into the user's terminal.
+    done = subprocess.run([sys.executable, "-c", HELD_STOP.format(name=name)], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.stdout.splitlines() == ["block finished", f"stopped by SIG{name}"], done.stderr
+
+
 def test_workers_die_with_the_harness(tmp_path):
     """kill -9 of attnbench alone (not its group): the fork server, the worker and what the point
     started in the worker's group all die (the worker's own session is not the harness's group)."""

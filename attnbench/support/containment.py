@@ -61,6 +61,8 @@ class PluginFault:
 
 
 _handlers_installed = False
+_deferring = 0  # open deferred_interrupts blocks (main thread only)
+_held_signal: str | None = None  # the first stop asked for while one was open
 
 
 def install_interrupt_handlers() -> None:
@@ -68,7 +70,12 @@ def install_interrupt_handlers() -> None:
     global _handlers_installed
 
     def raise_interrupted(number: int, _frame: object) -> None:
-        raise Interrupted(signal.Signals(number).name)
+        global _held_signal
+        name = signal.Signals(number).name
+        if _deferring:  # cleanup that must finish is running: deferred_interrupts raises it after
+            _held_signal = _held_signal or name
+            return
+        raise Interrupted(name)
 
     for name in SIGNALS:
         if hasattr(signal, name):
@@ -107,17 +114,30 @@ def _fault(what: str, error: BaseException) -> PluginFault:
 
 class deferred_interrupts:
     """Holds Ctrl-C, SIGTERM and SIGHUP back until the block is done (cleanup that must finish:
-    killing a worker's processes, writing a row); they are delivered right after."""
+    starting or killing a worker, writing a row); they are raised right after.
+
+    Blocking the signals in the main thread is not enough: torch starts threads in the harness,
+    the kernel hands a process's signal to any thread that does not block it, and Python then runs
+    the handler in the main thread all the same. So the handler itself holds the signal while a
+    block is open; the mask covers the default handlers, where install_interrupt_handlers never ran.
+    """
 
     def __enter__(self) -> None:
+        global _deferring
         self.active = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
         if self.active:
             wanted = {getattr(signal, name) for name in SIGNALS if hasattr(signal, name)}
             self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+            _deferring += 1
 
     def __exit__(self, *exc_info: object) -> None:
+        global _deferring, _held_signal
         if self.active:
+            _deferring -= 1
             signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
+            if not _deferring and _held_signal:
+                name, _held_signal = _held_signal, None
+                raise Interrupted(name)
 
 
 class _time_limit:
