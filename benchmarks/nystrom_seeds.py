@@ -5,7 +5,8 @@
 
 A built-in must pass its own declaration on every honest input (issue 32). For each input source
 (gaussian, structured, minilm, smollm2), shape (the plugin kit's and N = 512 to 4096 at a
-typical head shape) and option set (the defaults, and a pseudo-inverse iterated to convergence),
+typical head shape) and option set (the defaults, and the most pseudo-inverse iterations nystrom
+takes for the mode, its inverse nearest convergence),
 the input set of each seed 0..S-1 is drawn as a sweep draws a point's (``draw_set``), nystrom is
 called on it as the worker calls it (``attention_call``: forward, or forward and backward), and
 the result is judged by the harness's own code: the case's rows and exact references
@@ -15,7 +16,8 @@ at its declared tolerance (``verifier_for``). The harness draws the rows it chec
 
 Prints, per row, the seeds tried, the failures (and their seeds), the worst error as a fraction
 of the tolerance's bound and the time taken; a source that cannot give a shape is listed with
-its reason. The model sources capture q, k, v on first use into their cache (a minute or two).
+its reason (or nystrom's, for options it refuses). The model sources capture q, k, v on first use
+into their cache (a minute or two).
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ import dataclasses
 import random
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from unittest import mock
 
 import torch
+from attnbench_plugins.nystrom import MOST_ITERATIONS
 
 from attnbench.contract.case import Case
+from attnbench.contract.errors import NotSupported
 from attnbench.contract.implementation import Implementation, effective_options, plugin_reasons
 from attnbench.contract.inputs import InputSource, source_reasons
 from attnbench.contract.registry import Registry, load_registry
@@ -45,10 +49,12 @@ from attnbench.presenting.summary import format_table
 from attnbench.settings.suite import CorrectnessSettings
 from attnbench.testing import small_case, small_cases
 
-SOURCES = ("gaussian", "structured", "minilm", "smollm2")
 LONG_LENGTHS = (512, 1024, 2048, 4096)
-# The defaults, and the iteration run to convergence (the setting of the float32 failures).
-OPTION_SETS: Mapping[str, Mapping[str, Any]] = {"defaults": {}, "converged": {"pinv_iterations": 30}}
+# The defaults, and the most iterations nystrom takes for the case's mode (where float32 failed).
+OPTION_SETS: Mapping[str, Callable[[Case], dict[str, Any]]] = {
+    "defaults": lambda case: {},
+    "most iterations": lambda case: {"pinv_iterations": MOST_ITERATIONS[case.backward]},
+}
 # The model sources' windows of text: as many as seeds, so that seeds mostly draw different text
 # (the default, 4, gives a fresh seed other values from only a few windows).
 MODEL_TEXTS = 200
@@ -80,11 +86,19 @@ PLANS = (
 class Point:
     plan: SourcePlan
     case: Case
-    option_set: str
+    options: Mapping[str, Any]  # given: the rest are nystrom's defaults
 
     @property
     def shape(self) -> str:
         return dataclasses.replace(self.case, inputs="gaussian").describe()
+
+    @property
+    def options_text(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.options.items()) or "defaults"
+
+    @property
+    def label(self) -> str:
+        return f"{self.plan.name} {self.shape} {self.options_text}"
 
 
 @dataclass
@@ -108,15 +122,21 @@ def long_shapes(plan: SourcePlan) -> list[Case]:
 
 
 def points() -> list[Point]:
-    return [Point(plan, dataclasses.replace(shape, inputs=plan.name), option_set)
-            for option_set in OPTION_SETS for plan in PLANS for shape in [*kit_shapes(), *long_shapes(plan)]]
+    return [Point(plan, dataclasses.replace(shape, inputs=plan.name), given(shape))
+            for given in OPTION_SETS.values() for plan in PLANS for shape in [*kit_shapes(), *long_shapes(plan)]]
 
 
 def unavailable(implementation: Implementation, point: Point, source: InputSource | None) -> str:
-    """Why this point cannot be drawn or run ("" when it can)."""
+    """Why this point cannot be drawn or run ("" when it can): the source's reasons, the plugin's,
+    or its refusal of the options in prepare."""
     if source is None:
         return f"{point.plan.name} is not registered"
     reasons = [*source_reasons(source, every_position(point.case)), *plugin_reasons(implementation, point.case)]
+    if not reasons:
+        try:
+            implementation.prepare(point.case, effective_options(implementation, point.options))
+        except NotSupported as refusal:
+            reasons.append(str(refusal))
     return "; ".join(reasons)
 
 
@@ -141,7 +161,7 @@ def worst_fraction(correctness: Correctness) -> float:
 
 
 def tally(implementation: Implementation, point: Point, source: InputSource, seeds: int) -> Tally:
-    options = effective_options(implementation, OPTION_SETS[point.option_set])
+    options = effective_options(implementation, point.options)
     result, started = Tally(), time.perf_counter()
     for seed in range(seeds):
         correctness = judged(implementation, point.case, options, source, seed)
@@ -158,7 +178,7 @@ HEADERS = ("source", "shape", "options", "seeds", "failed", "failing seeds", "wo
 
 def row(point: Point, result: Tally) -> list[str]:
     failing = ", ".join(map(str, result.failed[:8])) + (" …" if len(result.failed) > 8 else "")
-    return [point.plan.name, point.shape, point.option_set, str(result.seeds), str(len(result.failed)),
+    return [point.plan.name, point.shape, point.options_text, str(result.seeds), str(len(result.failed)),
             failing or "-", f"{result.worst:.3g}", f"{result.seconds:.0f}"]
 
 
@@ -187,12 +207,11 @@ def main(argv: list[str]) -> int:
     sources = {plan.name: configured_source(registry, plan, args.cache) for plan in PLANS}
     rows, skipped, started = [], {}, time.perf_counter()
     for point in points():
-        label = f"{point.plan.name} {point.shape} {point.option_set}"
-        if args.only not in label or (args.skip and args.skip in label):
+        if args.only not in point.label or (args.skip and args.skip in point.label):
             continue
         reason = unavailable(implementation, point, sources[point.plan.name])
         if reason:
-            skipped[f"{point.plan.name} {point.shape}"] = reason
+            skipped[point.label] = reason
             continue
         rows.append(row(point, tally(implementation, point, sources[point.plan.name], args.seeds)))
         print("  ".join(rows[-1]), flush=True)

@@ -23,10 +23,12 @@ the iteration has inverted its small singular values (30 iterations) it amplifie
 the kernel and of what it multiplies. In float32 the output then missed this very formula in
 float64 by up to hundreds of times nystrom's tolerance, on every structured input up to N=2048
 and on most Gaussian ones from N=1024: mostly the iteration's own rounding, and at large N the
-rounding of the landmarks and the kernel as well. None of it depends on N: the landmarks cost O(N·D) and the
-rest O(m²·D + t·m³), in float64 at about half float32's rate on CPUs (far less on consumer GPUs).
-Out of reach even so: gradients through an inverse converged on a singular kernel, which two
-float64 evaluations already disagree on; a float32 training step cannot match them.
+rounding of the landmarks and the kernel as well. None of it depends on N: the landmarks cost
+O(N·D), the rest O(m²·D + t·m³), in float64 at about half float32's rate on CPUs (far less on
+consumer GPUs).
+Out of reach even so: more iterations than MOST_ITERATIONS, past which the float32 attention
+calls' rounding, amplified through the inverse, takes the output (or, sooner, the gradients, which
+two float64 evaluations already disagree on) beyond the tolerance; such a point is unsupported.
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ from attnbench.contract.work import timed_call
 # Positions × batch × heads × head_dim cast to float64 at a time for the landmarks (8 MiB): the
 # float64 means never need a float64 copy of the whole of q or k.
 LANDMARK_BLOCK_ELEMENTS = 2**20
+# The most pseudo-inverse iterations nystrom takes, by whether gradients are taken (case.backward).
+# Each further iteration inverts singular values of the landmark kernel about √3.25 times smaller,
+# and the error the float32 attention calls leave grows about as much (measured: 1.6 times per
+# iteration, in the output and in the gradients alike, the gradients' from a larger start).
+# At these limits the worst of 200 inputs per source and shape stays within a quarter of the bound
+# (0.02 of it for the output, 0.15 for structured inputs' gradients), as exact attention's does of
+# the default tolerance; past them inputs miss it, structured ones first (singular kernels): the
+# output at 45 iterations, the gradients at 25 (and at 30 one Gaussian input in 200;
+# benchmarks/nystrom_seeds.py). A point past its limit is unsupported, not incorrect at random.
+MOST_ITERATIONS = {False: 30, True: 14}
 
 
 class NystromAttention(attnbench.Implementation):
@@ -63,8 +75,8 @@ class NystromAttention(attnbench.Implementation):
     # Judged against its own float64 formula. What is left in float32, the two attention calls'
     # rounding, is amplified through the inverse: ~1e-6 of max |out| at the defaults, up to ~1e-5
     # with the inverse converged (30 iterations) at N=4096, a few hundredths of this bound at most
-    # (benchmarks/nystrom_seeds.py); a bug is off by orders more. Beyond it, rightly reported as
-    # incorrect: training through an inverse converged on a singular kernel (the module's docstring).
+    # (benchmarks/nystrom_seeds.py); a bug is off by orders more. Past MOST_ITERATIONS it would not
+    # hold, and prepare refuses the point.
     tolerances = {**attnbench.Implementation.tolerances, torch.float32: attnbench.Tolerance(atol=1e-5, rtol=1e-3)}
 
     def invalid_options(self, options: Mapping[str, Any]) -> dict[str, str]:
@@ -77,6 +89,12 @@ class NystromAttention(attnbench.Implementation):
     def prepare(self, case: Case, options: Mapping[str, Any]) -> AttentionFn:
         landmarks = min(options["landmarks"], case.seq_len)
         iterations = options["pinv_iterations"]
+        most = MOST_ITERATIONS[case.backward]
+        if iterations > most:
+            taken = "gradients" if case.backward else "the output"
+            raise attnbench.NotSupported(
+                f"pinv_iterations={iterations}: past {most}, float32 rounding amplified through the inverse takes "
+                f"{taken} beyond nystrom's tolerance (supported: pinv_iterations <= {most} in {case.mode} mode)")
         segment_of = segment_index(case.seq_len, landmarks, case.device)
         segment_sizes = torch.bincount(segment_of, minlength=landmarks).unsqueeze(-1)  # (m, 1)
         groups = case.heads // case.kv_heads

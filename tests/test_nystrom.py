@@ -6,7 +6,9 @@ import random
 
 import pytest
 import torch
+from attnbench_plugins.nystrom import MOST_ITERATIONS
 
+from attnbench.contract.errors import NotSupported
 from attnbench.contract.implementation import effective_options
 from attnbench.measuring.in_process import measure_case
 from attnbench.measuring.inputs import make_inputs
@@ -41,15 +43,15 @@ def test_with_a_landmark_per_token_it_is_exact_attention(registry, kv_heads):
 
 
 # Input sets (source, seed) of the kit's shape on which nystrom, with its pseudo-inverse iterated
-# to convergence in float32, missed its own float64 formula by more than its tolerance
-# (benchmarks/nystrom_seeds.py before the fix; structured inputs missed it on every seed).
+# to convergence (30 iterations) in float32, missed its own float64 formula by more than its
+# tolerance (benchmarks/nystrom_seeds.py before the fix; structured inputs missed it on every seed).
 FLOAT32_FAILURES = [("gaussian", 14), ("structured", 0), ("structured", 1)]
 
 
 @pytest.fixture
 def one_thread():
     """Small batched products: on a small shared machine a second thread mostly waits on the first,
-    and the converged cases below take many times longer with two threads than with one."""
+    and the cases below take many times longer with two threads than with one."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -57,17 +59,32 @@ def one_thread():
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("source, seed", FLOAT32_FAILURES)
-def test_a_converged_pseudo_inverse_meets_its_own_tolerance(registry, monkeypatch, source, seed):
-    """30 iterations invert the landmark kernel down to its smallest singular values (condition
-    numbers of 1e5 to 1e8 on Gaussian inputs; structured ones make it singular), which amplifies
-    any rounding of the kernel or of what the inverse multiplies. With the landmarks, the kernel
-    and the iteration in float64, the output agrees with the float64 formula on every input, these
-    included, judged as a sweep judges a point (the first call and a call on fresh inputs, whose
-    seed and the rows checked are fixed here so that the test says the same every time)."""
+def test_its_most_iterations_meet_its_own_tolerance(registry, monkeypatch, source, seed, mode):
+    """Its most iterations (30 forward, fewer when gradients are taken) invert the landmark kernel
+    down to small singular values (condition numbers of 1e5 to 1e8 on Gaussian inputs; structured
+    ones make it singular), which amplify any rounding of the kernel or of what the inverse
+    multiplies. With the landmarks, the kernel and the iteration in float64, the output (and the
+    gradients) agree with the float64 formula on every input, these included, judged as a sweep
+    judges a point (the first call and a call on fresh inputs, whose seed and the rows checked are
+    fixed here so that the test says the same every time)."""
     monkeypatch.setattr("secrets.randbits", random.Random(seed).getrandbits)
     nystrom = registry.get("nystrom")
-    options = effective_options(nystrom, {"pinv_iterations": 30})
-    measurement = measure_case(nystrom, small_case(inputs=source), options, CORRECTNESS_ONLY, seed)
+    case = small_case(inputs=source, mode=mode)
+    options = effective_options(nystrom, {"pinv_iterations": MOST_ITERATIONS[case.backward]})
+    measurement = measure_case(nystrom, case, options, CORRECTNESS_ONLY, seed)
     assert measurement.status == "ok", measurement.reasons
     assert measurement.correctness.judged_against == "own"
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_past_its_most_iterations_it_refuses_the_point_with_the_reason(registry, mode):
+    """Past them no float32 computation meets the formula on every input (two float64 evaluations
+    of the gradients already disagree): such a point is unsupported, not incorrect at random."""
+    nystrom = registry.get("nystrom")
+    case = small_case(mode=mode)
+    most = MOST_ITERATIONS[case.backward]
+    nystrom.prepare(case, effective_options(nystrom, {"pinv_iterations": most}))
+    with pytest.raises(NotSupported, match=f"pinv_iterations={most + 1}: past {most}, .* in {mode} mode"):
+        nystrom.prepare(case, effective_options(nystrom, {"pinv_iterations": most + 1}))
