@@ -233,8 +233,11 @@ def _history(args: argparse.Namespace) -> int:
     folder = args.plots or args.suite_results / "history"
     for history in histories(runs, args.implementation):
         print(f"{history.implementation} — {describe_group(history.group)}")
-        lines = [[run, *(history.cells.get((run, n), "") for n in history.seq_lens)] for run in history.runs]
-        print(format_table(("run", *(f"N={n}" for n in history.seq_lens)), lines))
+        lines = [[run, history.machines[run], history.options[run] or "-",
+                  *(history.cells.get((run, n), "") for n in history.seq_lens)] for run in history.runs]
+        print(format_table(("run", "machine", "options", *(f"N={n}" for n in history.seq_lens)), lines))
+        for change in history.changes():
+            print(f"note: {change}")
         print(f"plot: {write_history_plot(history, folder)}\n")
     return 0
 

@@ -27,7 +27,7 @@ from scipy import stats
 from attnbench.analysis.scaling import CONFIDENCE, USEFUL_EXCESS, allowance, fit_exponent
 from attnbench.settings.suite import LatencySettings
 
-SUITES = ("quick", "regression", "structured", "long_seq")
+SUITES = ("quick", "scaling", "regression", "structured", "long_seq")
 NOISE = ((0.03, 0.0), (0.03, 0.4), (0.15, 0.4), (0.3, 0.0))  # (spread, disturbed)
 Lower = Callable[[Sequence[tuple[int, np.ndarray]]], tuple[float, float]]  # (exponent, interval's lower end)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 
@@ -80,6 +81,24 @@ def test_history_tables_and_plots_every_run(tmp_path, capsys):
     assert "20260101T000000Z-aaaaaaa" in out and "20260103T000000Z-aaaaaaa" in out and "N=4096" in out
     assert list((tmp_path / "suite" / "history").glob("history-slowed-*.png"))
     assert main(["history", str(tmp_path / "suite"), "nope"]) == 2
+
+
+def test_history_says_when_its_runs_differ_in_machine_or_options(tmp_path, capsys):
+    """A step in a history where the CPU or the options changed is not the code's."""
+    for day in (1, 2):
+        _run(tmp_path / "suite", f"2026010{day}T000000Z-aaaaaaa", seed=day)
+    assert main(["history", str(tmp_path / "suite"), "steady"]) == 0
+    assert "note:" not in capsys.readouterr().out  # one machine, one set of options: comparable
+    moved = tmp_path / "suite" / "20260102T000000Z-aaaaaaa"
+    (moved / "environment.json").write_text(json.dumps({"cpu_model": "Other CPU", "torch_threads": 1}))
+    later = load_run(_run(tmp_path, "20260103T000000Z-aaaaaaa", seed=3)).rows
+    write_run(tmp_path / "suite" / "20260103T000000Z-aaaaaaa", [replace(r, options={"block": 256}) for r in later],
+              DECLARED)
+    assert main(["history", str(tmp_path / "suite"), "steady"]) == 0
+    out = capsys.readouterr().out
+    assert "Other CPU, 1 thread" in out and "synthetic, 2 threads" in out and "block=256" in out
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2 and "differ in machines" in notes[0] and "differ in options (none; block=256)" in notes[1]
 
 
 def test_a_point_that_was_ok_and_is_not_now_is_a_regression(tmp_path, capsys):

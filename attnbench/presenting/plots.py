@@ -349,7 +349,7 @@ def history_plot(
     axes.set_yscale("log")
     axes.yaxis.set_major_formatter(SECONDS)
     axes.set_xticks(range(len(runs)), runs, rotation=30, ha="right", fontsize=7)
-    axes.set_xlabel("run (UTC time - commit), oldest first")
+    axes.set_xlabel("run (UTC time - commit; machine), oldest first")
     axes.set_ylabel("median latency (log scale)")
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
@@ -359,7 +359,9 @@ def history_plot(
 
 def write_history_plot(history: History, folder: Path) -> Path:
     stem = f"history-{history.implementation}-{group_slug(history.group)}"
-    history_plot(history.runs, history.seq_lens, history.medians,
+    labels = [f"{run}\n{history.machines[run]}" for run in history.runs]
+    history_plot(labels, history.seq_lens, {(labels[history.runs.index(run)], n): value
+                                            for (run, n), value in history.medians.items()},
                  f"{history.implementation} median latency across runs — {describe_group(history.group)}", folder, stem)
     return folder / f"{stem}.png"
 
