@@ -23,9 +23,11 @@ from attnbench.measuring.correctness import PRIMARY, ROTATION, CaseReferences, c
 from attnbench.measuring.tensor_files import NAMES, TensorFile
 from attnbench.settings.suite import CorrectnessSettings
 
-# A source with few distinct inputs repeats a set with probability 1/texts per seed; this many
-# new seeds make a repeat left over vanishingly rare for any source that has two.
-REDRAWS = 16
+# A fresh set drawn from a source of k distinct inputs repeats one of the two timed sets with
+# probability 2/k per seed: 2/3 for the fewest that can work (three text windows). With this many
+# new seeds a repeat is left over with probability (2/3)^64 ≈ 5e-12 a set; with 16 it was about 1
+# case in 80 at 8 rounds, and the whole case failed.
+REDRAWS = 64
 # (case, seeds) -> each set's description, as written by write_inputs into the given folder
 Drawer = Callable[[Case, Mapping[str, int], Path], tuple[dict[str, dict[str, Any]], list[str]]]
 
