@@ -32,7 +32,7 @@ def _noisy_run(folder, name, seconds, seq_lens, declaration, seed=0, **noise):
 # Rounds 20–30% apart, as on a loaded machine; long_seq's seven points also through rounds slowed
 # up to 3×. (Three points with 40% of their rounds slowed catch it in about half the draws.)
 @pytest.mark.parametrize(("suite", "spread", "disturbed"), [("long_seq", 0.3, 0.4), ("peers", 0.2, 0.0),
-                                                            ("structured", 0.2, 0.0)])
+                                                            ("structured", 0.2, 0.0), ("scaling", 0.3, 0.4)])
 def test_a_plugin_declaring_n_that_costs_n_squared_does_not_hold_over_a_shipped_suites_points(tmp_path, suite, spread,
                                                                                               disturbed):
     for seed in range(10):
