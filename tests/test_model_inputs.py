@@ -74,6 +74,31 @@ def test_smollm2_predicts_real_text():
     assert smollm2.tokenizer().decode([int(logits[-1].argmax())]) == " Rome"
 
 
+def test_smollm2_layer_steps_run_a_batch_of_windows_with_the_attention_their_driver_gives():
+    """The model one attention at a time, for a driver that brings its own (issue 33's model
+    pass): two windows side by side give what each gives alone, and a wrong attention in one layer
+    changes the prediction."""
+    windows = smollm2.encode("The capital of France is Paris. The capital of Germany is Berlin.")[:16]
+    pair = torch.stack((windows, windows.flip(0)))
+
+    def run(tokens, broken_layer=None):
+        steps = smollm2.layer_steps(tokens)
+        q, k, v = next(steps)
+        index = 0
+        while True:
+            out = smollm2._causal_attention(q, k, v)
+            try:
+                q, k, v = steps.send(out.flip(-2) if index == broken_layer else out)
+            except StopIteration as end:
+                return smollm2.logits(end.value)
+            index += 1
+
+    together = run(pair)
+    torch.testing.assert_close(together[0], smollm2.next_token_logits(windows), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together[1], run(pair[1:])[0], atol=1e-4, rtol=1e-4)
+    assert (run(pair, broken_layer=15) - together).abs().max() > 1.0
+
+
 def _rope_complex(x: torch.Tensor, base: float) -> torch.Tensor:
     """RoPE as complex rotations of adjacent pairs, in float64."""
     pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())

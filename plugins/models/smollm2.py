@@ -86,14 +86,14 @@ def encode(text: str) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary position embedding of (heads, N, D), rotating adjacent pairs (2i, 2i+1) of
+    """Rotary position embedding of (..., N, D), rotating adjacent pairs (2i, 2i+1) of
     position p by p·base^(-2i/D)."""
-    heads, length, dim = x.shape
+    *lead, length, dim = x.shape
     frequencies = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     angles = torch.arange(length, dtype=torch.float64)[:, None] * frequencies[None, :]  # (N, D/2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     even, odd = x[..., 0::2], x[..., 1::2]
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).reshape(heads, length, dim)
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).reshape(*lead, length, dim)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -110,40 +110,66 @@ def capture(tokens: torch.Tensor, layers: tuple[int, ...]) -> dict[int, tuple[to
 @torch.no_grad()
 def forward(tokens: torch.Tensor, depth: int, wanted: set[int]) -> tuple[dict[int, tuple[torch.Tensor, ...]],
                                                                           torch.Tensor]:
-    """The first ``depth`` layers over ``tokens``: q, k, v at the ``wanted`` layers, and the
-    hidden state after the last one."""
-    model = weights(LAYERS)
-    hidden = model.embedding[tokens]  # (N, hidden)
+    """The first ``depth`` layers over ``tokens`` (N,), with the model's own attention: q, k, v at
+    the ``wanted`` layers, and the hidden state after the last one (N, hidden)."""
     captured = {}
+    steps = layer_steps(tokens[None], depth)
+    q, k, v = next(steps)
+    try:
+        for index in range(depth):
+            if index in wanted:
+                captured[index] = (q[0].contiguous(), k[0].contiguous(), v[0].contiguous())
+            q, k, v = steps.send(_causal_attention(q, k, v))
+    except StopIteration as end:
+        return captured, end.value[0]
+    raise AssertionError("layer_steps yielded past its depth")
+
+
+def layer_steps(tokens: torch.Tensor, depth: int = LAYERS):
+    """The model's first ``depth`` layers over a batch of windows ``tokens`` (B, N), one attention
+    at a time: yields each layer's q (B, 9, N, 64) and k, v (B, 3, N, 64) after RoPE, is sent that
+    layer's attention output (B, 9, N, 64), and returns the hidden states after the last (B, N,
+    hidden). Whoever drives it chooses the attention: the model's own, exact, or another."""
+    model = weights(LAYERS)
+    batch, length = tokens.shape
+    with torch.no_grad():
+        hidden = model.embedding[tokens]  # (B, N, hidden)
     for index in range(depth):
         block = model.layers[index]
-        x = _rms_norm(hidden, block["attn_norm"], model.norm_epsilon)
-        q = rope((x @ block["attn_q"].T).view(-1, HEADS, HEAD_DIM).transpose(0, 1), model.rope_base)
-        k = rope((x @ block["attn_k"].T).view(-1, KV_HEADS, HEAD_DIM).transpose(0, 1), model.rope_base)
-        v = (x @ block["attn_v"].T).view(-1, KV_HEADS, HEAD_DIM).transpose(0, 1)
-        if index in wanted:
-            captured[index] = (q.contiguous(), k.contiguous(), v.contiguous())
-        out = _causal_attention(q, k, v)  # (9, N, 64)
-        hidden = hidden + out.transpose(0, 1).reshape(len(tokens), -1) @ block["attn_output"].T
-        x = _rms_norm(hidden, block["ffn_norm"], model.norm_epsilon)
-        hidden = hidden + (F.silu(x @ block["ffn_gate"].T) * (x @ block["ffn_up"].T)) @ block["ffn_down"].T
-    return captured, hidden
+        with torch.no_grad():
+            x = _rms_norm(hidden, block["attn_norm"], model.norm_epsilon)
+            q, k, v = ((x @ block[f"attn_{name}"].T).view(batch, length, heads, HEAD_DIM).transpose(1, 2)
+                       for name, heads in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)))
+            q, k = rope(q, model.rope_base), rope(k, model.rope_base)
+        out = yield q, k, v
+        with torch.no_grad():
+            out = out.to(hidden.dtype).transpose(1, 2).reshape(batch, length, -1)
+            hidden = hidden + out @ block["attn_output"].T
+            x = _rms_norm(hidden, block["ffn_norm"], model.norm_epsilon)
+            hidden = hidden + (F.silu(x @ block["ffn_gate"].T) * (x @ block["ffn_up"].T)) @ block["ffn_down"].T
+    return hidden
+
+
+def logits(hidden: torch.Tensor) -> torch.Tensor:
+    """(..., vocab): the model's next-token logits from its last hidden states."""
+    model = weights(LAYERS)
+    return _rms_norm(hidden, model.final_norm, model.norm_epsilon) @ model.embedding.T
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Grouped-query causal attention; the key/value heads repeated for their query heads, in
-    4-d, the layout SDPA's fused CPU kernel takes (its grouped-query path is several times slower)."""
-    group = q.shape[0] // k.shape[0]
-    k, v = (t.repeat_interleave(group, dim=0)[None] for t in (k, v))
-    return F.scaled_dot_product_attention(q[None], k, v, is_causal=True)[0]
+    """Grouped-query causal attention of (B, H, N, D); the key/value heads repeated for their
+    query heads, the layout SDPA's fused CPU kernel takes (its grouped-query path is several times
+    slower)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 @torch.no_grad()
 def next_token_logits(tokens: torch.Tensor) -> torch.Tensor:
     """(N, vocab): the whole model's prediction after each token (for checking the weights)."""
-    model = weights(LAYERS)
     _, hidden = forward(tokens, LAYERS, set())
-    return _rms_norm(hidden, model.final_norm, model.norm_epsilon) @ model.embedding.T
+    return logits(hidden)
 
 
 def scale() -> float:
