@@ -99,6 +99,30 @@ def test_smollm2_layer_steps_run_a_batch_of_windows_with_the_attention_their_dri
     assert (run(pair, broken_layer=15) - together).abs().max() > 1.0
 
 
+def test_minilm_layer_steps_run_a_batch_of_windows_with_the_attention_their_driver_gives():
+    windows = minilm.framed(minilm.encode("The capital of France is Paris. The capital of Germany is Berlin."))[:16]
+    pair = torch.stack((windows, windows.flip(0)))
+
+    def run(tokens, broken_layer=None):
+        steps = minilm.layer_steps(tokens)
+        q, k, v = next(steps)
+        index = 0
+        while True:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            try:
+                q, k, v = steps.send(out.flip(-2) if index == broken_layer else out)
+            except StopIteration as end:
+                return end.value
+            index += 1
+
+    together = run(pair)
+    _, alone = minilm.forward(windows, minilm.LAYERS, set())
+    torch.testing.assert_close(together[0], alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together[1], run(pair[1:])[0], atol=1e-4, rtol=1e-4)
+    cosine = (minilm.sentence_embedding(run(pair, broken_layer=2)) * minilm.sentence_embedding(together)).sum(-1)
+    assert (cosine < 0.999).all()
+
+
 def _rope_complex(x: torch.Tensor, base: float) -> torch.Tensor:
     """RoPE as complex rotations of adjacent pairs, in float64."""
     pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())

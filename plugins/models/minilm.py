@@ -69,26 +69,50 @@ def capture(tokens: torch.Tensor, layers: tuple[int, ...]) -> dict[int, tuple[to
 @torch.no_grad()
 def forward(tokens: torch.Tensor, depth: int, wanted: set[int]) -> tuple[dict[int, tuple[torch.Tensor, ...]],
                                                                           torch.Tensor]:
-    """The first ``depth`` layers over ``tokens``: q, k, v at the ``wanted`` layers, and the
-    hidden states after the last one (N, 384)."""
-    w = weights()
-    length = len(tokens)
-    hidden = (w["embeddings.word_embeddings.weight"][tokens] + w["embeddings.position_embeddings.weight"][:length]
-              + w["embeddings.token_type_embeddings.weight"][0])
-    hidden = _layer_norm(hidden, "embeddings.LayerNorm")
+    """The first ``depth`` layers over ``tokens`` (N,), with the model's own attention: q, k, v at
+    the ``wanted`` layers, and the hidden states after the last one (N, 384)."""
     captured = {}
+    steps = layer_steps(tokens[None], depth)
+    q, k, v = next(steps)
+    try:
+        for index in range(depth):
+            if index in wanted:
+                captured[index] = (q[0].contiguous(), k[0].contiguous(), v[0].contiguous())
+            q, k, v = steps.send(F.scaled_dot_product_attention(q, k, v))
+    except StopIteration as end:
+        return captured, end.value[0]
+    raise AssertionError("layer_steps yielded past its depth")
+
+
+def layer_steps(tokens: torch.Tensor, depth: int = LAYERS):
+    """The first ``depth`` layers over a batch of windows ``tokens`` (B, N), one attention at a
+    time: yields each layer's q, k, v (B, 12, N, 32), is sent its attention output (B, 12, N, 32),
+    and returns the hidden states after the last layer (B, N, 384)."""
+    w = weights()
+    batch, length = tokens.shape
+    with torch.no_grad():
+        hidden = (w["embeddings.word_embeddings.weight"][tokens] + w["embeddings.position_embeddings.weight"][:length]
+                  + w["embeddings.token_type_embeddings.weight"][0])
+        hidden = _layer_norm(hidden, "embeddings.LayerNorm")
     for index in range(depth):
         prefix = f"encoder.layer.{index}."
-        q, k, v = (_linear(hidden, prefix + f"attention.self.{name}").view(length, HEADS, HEAD_DIM).transpose(0, 1)
-                   for name in ("query", "key", "value"))
-        if index in wanted:
-            captured[index] = (q.contiguous(), k.contiguous(), v.contiguous())
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0].transpose(0, 1).reshape(length, -1)
-        hidden = _layer_norm(hidden + _linear(out, prefix + "attention.output.dense"),
-                             prefix + "attention.output.LayerNorm")
-        inner = F.gelu(_linear(hidden, prefix + "intermediate.dense"))
-        hidden = _layer_norm(hidden + _linear(inner, prefix + "output.dense"), prefix + "output.LayerNorm")
-    return captured, hidden
+        with torch.no_grad():
+            q, k, v = (_linear(hidden, prefix + f"attention.self.{name}").view(batch, length, HEADS, HEAD_DIM)
+                       .transpose(1, 2) for name in ("query", "key", "value"))
+        out = yield q, k, v
+        with torch.no_grad():
+            out = out.to(hidden.dtype).transpose(1, 2).reshape(batch, length, -1)
+            hidden = _layer_norm(hidden + _linear(out, prefix + "attention.output.dense"),
+                                 prefix + "attention.output.LayerNorm")
+            inner = F.gelu(_linear(hidden, prefix + "intermediate.dense"))
+            hidden = _layer_norm(hidden + _linear(inner, prefix + "output.dense"), prefix + "output.LayerNorm")
+    return hidden
+
+
+def sentence_embedding(hidden: torch.Tensor) -> torch.Tensor:
+    """(..., 384): the mean of the last hidden states over the window, normalised, as
+    sentence-transformers pools them."""
+    return F.normalize(hidden.mean(-2), dim=-1)
 
 
 @torch.no_grad()
@@ -96,7 +120,7 @@ def embedding(text: str) -> torch.Tensor:
     """The sentence embedding (mean of the last hidden states, normalised), as
     sentence-transformers computes it: for checking the weights are read right."""
     _, hidden = forward(framed(encode(text)), LAYERS, set())
-    return F.normalize(hidden.mean(0), dim=0)
+    return sentence_embedding(hidden)
 
 
 def _linear(x: torch.Tensor, name: str) -> torch.Tensor:
