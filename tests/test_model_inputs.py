@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from attnbench_plugins.model_inputs import MINILM, SMOLLM2, ModelInputs
 from attnbench_plugins.models import minilm, smollm2
+from attnbench_plugins.models.layers import run_layers
 from attnbench.contract.inputs import CACHE_VARIABLE
 
 from attnbench.measuring.inputs import make_inputs
@@ -74,6 +75,11 @@ def test_smollm2_predicts_real_text():
     assert smollm2.tokenizer().decode([int(logits[-1].argmax())]) == " Rome"
 
 
+def _broken_in(layer, attention):
+    """``attention`` in every layer but ``layer``, whose output it gives with the positions reversed."""
+    return lambda index, q, k, v: attention(q, k, v).flip(-2) if index == layer else attention(q, k, v)
+
+
 def test_smollm2_layer_steps_run_a_batch_of_windows_with_the_attention_their_driver_gives():
     """The model one attention at a time, for a driver that brings its own (issue 33's model
     pass): two windows side by side give what each gives alone, and a wrong attention in one layer
@@ -82,16 +88,8 @@ def test_smollm2_layer_steps_run_a_batch_of_windows_with_the_attention_their_dri
     pair = torch.stack((windows, windows.flip(0)))
 
     def run(tokens, broken_layer=None):
-        steps = smollm2.layer_steps(tokens)
-        q, k, v = next(steps)
-        index = 0
-        while True:
-            out = smollm2._causal_attention(q, k, v)
-            try:
-                q, k, v = steps.send(out.flip(-2) if index == broken_layer else out)
-            except StopIteration as end:
-                return smollm2.logits(end.value)
-            index += 1
+        attention = _broken_in(broken_layer, smollm2._causal_attention)
+        return smollm2.logits(run_layers(smollm2.layer_steps(tokens), attention))
 
     together = run(pair)
     torch.testing.assert_close(together[0], smollm2.next_token_logits(windows), atol=1e-4, rtol=1e-4)
@@ -104,16 +102,7 @@ def test_minilm_layer_steps_run_a_batch_of_windows_with_the_attention_their_driv
     pair = torch.stack((windows, windows.flip(0)))
 
     def run(tokens, broken_layer=None):
-        steps = minilm.layer_steps(tokens)
-        q, k, v = next(steps)
-        index = 0
-        while True:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            try:
-                q, k, v = steps.send(out.flip(-2) if index == broken_layer else out)
-            except StopIteration as end:
-                return end.value
-            index += 1
+        return run_layers(minilm.layer_steps(tokens), _broken_in(broken_layer, F.scaled_dot_product_attention))
 
     together = run(pair)
     _, alone = minilm.forward(windows, minilm.LAYERS, set())

